@@ -1,0 +1,1 @@
+"""podwire's userspace WireGuard engine, run as its own process (`podwire-engine`)."""

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything podwire's sandbox and tests need on a fresh Debian machine, and nothing
+# twice: Debian packages, a virtual environment with the Python dependencies (.venv), and the
+# real components built from the Go module proxy (.cache/tools, see hack/tools/build.sh).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# wireguard-go and wireguard-tools come with --no-install-recommends: their recommends pull
+# in a kernel module build chain the tests never use.
+DEBIAN_PACKAGES=(
+  iproute2 iputils-ping procps kmod
+  wireguard-tools wireguard-go
+  iperf3 tcpdump
+)
+
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The virtual environment is rebuilt when pyproject.toml changes.
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]]; then
+  log "creating .venv with podwire and its test dependencies"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > .venv/.stamp
+fi
+
+hack/tools/build.sh

@@ -1,0 +1,1 @@
+"""podwire's contracts: the agent's gRPC API and the WireguardNode resource model."""

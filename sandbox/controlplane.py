@@ -1,0 +1,275 @@
+"""etcd and a real kube-apiserver on loopback: the control plane of the sandbox and the tests.
+
+Both listen on free loopback ports only. The apiserver gets its own CA and serving
+certificate, authenticates the admin by client certificate (group system:masters), signs
+service-account tokens with its own key, and authorizes with RBAC, as a real cluster does.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from podwire.sandbox import certs, tools
+
+SERVICE_CIDR = "10.96.0.0/16"  # only a setting of the apiserver; nothing is routed to it
+START_TIMEOUT = 90.0
+
+
+class ControlPlaneError(RuntimeError):
+    """etcd or the apiserver did not start; the message names which and points at its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ControlPlane:
+    workdir: pathlib.Path
+    etcd_port: int = 0
+    apiserver_port: int = 0
+    pids: dict[str, int] = field(default_factory=dict)
+    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def kubeconfig(self) -> pathlib.Path:
+        return self.workdir / "admin.kubeconfig"
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    def start(self) -> None:
+        """Starts etcd, then the apiserver, and returns once the apiserver is ready."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_etcd()
+            self._start_apiserver()
+        except BaseException:
+            self.stop()
+            raise
+        self._save_state()
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        with open(self.workdir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.workdir,
+            )  # fmt: skip
+        self._procs[name] = proc
+        self.pids[name] = proc.pid
+
+    def _start_etcd(self) -> None:
+        self.etcd_port = self.etcd_port or free_port()
+        peer_port = free_port()
+        client = f"http://127.0.0.1:{self.etcd_port}"
+        peer = f"http://127.0.0.1:{peer_port}"
+        self._spawn(
+            "etcd",
+            [
+                tools.path("etcd"),
+                "--name=podwire",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=podwire={peer}",
+                "--listen-metrics-urls=",
+                "--log-level=warn",
+                # The sandbox is disposable: fsync on every write only slows it down.
+                "--unsafe-no-fsync",
+            ],
+        )
+        self._wait("etcd", lambda: _http_ok(f"{client}/health"))
+
+    def _start_apiserver(self) -> None:
+        bundle = certs.make(self.workdir / "pki")
+        self.apiserver_port = self.apiserver_port or free_port()
+        self._spawn(
+            "kube-apiserver",
+            [
+                tools.path("kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.apiserver_port}",
+                f"--tls-cert-file={bundle.serving_cert}",
+                f"--tls-private-key-file={bundle.serving_key}",
+                f"--client-ca-file={bundle.ca_cert}",
+                f"--service-account-key-file={bundle.sa_pub}",
+                f"--service-account-signing-key-file={bundle.sa_key}",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--authorization-mode=Node,RBAC",
+                # No kubelet can reach 127.0.0.1 for the apiserver's own Service; nothing needs it.
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
+        self._write_kubeconfig(bundle)
+        ctx = self.ssl_context()
+        self._wait("kube-apiserver", lambda: _http_ok(f"{self.url}/readyz", ctx))
+
+    def ssl_context(self) -> ssl.SSLContext:
+        pki = self.workdir / "pki"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        return ctx
+
+    def _write_kubeconfig(self, bundle: certs.Bundle) -> None:
+        def b64(p: pathlib.Path) -> str:
+            return base64.b64encode(p.read_bytes()).decode()
+
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "podwire-sandbox",
+                    "cluster": {"server": self.url, "certificate-authority-data": b64(bundle.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {
+                        "client-certificate-data": b64(bundle.admin_cert),
+                        "client-key-data": b64(bundle.admin_key),
+                    },
+                }
+            ],
+            "contexts": [{"name": "podwire-sandbox", "context": {"cluster": "podwire-sandbox", "user": "admin"}}],
+            "current-context": "podwire-sandbox",
+        }
+        fd = os.open(self.kubeconfig, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=2)
+
+    def _wait(self, name: str, ready: object) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        proc = self._procs[name]
+        while not ready():  # type: ignore[operator]
+            if proc.poll() is not None:
+                raise ControlPlaneError(
+                    f"{name} exited with {proc.returncode} while starting: see {self.workdir / (name + '.log')}"
+                    f"\n{_tail(self.workdir / (name + '.log'))}"
+                )
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"{name} was not ready after {START_TIMEOUT:.0f}s: see {self.workdir / (name + '.log')}"
+                )
+            time.sleep(0.2)
+
+    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Runs the real kubectl against this control plane as the admin."""
+        proc = subprocess.run(
+            [tools.path("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if check and proc.returncode != 0:
+            raise ControlPlaneError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def mint_token(self, namespace: str, service_account: str, *, duration: str = "1h") -> str:
+        """A bound token for the service account (TokenRequest), as a pod would be given."""
+        return self.kubectl(
+            "create", "token", service_account, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
+
+    def kubeconfig_for_token(self, token: str, path: pathlib.Path) -> pathlib.Path:
+        """A kubeconfig that authenticates with token instead of the admin certificate."""
+        ca = base64.b64encode((self.workdir / "pki" / "ca.crt").read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": self.url, "certificate-authority-data": ca}}],
+            "users": [{"name": "u", "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+            "current-context": "c",
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        return path
+
+    def stop(self) -> None:
+        """Ends the apiserver, then etcd, by the PIDs this control plane started."""
+        for name in ("kube-apiserver", "etcd"):
+            pid = self.pids.pop(name, None)
+            if pid is not None:
+                stop_pid(pid, self._procs.pop(name, None))
+        with contextlib.suppress(FileNotFoundError):
+            (self.workdir / "state.json").unlink()
+
+    def _save_state(self) -> None:
+        state = {"etcd_port": self.etcd_port, "apiserver_port": self.apiserver_port, "pids": self.pids}
+        (self.workdir / "state.json").write_text(json.dumps(state))
+
+    @classmethod
+    def load(cls, workdir: pathlib.Path) -> ControlPlane | None:
+        """The control plane a previous process started in workdir, if its state is there."""
+        try:
+            state = json.loads((workdir / "state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return cls(workdir, state["etcd_port"], state["apiserver_port"], dict(state["pids"]))
+
+    def running(self) -> bool:
+        return bool(self.pids) and all(_alive(pid) for pid in self.pids.values())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_pid(pid: int, proc: subprocess.Popen[bytes] | None = None, *, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after grace seconds; only the PID we started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                return
+        elif not _alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if proc is not None:
+        proc.wait(5)
+
+
+def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=ctx) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: pathlib.Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,39 @@
+"""Finds the real components the sandbox and tests run: built ones first, then the system's.
+
+hack/tools/build.sh builds kube-apiserver, kubectl, etcd, helm and upstream wireguard-go into
+.cache/tools/bin; Debian's packages provide wg, iperf3, tcpdump and Debian's wireguard-go.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+BUILT = pathlib.Path(os.environ.get("PODWIRE_TOOLS_BIN", REPO / ".cache" / "tools" / "bin"))
+
+# Debian's wireguard-go (0.0.20220316, no offloads) is a baseline of its own, kept apart from
+# the upstream build of the same name.
+DEBIAN_WIREGUARD_GO = pathlib.Path("/usr/bin/wireguard-go")
+
+
+class ToolMissing(RuntimeError):
+    """A component is not installed; the message says how to install it."""
+
+
+def path(name: str) -> str:
+    """The path of the named tool: our build if there is one, else the one on PATH."""
+    built = BUILT / name
+    if built.is_file() and os.access(built, os.X_OK):
+        return str(built)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise ToolMissing(f"{name} is not installed: run `hack/setup.sh` (or `make test`) to build it")
+
+
+def debian_wireguard_go() -> str:
+    if not os.access(DEBIAN_WIREGUARD_GO, os.X_OK):
+        raise ToolMissing("Debian's wireguard-go is missing: apt-get install wireguard-go")
+    return str(DEBIAN_WIREGUARD_GO)
