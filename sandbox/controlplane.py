@@ -142,7 +142,10 @@ class ControlPlane:
             "clusters": [
                 {
                     "name": "podwire-sandbox",
-                    "cluster": {"server": self.url, "certificate-authority-data": b64(bundle.ca_cert)},
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": b64(bundle.ca_cert),
+                    },
                 }
             ],
             "users": [
@@ -154,7 +157,12 @@ class ControlPlane:
                     },
                 }
             ],
-            "contexts": [{"name": "podwire-sandbox", "context": {"cluster": "podwire-sandbox", "user": "admin"}}],
+            "contexts": [
+                {
+                    "name": "podwire-sandbox",
+                    "context": {"cluster": "podwire-sandbox", "user": "admin"},
+                }
+            ],
             "current-context": "podwire-sandbox",
         }
         fd = os.open(self.kubeconfig, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -176,7 +184,9 @@ class ControlPlane:
                 )
             time.sleep(0.2)
 
-    def kubectl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Runs the real kubectl against this control plane as the admin."""
         proc = subprocess.run(
             [tools.path("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
@@ -198,7 +208,9 @@ class ControlPlane:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "c", "cluster": {"server": self.url, "certificate-authority-data": ca}}],
+            "clusters": [
+                {"name": "c", "cluster": {"server": self.url, "certificate-authority-data": ca}}
+            ],
             "users": [{"name": "u", "user": {"token": token}}],
             "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
             "current-context": "c",
@@ -218,7 +230,11 @@ class ControlPlane:
             (self.workdir / "state.json").unlink()
 
     def _save_state(self) -> None:
-        state = {"etcd_port": self.etcd_port, "apiserver_port": self.apiserver_port, "pids": self.pids}
+        state = {
+            "etcd_port": self.etcd_port,
+            "apiserver_port": self.apiserver_port,
+            "pids": self.pids,
+        }
         (self.workdir / "state.json").write_text(json.dumps(state))
 
     @classmethod

@@ -24,7 +24,9 @@ class NetnsError(RuntimeError):
     """A namespace, link or process could not be set up; the message says which and why."""
 
 
-def _run(args: Sequence[str], *, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: Sequence[str], *, timeout: float = 30, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise NetnsError(f"`{' '.join(args)}` failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -40,13 +42,17 @@ class Netns:
     def exec_args(self, args: Sequence[str]) -> list[str]:
         return [IP, "netns", "exec", self.name, *args]
 
-    def run(self, *args: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return _run(self.exec_args(args), timeout=timeout, check=check)
 
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run([IP, "-n", self.name, *args], check=check)
 
-    def ping(self, address: str, *, count: int = 1, timeout: float = 5, interval: float = 0.2) -> bool:
+    def ping(
+        self, address: str, *, count: int = 1, timeout: float = 5, interval: float = 0.2
+    ) -> bool:
         """True when `count` pings to address all get an answer within timeout seconds."""
         proc = self.run(
             "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(max(1, int(timeout))),
@@ -99,7 +105,23 @@ class NetnsFactory:
         """A veth pair with one end in a and the other in b, both up; returns the two names."""
         a_name = a_name or self.unique("v")
         b_name = b_name or self.unique("v")
-        _run([IP, "link", "add", a_name, "netns", a.name, "type", "veth", "peer", "name", b_name, "netns", b.name])
+        _run(
+            [
+                IP,
+                "link",
+                "add",
+                a_name,
+                "netns",
+                a.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b_name,
+                "netns",
+                b.name,
+            ]
+        )
         for ns, dev, addr in ((a, a_name, a_addr), (b, b_name, b_addr)):
             if mtu:
                 ns.ip("link", "set", dev, "mtu", str(mtu))
@@ -180,7 +202,9 @@ def _pids_in(name: str) -> list[int]:
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
-def wait_until(predicate: object, *, timeout: float, interval: float = 0.05, what: str = "condition") -> None:
+def wait_until(
+    predicate: object, *, timeout: float, interval: float = 0.05, what: str = "condition"
+) -> None:
     """Polls predicate() until it is true; raises TimeoutError naming `what` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-
 from podwire.agent import clock as clock_mod
 
 TESTS = pathlib.Path(__file__).resolve().parent

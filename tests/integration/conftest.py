@@ -7,8 +7,8 @@ import pathlib
 from collections.abc import Iterator
 
 import pytest
-
-from podwire.sandbox import controlplane, netns as netns_mod
+from podwire.sandbox import controlplane
+from podwire.sandbox import netns as netns_mod
 
 
 def _require_root() -> None:

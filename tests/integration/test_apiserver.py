@@ -8,7 +8,6 @@ import time
 
 import kubernetes
 import pytest
-
 from podwire.sandbox import controlplane
 
 GROUP = "testbed.podwire.io"
@@ -60,14 +59,24 @@ def _wait_established(ext: kubernetes.client.ApiextensionsV1Api, name: str) -> N
     raise TimeoutError(f"CRD {name} was not established")
 
 
-def test_custom_resource_round_trip(apiserver: controlplane.ControlPlane, api: kubernetes.client.ApiClient) -> None:
+def test_custom_resource_round_trip(
+    apiserver: controlplane.ControlPlane, api: kubernetes.client.ApiClient
+) -> None:
     ext = kubernetes.client.ApiextensionsV1Api(api)
     ext.create_custom_resource_definition(CRD)
     _wait_established(ext, CRD["metadata"]["name"])
 
     objs = kubernetes.client.CustomObjectsApi(api)
     created = objs.create_cluster_custom_object(
-        GROUP, "v1", "gadgets", {"apiVersion": f"{GROUP}/v1", "kind": "Gadget", "metadata": {"name": "g1"}, "spec": {"size": 1}}
+        GROUP,
+        "v1",
+        "gadgets",
+        {
+            "apiVersion": f"{GROUP}/v1",
+            "kind": "Gadget",
+            "metadata": {"name": "g1"},
+            "spec": {"size": 1},
+        },
     )
     rv = created["metadata"]["resourceVersion"]
 
@@ -76,7 +85,14 @@ def test_custom_resource_round_trip(apiserver: controlplane.ControlPlane, api: k
     w = kubernetes.watch.Watch()
 
     def watch() -> None:
-        for ev in w.stream(objs.list_cluster_custom_object, GROUP, "v1", "gadgets", resource_version=rv, timeout_seconds=20):
+        for ev in w.stream(
+            objs.list_cluster_custom_object,
+            GROUP,
+            "v1",
+            "gadgets",
+            resource_version=rv,
+            timeout_seconds=20,
+        ):
             seen.put(ev)
             if ev["type"] == "MODIFIED":
                 w.stop()
@@ -107,7 +123,9 @@ def test_service_account_token_is_authenticated_and_authorized_by_rbac(
     apiserver.kubectl("create", "serviceaccount", "reader", "-n", "tokens")
     token = apiserver.mint_token("tokens", "reader")
     kc = apiserver.kubeconfig_for_token(token, tmp_path / "reader.kubeconfig")  # type: ignore[operator]
-    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=str(kc)))
+    core = kubernetes.client.CoreV1Api(
+        kubernetes.config.new_client_from_config(config_file=str(kc))
+    )
 
     # Authenticated (the token is valid) but not yet authorized: RBAC is really in force.
     with pytest.raises(kubernetes.client.ApiException) as err:
@@ -117,7 +135,11 @@ def test_service_account_token_is_authenticated_and_authorized_by_rbac(
 
     apiserver.kubectl("create", "clusterrole", "node-reader", "--verb=list", "--resource=nodes")
     apiserver.kubectl(
-        "create", "clusterrolebinding", "node-reader", "--clusterrole=node-reader", "--serviceaccount=tokens:reader"
+        "create",
+        "clusterrolebinding",
+        "node-reader",
+        "--clusterrole=node-reader",
+        "--serviceaccount=tokens:reader",
     )
     deadline = time.monotonic() + 10
     while True:

@@ -27,7 +27,9 @@ def test_chart_lints_and_renders(tmp_path: pathlib.Path) -> None:
 
     rendered = _helm("template", "podwire", str(CHART), "--include-crds")
     assert rendered.returncode == 0, rendered.stderr
-    assert "kind: CustomResourceDefinition" in rendered.stdout or not list((CHART / "crds").glob("*.yaml"))
+    assert "kind: CustomResourceDefinition" in rendered.stdout or not list(
+        (CHART / "crds").glob("*.yaml")
+    )
 
 
 def test_lint_rejects_a_broken_chart(tmp_path: pathlib.Path) -> None:

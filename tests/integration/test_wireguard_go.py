@@ -1,8 +1,8 @@
 """The WireGuard baselines of the test bed: wireguard-go in two namespaces, configured by `wg`.
 
-    ns a                               ns b
-    wg0 10.99.0.1/24 ---- tunnel ----  wg0 10.99.0.2/24
-    veth 192.0.2.1/24 ---- veth ----   192.0.2.2/24
+ns a                               ns b
+wg0 10.99.0.1/24 ---- tunnel ----  wg0 10.99.0.2/24
+veth 192.0.2.1/24 ---- veth ----   192.0.2.2/24
 """
 
 from __future__ import annotations
@@ -11,27 +11,39 @@ import pathlib
 import subprocess
 
 import pytest
-
 from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import tools
 
 
 def _genkey() -> tuple[str, str]:
-    priv = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout.strip()
-    pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True).stdout.strip()
+    priv = subprocess.run(
+        ["wg", "genkey"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    pub = subprocess.run(
+        ["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True
+    ).stdout.strip()
     return priv, pub
 
 
 def _start_wireguard_go(
     netns: netns_mod.NetnsFactory, ns: netns_mod.Netns, binary: str, dev: str, log: pathlib.Path
 ) -> None:
-    netns.spawn(ns, [binary, "-f", dev], log_path=log, env={"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"})
+    netns.spawn(
+        ns,
+        [binary, "-f", dev],
+        log_path=log,
+        env={"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"},
+    )
     sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")
-    netns_mod.wait_until(lambda: sock.exists() and ns.link_exists(dev), timeout=15, what=f"{dev} to come up")
+    netns_mod.wait_until(
+        lambda: sock.exists() and ns.link_exists(dev), timeout=15, what=f"{dev} to come up"
+    )
 
 
 @pytest.mark.parametrize("flavour", ["upstream", "debian"])
-def test_wireguard_go_tunnel_carries_ping(netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path, flavour: str) -> None:
+def test_wireguard_go_tunnel_carries_ping(
+    netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path, flavour: str
+) -> None:
     binary = tools.path("wireguard-go") if flavour == "upstream" else tools.debian_wireguard_go()
     a, b = netns.namespace("a"), netns.namespace("b")
     netns.veth(a, b, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24")

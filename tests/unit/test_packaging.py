@@ -26,7 +26,10 @@ def test_console_scripts_are_installed() -> None:
 
 def test_cli_answers_help() -> None:
     proc = subprocess.run(
-        [str(pathlib.Path(sys.executable).parent / "podwire"), "--help"], capture_output=True, text=True, timeout=60
+        [str(pathlib.Path(sys.executable).parent / "podwire"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     assert "sandbox" in proc.stdout

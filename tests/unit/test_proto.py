@@ -22,7 +22,9 @@ def test_generated_modules_are_not_stale(tmp_path: pathlib.Path) -> None:
     for fresh in written:
         committed = ROOT / "proto" / "podwire" / "v1" / fresh.name
         assert committed.exists(), f"{committed} is missing: run `make proto`"
-        assert committed.read_bytes() == fresh.read_bytes(), f"{committed} is stale: run `make proto`"
+        assert committed.read_bytes() == fresh.read_bytes(), (
+            f"{committed} is stale: run `make proto`"
+        )
 
 
 def test_api_messages_carry_no_private_key_field() -> None:
