@@ -1,0 +1,221 @@
+"""Helpers for the engine's unit tests: a deterministic rng, hand-built IP packets, and an
+in-memory wire that shuttles datagrams between two Devices on a fake clock.
+
+Tests run with --import-mode=importlib, so the helpers are handed out as fixtures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from podwire.agent import clock as clock_mod
+from podwire.agent.engine import device as device_mod
+from podwire.agent.engine import timers as timers_mod
+
+Endpoint = tuple[str, int]
+
+
+class Rng:
+    """Deterministic randomness for Device(rng=...)."""
+
+    def __init__(self, seed: int) -> None:
+        self._random = random.Random(seed)
+
+    def __call__(self, n: int) -> bytes:
+        return self._random.randbytes(n)
+
+
+def _checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv4_packet(src: str, dst: str, payload: bytes, *, protocol: int = 17) -> bytes:
+    """A complete IPv4 packet with a correct header checksum."""
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        0x1234,
+        0,
+        64,
+        protocol,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return header + payload
+
+
+def ipv6_packet(src: str, dst: str, payload: bytes, *, next_header: int = 17) -> bytes:
+    header = struct.pack(
+        "!IHBB16s16s",
+        6 << 28,
+        len(payload),
+        next_header,
+        64,
+        ipaddress.IPv6Address(src).packed,
+        ipaddress.IPv6Address(dst).packed,
+    )
+    return header + payload
+
+
+@dataclasses.dataclass
+class Node:
+    name: str
+    device: device_mod.Device
+    endpoint: Endpoint
+    delivered: list[bytes] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Sent:
+    source: str
+    data: bytes
+    endpoint: Endpoint
+
+    @property
+    def kind(self) -> int:
+        return self.data[0]
+
+
+class Wire:
+    """Two Devices and the network between them. Each SendDatagram is delivered to the node
+    whose endpoint it names (if `up`), from the sender's current endpoint; DeliverPackets are
+    collected per node. Everything that crossed is kept in `log`."""
+
+    def __init__(self, clock: clock_mod.FakeClock, a: Node, b: Node) -> None:
+        self.clock = clock
+        self.a = a
+        self.b = b
+        self.log: list[Sent] = []
+        self.up = True
+        # a test may drop or rewrite what crosses: returns None to lose the datagram
+        self.filter: Callable[[Sent], Sent | None] = lambda sent: sent
+
+    def node_at(self, endpoint: Endpoint) -> Node | None:
+        for node in (self.a, self.b):
+            if node.endpoint == endpoint:
+                return node
+        return None
+
+    def run(self, node: Node, actions: list[device_mod.Action]) -> None:
+        queue = [(node, action) for action in actions]
+        while queue:
+            origin, action = queue.pop(0)
+            if isinstance(action, device_mod.DeliverPacket):
+                origin.delivered.append(action.packet)
+                continue
+            sent = self.filter(Sent(origin.name, action.data, action.endpoint))
+            if sent is None:
+                continue
+            self.log.append(sent)
+            target = self.node_at(sent.endpoint)
+            if target is None or not self.up:
+                continue
+            replies = target.device.receive_datagram(
+                sent.data, origin.endpoint, self.clock.monotonic()
+            )
+            queue.extend((target, reply) for reply in replies)
+
+    def send(self, node: Node, packet: bytes) -> None:
+        self.run(node, node.device.send_packet(packet, self.clock.monotonic()))
+
+    def tick(self) -> None:
+        for node in (self.a, self.b):
+            self.run(node, node.device.tick(self.clock.monotonic()))
+
+    def advance(self, seconds: float, *, step: float = 0.1) -> None:
+        """Let time pass, ticking both devices every `step` seconds as the I/O loop does."""
+        end = self.clock.monotonic() + seconds
+        while self.clock.monotonic() + step <= end + 1e-9:
+            self.clock.advance(step)
+            self.tick()
+        remaining = end - self.clock.monotonic()
+        if remaining > 1e-9:
+            self.clock.advance(remaining)
+            self.tick()
+
+    def sent_by(self, name: str, kind: int | None = None) -> list[Sent]:
+        return [s for s in self.log if s.source == name and (kind is None or s.kind == kind)]
+
+
+A_ADDR4, B_ADDR4 = "10.0.1.1", "10.0.2.1"
+A_ADDR6, B_ADDR6 = "fd00:1::1", "fd00:2::1"
+
+
+def make_wire(
+    clock: clock_mod.FakeClock,
+    *,
+    timers: timers_mod.ProtocolTimers | None = None,
+    b_knows_a_endpoint: bool = False,
+    seed: int = 1,
+) -> Wire:
+    """Node a (10.0.1.0/24, fd00:1::/64) and node b (10.0.2.0/24, fd00:2::/64), peered;
+    a knows b's endpoint, b learns a's from the handshake unless told."""
+    config = timers or timers_mod.ProtocolTimers()
+    a = Node(
+        "a",
+        device_mod.Device(rng=Rng(seed), wall_clock=clock.wall, timers=config),
+        ("192.0.2.1", 51820),
+    )
+    b = Node(
+        "b",
+        device_mod.Device(rng=Rng(seed + 1000), wall_clock=clock.wall, timers=config),
+        ("192.0.2.2", 51821),
+    )
+    a.device.private_key = Rng(seed + 1)(32)
+    b.device.private_key = Rng(seed + 2)(32)
+    assert a.device.public_key is not None and b.device.public_key is not None
+    peer_b = a.device.add_peer(b.device.public_key)
+    peer_a = b.device.add_peer(a.device.public_key)
+    a.device.allowed_ips.insert("10.0.2.0/24", peer_b)
+    a.device.allowed_ips.insert("fd00:2::/64", peer_b)
+    b.device.allowed_ips.insert("10.0.1.0/24", peer_a)
+    b.device.allowed_ips.insert("fd00:1::/64", peer_a)
+    peer_b.endpoint = b.endpoint
+    if b_knows_a_endpoint:
+        peer_a.endpoint = a.endpoint
+    return Wire(clock, a, b)
+
+
+@pytest.fixture
+def rng_factory() -> type[Rng]:
+    return Rng
+
+
+class Packets:
+    """Builders for hand-made IP packets."""
+
+    ipv4 = staticmethod(ipv4_packet)
+    ipv6 = staticmethod(ipv6_packet)
+
+
+@pytest.fixture
+def packets() -> type[Packets]:
+    return Packets
+
+
+@pytest.fixture
+def wire_factory(fake_clock: clock_mod.FakeClock) -> Callable[..., Wire]:
+    """make_wire(**options) on the test's fake clock."""
+
+    def factory(**options: object) -> Wire:
+        return make_wire(fake_clock, **options)  # type: ignore[arg-type]
+
+    return factory
+
+
+@pytest.fixture
+def wire(wire_factory: Callable[..., Wire]) -> Wire:
+    return wire_factory()
