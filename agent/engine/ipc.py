@@ -1,0 +1,167 @@
+"""The UAPI socket, /var/run/wireguard/<device>.sock, where `wg` finds a userspace WireGuard.
+
+Opening it follows wireguard-go: the directory is 0700 and the socket 0600; a socket file that
+a live engine still answers on means the device is taken, one that nobody answers on is a
+leftover of a crash and is replaced. Connections are non-blocking and served by the engine's
+one loop: UapiConnection frames requests (a request ends with a blank line), hands each to a
+handler and queues the answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pathlib
+import socket
+import stat
+from collections.abc import Callable
+
+from podwire.agent.engine import uapi
+
+SOCKET_DIR = pathlib.Path("/var/run/wireguard")
+# A request larger than this without its blank line is not a `wg` request; the connection is
+# answered with EINVAL and closed. (A set for thousands of peers stays far below it.)
+MAX_REQUEST = 64 * 1024 * 1024
+RECV_SIZE = 65536
+
+
+class SocketInUseError(RuntimeError):
+    """Another live engine already serves this device's UAPI socket."""
+
+
+def socket_path(device_name: str, *, directory: pathlib.Path | None = None) -> pathlib.Path:
+    return (directory or SOCKET_DIR) / f"{device_name}.sock"
+
+
+def open_listener(path: pathlib.Path) -> socket.socket:
+    """Binds and listens on path, replacing a stale socket; non-blocking, mode 0600."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _bind(listener, path)
+        os.chmod(path, 0o600)
+        listener.listen(16)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _bind(listener: socket.socket, path: pathlib.Path) -> None:
+    old_umask = os.umask(0o077)
+    try:
+        try:
+            listener.bind(str(path))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        if _answers(path):
+            raise SocketInUseError(f"{path} is in use by a running engine")
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise SocketInUseError(f"{path} exists and is not a socket; remove it by hand")
+        path.unlink()
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+
+
+def _answers(path: pathlib.Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def remove_socket(path: pathlib.Path, listener: socket.socket) -> None:
+    """Closes the listener and removes its file; no other engine can have bound the path
+    while this one answered on it."""
+    listener.close()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+Handler = Callable[[uapi.Request], str]
+
+
+class UapiConnection:
+    """One client of the UAPI socket: reads requests, answers each in turn."""
+
+    def __init__(self, sock: socket.socket, handler: Handler) -> None:
+        self.sock = sock
+        self._handler = handler
+        self._inbox = bytearray()
+        self._outbox = bytearray()
+        self.closing = False
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._outbox)
+
+    @property
+    def finished(self) -> bool:
+        """True once the peer hung up (or misbehaved) and every answer has been sent."""
+        return self.closing and not self._outbox
+
+    def on_readable(self) -> None:
+        while not self.closing:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.closing = True
+                self._outbox.clear()
+                break
+            if not data:
+                self.closing = True
+                break
+            self._inbox += data
+            self._answer_complete_requests()
+        self.on_writable()
+
+    def _answer_complete_requests(self) -> None:
+        while True:
+            end = self._inbox.find(b"\n\n")
+            if end < 0:
+                break
+            request = bytes(self._inbox[: end + 2])
+            del self._inbox[: end + 2]
+            self._outbox += answer(request, self._handler)
+        if len(self._inbox) > MAX_REQUEST:
+            self._outbox += uapi.format_response(errno=errno.EINVAL)
+            self._inbox.clear()
+            self.closing = True
+
+    def on_writable(self) -> None:
+        while self._outbox:
+            try:
+                sent = self.sock.send(self._outbox)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._outbox.clear()
+                self.closing = True
+                return
+            del self._outbox[:sent]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def answer(request: bytes, handler: Handler) -> bytes:
+    """The full answer to one framed request: a malformed one gets its errno, never a raise."""
+    try:
+        parsed = uapi.parse_request(request)
+        body = handler(parsed)
+    except uapi.UapiError as exc:
+        return uapi.format_response(errno=exc.errno)
+    return uapi.format_response(errno=0, body=body)

@@ -1,0 +1,285 @@
+"""The engine's I/O loop: the one place that reads clocks and touches TUN, UDP and UAPI.
+
+One thread, one selector. Each wakeup drains what is ready in batches (up to BATCH packets
+from the TUN device, BATCH datagrams from each UDP socket) and hands every packet to the
+Device, whose answer is a list of actions: datagrams to send, packets to deliver. The Device's
+tick runs every TICK_INTERVAL seconds, or earlier when it names a nearer deadline. UAPI
+requests are answered between batches, so `wg` never waits behind more than one batch.
+
+Housekeeping once a second notices what `wg` would want to know (a handshake completed, a
+peer added or removed, drop counters growing) and logs it; the TUN device's MTU is read back
+then too, so `ip link set mtu` reaches the Device.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import selectors
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+import structlog
+
+from podwire.agent.engine import device as device_mod
+from podwire.agent.engine import ipc, uapi
+from podwire.agent.engine import tun as tun_mod
+from podwire.agent.engine import udp as udp_mod
+
+# Implementation constants, not the protocol's.
+BATCH = 128
+TICK_INTERVAL = 0.1
+HOUSEKEEPING_INTERVAL = 1.0
+COUNTERS_LOG_INTERVAL = 30.0
+
+Clock = Callable[[], float]
+log = structlog.get_logger("podwire.engine")
+
+
+def short_key(public_key: bytes) -> str:
+    """A public key's first base64 characters: enough to tell peers apart in a log."""
+    return base64.b64encode(public_key).decode()[:8]
+
+
+class Engine:
+    """Moves packets between the TUN device, the UDP socket and the Device until stopped."""
+
+    def __init__(
+        self,
+        *,
+        device: device_mod.Device,
+        tun: tun_mod.Tun,
+        bind: udp_mod.UdpBind,
+        uapi_listener: socket.socket,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.device = device
+        self.tun = tun
+        self.bind = bind
+        self._listener = uapi_listener
+        self._clock = clock
+        self._selector = selectors.DefaultSelector()
+        self._connections: dict[int, ipc.UapiConnection] = {}
+        self._stopping = False
+        self.stop_reason = ""
+        now = clock()
+        self._next_tick = now
+        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+        self._next_counters_log = now + COUNTERS_LOG_INTERVAL
+        self._handshakes: dict[bytes, float | None] = {}
+        self._last_counters: dict[str, int] = {}
+        device.listen_port = bind.port
+        self._selector.register(tun.fd, selectors.EVENT_READ, self._on_tun)
+        self._selector.register(uapi_listener, selectors.EVENT_READ, self._on_accept)
+        self._register_bind(bind)
+
+    # Running and stopping.
+
+    def add_wakeup(self, sock: socket.socket, on_wakeup: Callable[[], None]) -> None:
+        """Watches sock (a signal wakeup socket): on_wakeup runs once it is readable."""
+
+        def drain(_mask: int) -> None:
+            try:
+                while sock.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+            on_wakeup()
+
+        self._selector.register(sock, selectors.EVENT_READ, drain)
+
+    def stop(self, reason: str) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.stop_reason = reason
+
+    def run(self) -> None:
+        """Serves until stop() or until the TUN device goes away."""
+        timeout = 0.0
+        while not self._stopping:
+            events = self._selector.select(timeout)
+            try:
+                for key, mask in events:
+                    key.data(mask)
+                timeout = self._run_timers()
+            except tun_mod.TunGone:
+                self.stop("tun_device_removed")
+
+    def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+        self._selector.close()
+        self.bind.close()
+
+    def _run_timers(self) -> float:
+        """Ticks the Device when due; returns how long the selector may sleep."""
+        now = self._clock()
+        deadline = self.device.next_deadline()
+        if now >= self._next_tick or (deadline is not None and now >= deadline):
+            self._next_tick = now + TICK_INTERVAL
+            self._perform(self.device.tick(now))
+            deadline = self.device.next_deadline()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+            self._housekeeping(now)
+        wake = self._next_tick if deadline is None else min(deadline, self._next_tick)
+        return max(0.0, wake - now)
+
+    # The data path.
+
+    def _perform(self, actions: Iterable[device_mod.Action]) -> None:
+        for action in actions:
+            if type(action) is device_mod.SendDatagram:
+                self.bind.send(action.data, action.endpoint)
+            elif type(action) is device_mod.DeliverPacket:
+                self.tun.write(action.packet)
+            else:
+                log.warning("unknown_action", action=type(action).__name__)
+
+    def _on_tun(self, _mask: int) -> None:
+        packets = self.tun.read_batch(BATCH)
+        now = self._clock()
+        send_packet = self.device.send_packet
+        for packet in packets:
+            self._perform(send_packet(packet, now))
+
+    def _on_udp(self, sock: socket.socket) -> Callable[[int], None]:
+        def on_readable(_mask: int) -> None:
+            datagrams = self.bind.receive_batch(sock, BATCH)
+            now = self._clock()
+            receive = self.device.receive_datagram
+            for data, source in datagrams:
+                self._perform(receive(data, source, now))
+
+        return on_readable
+
+    def _register_bind(self, bind: udp_mod.UdpBind) -> None:
+        for sock in bind.sockets:
+            self._selector.register(sock, selectors.EVENT_READ, self._on_udp(sock))
+
+    def _rebind(self, port: int, fwmark: int) -> None:
+        """Moves to a new listen port; the old socket stays if the new one cannot be had."""
+        try:
+            new = udp_mod.UdpBind.open(port, fwmark=fwmark)
+        except OSError as exc:
+            code = errno.EADDRINUSE if exc.errno == errno.EADDRINUSE else errno.EIO
+            raise uapi.UapiError(f"cannot bind port {port}: {exc.strerror}", errno=code) from None
+        for sock in self.bind.sockets:
+            self._selector.unregister(sock)
+        self.bind.close()
+        self.bind = new
+        self._register_bind(new)
+        log.info("listening", port=new.port, dual_stack=new.dual_stack)
+
+    # UAPI.
+
+    def _on_accept(self, _mask: int) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("uapi_accept_failed", error=exc.strerror)
+                return
+            sock.setblocking(False)
+            connection = ipc.UapiConnection(sock, self._handle_request)
+            self._connections[sock.fileno()] = connection
+            self._selector.register(sock, selectors.EVENT_READ, self._on_connection(connection))
+
+    def _on_connection(self, connection: ipc.UapiConnection) -> Callable[[int], None]:
+        def on_event(mask: int) -> None:
+            if mask & selectors.EVENT_READ:
+                connection.on_readable()
+            if mask & selectors.EVENT_WRITE:
+                connection.on_writable()
+            self._update_connection(connection)
+
+        return on_event
+
+    def _update_connection(self, connection: ipc.UapiConnection) -> None:
+        fd = connection.sock.fileno()
+        if connection.finished:
+            self._selector.unregister(connection.sock)
+            del self._connections[fd]
+            connection.close()
+            return
+        events = selectors.EVENT_WRITE if connection.wants_write else 0
+        if not connection.closing:
+            events |= selectors.EVENT_READ
+        key = self._selector.get_key(connection.sock)
+        if key.events != events:
+            self._selector.modify(connection.sock, events, key.data)
+
+    def _handle_request(self, request: uapi.Request) -> str:
+        if isinstance(request, uapi.GetRequest):
+            return uapi.serialize_get(self.device)
+        self._apply_set(request)
+        return ""
+
+    def _apply_set(self, request: uapi.SetRequest) -> None:
+        # The new port is bound before anything is applied, so a taken port changes nothing.
+        fwmark = self.device.fwmark if request.fwmark is None else request.fwmark
+        if request.listen_port is not None and request.listen_port != self.bind.port:
+            self._rebind(request.listen_port, fwmark)
+        elif request.fwmark is not None and request.fwmark != self.device.fwmark:
+            try:
+                self.bind.set_fwmark(request.fwmark)
+            except OSError as exc:
+                raise uapi.UapiError(
+                    f"cannot set fwmark: {exc.strerror}", errno=exc.errno or errno.EIO
+                ) from None
+        before = set(self.device.peers)
+        uapi.apply_set(self.device, request)
+        self.device.listen_port = self.bind.port
+        after = set(self.device.peers)
+        for key in after - before:
+            log.info("peer_added", peer=short_key(key))
+        for key in before - after:
+            log.info("peer_removed", peer=short_key(key))
+            self._handshakes.pop(key, None)
+        if request.private_key is not None:
+            log.info("private_key_changed", public_key=short_key(self.device.public_key or b""))
+        # A new endpoint or keepalive interval may have work due right now.
+        self._perform(self.device.tick(self._clock()))
+
+    # Housekeeping.
+
+    def _housekeeping(self, now: float) -> None:
+        for key, peer in self.device.peers.items():
+            handshake = peer.last_handshake_wall
+            if handshake is not None and handshake != self._handshakes.get(key):
+                log.info(
+                    "handshake_completed", peer=short_key(key), endpoint=_endpoint(peer.endpoint)
+                )
+            self._handshakes[key] = handshake
+        try:
+            mtu = self.tun.mtu()
+        except tun_mod.TunError:
+            mtu = self.device.mtu
+        if mtu != self.device.mtu:
+            log.info("mtu_changed", mtu=mtu)
+            self.device.mtu = mtu
+        if now >= self._next_counters_log:
+            self._next_counters_log = now + COUNTERS_LOG_INTERVAL
+            self._log_counters()
+
+    def counters(self) -> dict[str, int]:
+        """The Device's drop and handled counters plus the I/O layer's own."""
+        counts = self.device.counters.as_dict()
+        counts["tun_read_errors"] = self.tun.read_errors
+        counts["tun_write_errors"] = self.tun.write_errors
+        counts["udp_send_errors"] = self.bind.send_errors
+        return counts
+
+    def _log_counters(self) -> None:
+        counts = self.counters()
+        if counts != self._last_counters:
+            log.info("counters", **counts)
+            self._last_counters = counts
+
+
+def _endpoint(endpoint: tuple[str, int] | None) -> str | None:
+    return None if endpoint is None else uapi.format_endpoint(endpoint)

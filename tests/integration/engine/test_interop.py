@@ -1,0 +1,22 @@
+"""podwire-engine against itself and against both wireguard-go builds: ping, then iperf3 for
+10 seconds each way, the measured rates recorded for the session summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.mark.parametrize("peer_kind", ["engine", "wireguard-go", "debian-wireguard-go"])
+def test_engine_talks_to(bed: Any, peer_kind: str) -> None:
+    w = bed.wire("engine", peer_kind)
+    assert w.a.ns.ping(w.b.tunnel, count=5, timeout=10), w.a.tail_log()
+    assert w.b.ns.ping(w.a.tunnel, count=5, timeout=10), w.a.tail_log()
+
+    forward = bed.iperf(w.a, w.b)
+    reverse = bed.iperf(w.a, w.b, reverse=True)
+    bed.record(f"engine -> {peer_kind}", forward)
+    bed.record(f"{peer_kind} -> engine", reverse)
+    assert forward > 1e6 and reverse > 1e6, (forward, reverse)
+    assert w.a.alive() and w.b.alive()
