@@ -27,9 +27,9 @@ class Naive:
     def lookup(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         best: tuple[int, str] | None = None
         for network, peer in self.entries.items():
-            if network.version == address.version and address in network:
-                if best is None or network.prefixlen > best[0]:
-                    best = (network.prefixlen, peer)
+            inside = network.version == address.version and address in network
+            if inside and (best is None or network.prefixlen > best[0]):
+                best = (network.prefixlen, peer)
         return best[1] if best else None
 
 

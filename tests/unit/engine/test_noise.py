@@ -94,7 +94,7 @@ class Reference:
     @staticmethod
     def TAI64N(wall: float) -> bytes:
         seconds = int(wall)
-        nanos = int(round((wall - seconds) * 1e9))
+        nanos = round((wall - seconds) * 1e9)
         nanos -= nanos % (1 << 24)
         return struct.pack(">QI", 2**62 + 10 + seconds, nanos)
 
