@@ -298,7 +298,9 @@ def _ensure_folder(path: pathlib.Path) -> None:
 
 def _link_no_replace(src: str, dst: pathlib.Path) -> None:
     os.link(src, dst)
-    os.unlink(src)
+    # The key is in place; a temp name left behind is untidy, not a reason to fail the start.
+    with contextlib.suppress(OSError):
+        os.unlink(src)
 
 
 def _write_atomically(

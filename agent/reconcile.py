@@ -170,17 +170,17 @@ def desired_peers(
     # a WireguardNode whose Node is gone is garbage the operator collects.
     candidates = sorted(n for n in specs if n != own_node and n in infos)
     refusals: dict[str, list[Refusal]] = defaultdict(list)
-    keys: dict[str, list[str]] = defaultdict(list)
+    claims: dict[str, list[str]] = defaultdict(list)
     for name in candidates:
         spec = specs[name]
         if isinstance(spec, wgnode.Spec):
-            keys[spec.public_key].append(name)
+            claims[spec.public_key].append(name)
         else:
             reason = (
                 INVALID_PUBLIC_KEY if spec.field == "spec.publicKey" else INVALID_WIREGUARD_NODE
             )
             refusals[name].append(Refusal(name, reason, str(spec)))
-    _refuse_duplicate_keys(keys, own_node, own_public_key, refusals)
+    _refuse_duplicate_keys(claims, own_node, own_public_key, refusals)
     overlaps = _overlaps(infos.values())
 
     peers: list[DesiredPeer] = []
@@ -279,7 +279,6 @@ class _NodeInfo:
     internal_ips: tuple[IPAddress, ...]  # in the Node's order: the first is its primary
     pod_cidrs: tuple[IPNetwork, ...]
     bad_cidrs: tuple[str, ...]
-    has_cidrs_field: bool
 
 
 def _node_info(node: Mapping[str, Any]) -> _NodeInfo | None:
@@ -306,7 +305,7 @@ def _node_info(node: Mapping[str, Any]) -> _NodeInfo | None:
             cidrs.append(ipaddress.ip_network(str(text), strict=True))
         except ValueError:
             bad.append(str(text))
-    return _NodeInfo(name, tuple(ips), tuple(cidrs), tuple(bad), bool(raw))
+    return _NodeInfo(name, tuple(ips), tuple(cidrs), tuple(bad))
 
 
 def _node_refusals(info: _NodeInfo, overlaps: Sequence[str]) -> list[Refusal]:
@@ -327,7 +326,7 @@ def _node_refusals(info: _NodeInfo, overlaps: Sequence[str]) -> list[Refusal]:
                 f"the Node's spec.podCIDRs has entries that are not CIDRs: {', '.join(info.bad_cidrs)}",
             )
         )
-    elif not info.has_cidrs_field or not info.pod_cidrs:
+    elif not info.pod_cidrs:
         out.append(
             Refusal(
                 info.name,

@@ -129,8 +129,8 @@ class Condition:
     type: str
     status: ConditionStatus
     reason: str
+    last_transition_time: str  # RFC 3339; see format_time()
     message: str = ""
-    last_transition_time: str = ""
     observed_generation: int | None = None
 
     def __post_init__(self) -> None:
@@ -140,6 +140,11 @@ class Condition:
             raise ResourceError(
                 f"condition {self.type}: status must be one of {', '.join(CONDITION_STATUSES)},"
                 f" got {self.status!r}",
+                field="status.conditions",
+            )
+        if not self.last_transition_time:
+            raise ResourceError(
+                f"condition {self.type}: lastTransitionTime is required",
                 field="status.conditions",
             )
         if len(self.reason) > _MAX_REASON or not _REASON_RE.fullmatch(self.reason):
@@ -159,7 +164,7 @@ class Condition:
                 reason=_str(obj.get("reason"), "status.conditions[].reason", name=name),
                 message=_str(obj.get("message", ""), "status.conditions[].message", name=name),
                 last_transition_time=_str(
-                    obj.get("lastTransitionTime", ""),
+                    obj.get("lastTransitionTime"),
                     "status.conditions[].lastTransitionTime",
                     name=name,
                 ),

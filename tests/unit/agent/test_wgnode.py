@@ -162,6 +162,12 @@ def test_garbage_never_raises_anything_but_resource_error(raw: Any) -> None:
         wgnode.WireguardNode.from_dict(raw)
 
 
+COND = {
+    "type": "Ready",
+    "status": "True",
+    "reason": "R",
+    "lastTransitionTime": "2026-01-01T00:00:00Z",
+}
 BAD_STATUSES: list[tuple[Any, str]] = [
     ("up", "status must be an object"),
     ({"datapath": "ebpf"}, "status.datapath must be one of kernel, userspace"),
@@ -169,9 +175,17 @@ BAD_STATUSES: list[tuple[Any, str]] = [
     ({"peers": "2"}, "status.peers must be an integer"),
     ({"podCIDRs": "10.0.0.0/8"}, "status.podCIDRs must be a list"),
     ({"features": [1]}, r"status.features\[\] must be a string"),
-    ({"conditions": [{"type": "Ready", "status": "Yes", "reason": "R"}]}, "status must be one"),
-    ({"conditions": [{"type": "Ready", "status": "True", "reason": "no spaces"}]}, "CamelCase"),
-    ({"conditions": [{"type": "Ready", "status": "True"}]}, "reason must be a string"),
+    ({"conditions": [{**COND, "status": "Yes"}]}, "status must be one"),
+    ({"conditions": [{**COND, "reason": "no spaces"}]}, "CamelCase"),
+    (
+        {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "x"}]},
+        "reason must be a string",
+    ),
+    ({"conditions": [{**COND, "lastTransitionTime": ""}]}, "lastTransitionTime is required"),
+    (
+        {"conditions": [{"type": "Ready", "status": "True", "reason": "R"}]},
+        "lastTransitionTime must be a string",
+    ),
     ({"conditions": ["Ready"]}, "must be an object"),
 ]
 
