@@ -42,6 +42,9 @@ class ControlPlane:
     workdir: pathlib.Path
     etcd_port: int = 0
     apiserver_port: int = 0
+    # How often the apiserver compacts etcd's history; watches from before it get 410 Gone.
+    compaction_interval: str = "5m"
+    extra_args: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -118,8 +121,10 @@ class ControlPlane:
                 "--authorization-mode=Node,RBAC",
                 # No kubelet can reach 127.0.0.1 for the apiserver's own Service; nothing needs it.
                 "--endpoint-reconciler-type=none",
+                f"--etcd-compaction-interval={self.compaction_interval}",
                 "--profiling=false",
                 "--v=1",
+                *self.extra_args,
             ],
         )
         self._write_kubeconfig(bundle)
@@ -244,7 +249,7 @@ class ControlPlane:
             state = json.loads((workdir / "state.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return cls(workdir, state["etcd_port"], state["apiserver_port"], dict(state["pids"]))
+        return cls(workdir, state["etcd_port"], state["apiserver_port"], pids=dict(state["pids"]))
 
     def running(self) -> bool:
         return bool(self.pids) and all(_alive(pid) for pid in self.pids.values())

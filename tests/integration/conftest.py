@@ -28,7 +28,12 @@ def netns() -> Iterator[netns_mod.NetnsFactory]:
 def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
     """etcd and a real kube-apiserver on loopback, with their own certificates; one per session."""
     workdir = pathlib.Path(tmp_path_factory.mktemp("controlplane"))
-    cp = controlplane.ControlPlane(workdir)
+    # Compacting often, and serving Node watches from etcd rather than the watch cache (which
+    # keeps recent history past a compaction), makes 410 Gone, and so the informers' relist,
+    # an everyday event here.
+    cp = controlplane.ControlPlane(
+        workdir, compaction_interval="5s", extra_args=["--watch-cache-sizes=nodes#0"]
+    )
     try:
         cp.start()
         yield cp

@@ -19,7 +19,6 @@ import pathlib
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -209,18 +208,20 @@ def iperf(client: Side, server: Side, *, reverse: bool = False, seconds: int = 1
         ["iperf3", "-s", "-1", "-B", server.tunnel],
         log_path=server.log.with_suffix(".iperf"),
     )
-    deadline = time.monotonic() + 10
-    while True:
-        proc = client.ns.run(
-            "iperf3", "-c", server.tunnel, "-t", str(seconds), "-J", *(["-R"] if reverse else []),
-            timeout=seconds + 30, check=False,
-        )  # fmt: skip
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)  # the server was not listening yet
+    netns_mod.wait_until(
+        lambda: f"{server.tunnel}:5201" in server.ns.run("ss", "-tln").stdout,
+        timeout=10,
+        what="iperf3 to listen",
+    )
+    proc = client.ns.run(
+        "iperf3", "-c", server.tunnel, "-t", str(seconds), "-J", *(["-R"] if reverse else []),
+        timeout=seconds + 30, check=False,
+    )  # fmt: skip
     assert proc.returncode == 0, f"iperf3 failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
     result = json.loads(proc.stdout)
-    return float(result["end"]["sum_received"]["bits_per_second"])
+    received = result.get("end", {}).get("sum_received")
+    assert received, f"iperf3 measured nothing: {result.get('error')} {proc.stdout[-3000:]}"
+    return float(received["bits_per_second"])
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -17,6 +17,6 @@ def test_engine_talks_to(bed: Any, peer_kind: str) -> None:
     forward = bed.iperf(w.a, w.b)
     reverse = bed.iperf(w.a, w.b, reverse=True)
     bed.record(f"engine -> {peer_kind}", forward)
-    bed.record(f"{peer_kind} -> engine", reverse)
+    bed.record(f"engine <- {peer_kind} (-R)", reverse)
     assert forward > 1e6 and reverse > 1e6, (forward, reverse)
     assert w.a.alive() and w.b.alive()
