@@ -41,8 +41,8 @@ class KubeError(RuntimeError):
 
 def _error(e: kubernetes.client.ApiException, what: str) -> KubeError:
     reason = e.reason or ""
-    with contextlib.suppress(ValueError, TypeError):
-        reason = json.loads(e.body).get("message", reason)
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        reason = json.loads(e.body or "").get("message", reason)
     return KubeError(f"{what}: {e.status} {reason}", status=e.status)
 
 
@@ -82,7 +82,8 @@ class Client:
     # -- WireguardNodes ------------------------------------------------------------------------
 
     def _wg(self, verb: str) -> Callable[..., Any]:
-        return getattr(self.custom, f"{verb}_cluster_custom_object")  # type: ignore[no-any-return]
+        call: Callable[..., Any] = getattr(self.custom, f"{verb}_cluster_custom_object")
+        return call
 
     def get_wgnode(self, name: str) -> Obj | None:
         try:

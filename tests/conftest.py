@@ -9,6 +9,7 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+
 from podwire.agent import clock as clock_mod
 
 TESTS = pathlib.Path(__file__).resolve().parent

@@ -7,6 +7,7 @@ import pathlib
 from collections.abc import Iterator
 
 import pytest
+
 from podwire.sandbox import controlplane
 from podwire.sandbox import netns as netns_mod
 

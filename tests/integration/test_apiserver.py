@@ -8,6 +8,7 @@ import time
 
 import kubernetes
 import pytest
+
 from podwire.sandbox import controlplane
 
 GROUP = "testbed.podwire.io"

@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 
 import pytest
+
 from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import tools
 
