@@ -83,6 +83,7 @@ class Sent:
     source: str
     data: bytes
     endpoint: Endpoint
+    time: float = 0.0
 
     @property
     def kind(self) -> int:
@@ -116,7 +117,9 @@ class Wire:
             if isinstance(action, device_mod.DeliverPacket):
                 origin.delivered.append(action.packet)
                 continue
-            sent = self.filter(Sent(origin.name, action.data, action.endpoint))
+            sent = self.filter(
+                Sent(origin.name, action.data, action.endpoint, self.clock.monotonic())
+            )
             if sent is None:
                 continue
             self.log.append(sent)
@@ -146,8 +149,15 @@ class Wire:
             self.clock.advance(remaining)
             self.tick()
 
-    def sent_by(self, name: str, kind: int | None = None) -> list[Sent]:
-        return [s for s in self.log if s.source == name and (kind is None or s.kind == kind)]
+    def sent_by(self, name: str, kind: int | None = None, *, since: float = 0.0) -> list[Sent]:
+        return [
+            s
+            for s in self.log
+            if s.source == name and (kind is None or s.kind == kind) and s.time >= since
+        ]
+
+    def keepalives_by(self, name: str, *, since: float = 0.0) -> list[Sent]:
+        return [s for s in self.sent_by(name, 4, since=since) if len(s.data) == 32]
 
 
 A_ADDR4, B_ADDR4 = "10.0.1.1", "10.0.2.1"
