@@ -67,16 +67,20 @@ class AllowedIPs(Generic[PeerT]):
         table[int(network.network_address) >> (family.bits - network.prefixlen)] = peer
         self._by_peer.setdefault(peer, {})[network] = None
 
-    def remove(self, prefix: str | Network) -> PeerT | None:
-        """Remove a prefix; returns the peer that held it, if any."""
+    def remove(self, prefix: str | Network, peer: PeerT | None = None) -> PeerT | None:
+        """Remove a prefix (only if `peer` holds it, when given, as `wg`'s `allowed_ip=-`
+        does); returns the peer that held it, if it was removed."""
         network = parse_prefix(prefix)
         family = self._family(network)
         table = family.tables.get(network.prefixlen)
         if table is None:
             return None
-        peer = table.pop(int(network.network_address) >> (family.bits - network.prefixlen), None)
-        if peer is None:
+        key = int(network.network_address) >> (family.bits - network.prefixlen)
+        holder = table.get(key)
+        if holder is None or (peer is not None and holder is not peer):
             return None
+        del table[key]
+        peer = holder
         if not table:
             del family.tables[network.prefixlen]
             family.rebuild()

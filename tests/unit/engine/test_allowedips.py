@@ -127,3 +127,12 @@ def test_default_routes_and_wrong_sized_addresses() -> None:
     assert table.lookup(bytes(4)) == "v4"
     assert table.lookup(b"\xff" * 16) == "v6"
     assert table.lookup(b"\x01\x02\x03") is None
+
+
+def test_removing_a_prefix_for_one_peer_leaves_another_peers_alone() -> None:
+    table: allowedips.AllowedIPs[str] = allowedips.AllowedIPs()
+    table.insert("10.0.0.0/24", "a")
+    assert table.remove("10.0.0.0/24", "b") is None
+    assert table.lookup(ipaddress.ip_address("10.0.0.1")) == "a"
+    assert table.remove("10.0.0.0/24", "a") == "a"
+    assert table.lookup(ipaddress.ip_address("10.0.0.1")) is None

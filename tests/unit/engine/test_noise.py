@@ -227,28 +227,45 @@ def test_the_psk_changes_the_keys_and_a_psk_mismatch_fails() -> None:
     assert hs_i.state is noise.HandshakeState.CREATED_INITIATION  # untouched by the failure
 
 
-def test_the_device_sends_the_reference_initiation_with_injected_keys(
-    fake_clock: Any,
-) -> None:
-    """Through Device: an rng that hands out our ephemeral and index yields the reference."""
-
+def _scripted_rng(ephemeral: bytes, index: int) -> Any:
     def rng(n: int) -> bytes:
         if n == 32:
-            return I_EPHEMERAL
+            return ephemeral
         if n == 4:
-            return I_INDEX.to_bytes(4, "little")
+            return index.to_bytes(4, "little")
         return bytes(n)
 
-    dev = device.Device(rng=rng, wall_clock=lambda: WALL)
-    dev.private_key = I_STATIC
-    peer = dev.add_peer(noise.public_key(R_STATIC))
-    peer.preshared_key = PSK
-    peer.endpoint = ("192.0.2.9", 51820)
-    dev.allowed_ips.insert("10.9.0.0/16", peer)
-    actions = dev.send_packet(bytes.fromhex("45000014000000004011000a0a0000010a090001"), 10.0)
-    assert actions == [
-        device.SendDatagram(Reference().handshake(PSK)["initiation"], ("192.0.2.9", 51820))
-    ]
+    return rng
+
+
+def test_two_devices_with_injected_keys_exchange_the_reference_handshake() -> None:
+    """Through Device: injected statics, ephemerals and indexes yield the reference bytes,
+    and the first data message is encrypted with the reference's initiator sending key."""
+    ref = Reference().handshake(PSK)
+    at_i, at_r = ("192.0.2.1", 51820), ("192.0.2.9", 51820)
+    initiator = device.Device(rng=_scripted_rng(I_EPHEMERAL, I_INDEX), wall_clock=lambda: WALL)
+    responder = device.Device(rng=_scripted_rng(R_EPHEMERAL, R_INDEX), wall_clock=lambda: WALL)
+    initiator.private_key = I_STATIC
+    responder.private_key = R_STATIC
+    peer_r = initiator.add_peer(noise.public_key(R_STATIC))
+    peer_i = responder.add_peer(noise.public_key(I_STATIC))
+    peer_r.preshared_key = peer_i.preshared_key = PSK
+    peer_r.endpoint = at_r
+    initiator.allowed_ips.insert("10.9.0.0/16", peer_r)
+    responder.allowed_ips.insert("10.1.0.0/16", peer_i)
+    packet = bytes.fromhex("45000014000000004011000a0a0100010a090001")  # 20-byte IPv4
+
+    [initiation] = initiator.send_packet(packet, 10.0)
+    assert initiation == device.SendDatagram(ref["initiation"], at_r)
+    [response] = responder.receive_datagram(initiation.data, at_i, 10.0)
+    assert response == device.SendDatagram(ref["response"], at_i)
+    [data] = initiator.receive_datagram(response.data, at_r, 10.0)
+    padded = packet + bytes(12)
+    expected = struct.pack("<B3xIQ", 4, R_INDEX, 0) + ChaCha20Poly1305(
+        ref["initiator_send"]
+    ).encrypt(bytes(12), padded, None)
+    assert data == device.SendDatagram(expected, at_r)
+    assert responder.receive_datagram(data.data, at_i, 10.0) == [device.DeliverPacket(packet)]
 
 
 def test_tai64n_is_big_endian_label_plus_seconds_and_whitened_nanoseconds() -> None:
