@@ -176,10 +176,3 @@ def parse_transport(data: bytes) -> Transport:
         )
     _, receiver, counter = TRANSPORT_HEADER.unpack_from(data)
     return Transport(receiver, counter, bytes(data[TRANSPORT_HEADER_LEN:]))
-
-
-def mac1_offset(kind: int) -> int:
-    """Where mac1 starts in a handshake message: everything before it is what mac1 covers."""
-    return (
-        INITIATION_LEN - 2 * MAC_LEN if kind == MESSAGE_INITIATION else RESPONSE_LEN - 2 * MAC_LEN
-    )

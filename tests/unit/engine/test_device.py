@@ -187,6 +187,31 @@ def test_a_removed_peer_is_unreachable_and_its_sessions_forgotten(wire: Any, pac
     assert wire.b.device.send_packet(packets.ipv4(B4, A4, b"x"), 1000.0) == []
 
 
+def test_packets_in_flight_on_the_previous_key_survive_a_rekey(wire: Any, packets: Any) -> None:
+    wire.send(wire.a, packets.ipv4(A4, B4, b"hello"))
+    wire.up = False
+    wire.send(wire.b, packets.ipv4(B4, A4, b"in flight"))
+    in_flight = wire.sent_by("b", messages.MESSAGE_TRANSPORT)[-1]
+    wire.up = True
+    wire.clock.advance(121)
+    wire.send(wire.a, packets.ipv4(A4, B4, b"rekey"))  # a rekeys; b confirms the new key
+    peer_a = wire.b.device.peers[wire.a.device.public_key]
+    wire.send(wire.a, packets.ipv4(A4, B4, b"confirm"))
+    assert peer_a.previous is not None
+    wire.run(wire.b, [device.SendDatagram(in_flight.data, wire.a.endpoint)])
+    assert wire.a.delivered == [packets.ipv4(B4, A4, b"in flight")]
+
+
+def test_at_most_128_packets_wait_for_a_handshake(wire: Any, packets: Any) -> None:
+    wire.up = False
+    for i in range(130):
+        wire.send(wire.a, packets.ipv4(A4, B4, i.to_bytes(2, "big")))
+    assert wire.a.device.counters.staged_overflow == 2
+    wire.up = True
+    wire.advance(6)  # the retransmitted initiation gets through
+    assert [p[20:] for p in wire.b.delivered] == [i.to_bytes(2, "big") for i in range(2, 130)]
+
+
 # Fuzzing: nothing a peer sends may raise, deliver, or go uncounted.
 
 

@@ -37,6 +37,14 @@ def test_a_keepalive_answers_received_data_after_ten_seconds(wire: Any, packets:
     assert len(wire.sent_by("a")) == 2  # the initiation and the one packet
 
 
+def test_data_arriving_while_a_keepalive_is_pending_earns_another(wire: Any, packets: Any) -> None:
+    t0 = _session(wire, packets)
+    wire.advance(5)
+    wire.send(wire.a, packets.ipv4(A4, B4, b"more"))
+    wire.advance(30)
+    assert [round(k.time - t0) for k in wire.keepalives_by("b")] == [10, 20]
+
+
 def test_data_sent_back_in_time_replaces_the_keepalive(wire: Any, packets: Any) -> None:
     _session(wire, packets)
     wire.advance(3)
