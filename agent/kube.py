@@ -136,6 +136,18 @@ class Client:
             what=f"updating the status of WireguardNode {name}",
         )
 
+    def patch_wgnode_status(self, name: str, patch: Obj) -> Obj:
+        """A merge patch of the status subresource: the agent owns status, so no conflicts."""
+        return self._json(
+            self.custom.patch_cluster_custom_object_status,
+            wgnode.GROUP,
+            wgnode.VERSION,
+            wgnode.PLURAL,
+            name,
+            patch,
+            what=f"updating the status of WireguardNode {name}",
+        )
+
     def patch_wgnode_metadata(self, name: str, patch: Obj) -> Obj:
         return self._json(
             self._wg("patch"),

@@ -1,0 +1,317 @@
+"""The agent's control loop: publish the node's key, then keep the device equal to the cluster.
+
+Level-triggered: the informers only say that something changed; each pass reads the whole
+desired state (Nodes and WireguardNodes), the whole actual state (the device's peers and
+routes) and applies the difference. Nothing is removed until both watches have listed, and
+nothing while the apiserver is away, so the device keeps its last good state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from podwire.agent import clock as clock_mod
+from podwire.agent import config as config_mod
+from podwire.agent import keys, kube, log, reconcile
+from podwire.api import wgnode
+
+Obj = dict[str, Any]
+
+PUBLISH_RETRIES = 5
+DEBOUNCE = 0.05  # a burst of watch events (a relist of 5,000 objects) makes one pass
+
+
+class Backend(Protocol):
+    """The device, kernel or userspace, as the control loop sees it."""
+
+    datapath: str
+
+    def ensure_device(self) -> None: ...
+    def set_private_key(self, raw: bytes) -> None: ...
+    def set_listen_port(self, port: int) -> None: ...
+    def read_peers(self) -> list[reconcile.ActualPeer]: ...
+    def apply(self, plan: reconcile.Plan) -> None: ...
+    def features(self) -> list[str]: ...
+
+
+class Routes(Protocol):
+    def install_fail_closed(self, cidrs: tuple[Any, ...]) -> None: ...
+    def list_routes(self) -> list[Any]: ...
+    def apply(self, plan: reconcile.RoutePlan) -> None: ...
+
+
+@dataclasses.dataclass
+class State:
+    """What the agent knows about itself: read by the API, /readyz and /metrics."""
+
+    node: str
+    public_key: str = ""
+    datapath: str = ""
+    features: tuple[str, ...] = ()
+    nodes_synced: bool = False
+    wgnodes_synced: bool = False
+    programmed: bool = False  # the device holds what synced watches asked for
+    last_reconcile_wall: float = 0.0
+    last_reconcile_error: str = ""
+    reconciles: int = 0
+    reconcile_errors: int = 0
+    last_reconcile_seconds: float = 0.0
+    peers: tuple[reconcile.DesiredPeer, ...] = ()
+    refusals: tuple[reconcile.Refusal, ...] = ()
+    watch_restarts: int = 0
+
+
+class Controller:
+    def __init__(
+        self,
+        cfg: config_mod.Config,
+        *,
+        client: kube.Client,
+        backend: Backend,
+        routes: Routes | None,
+        clock: clock_mod.Clock | None = None,
+        on_event: Callable[[str, str, str, str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.backend = backend
+        self.routes = routes
+        self.clock = clock or clock_mod.MonotonicClock()
+        self.log = log.get("controller", node=cfg.node_name)
+        self.state = State(node=cfg.node_name, datapath=backend.datapath)
+        self._on_event = on_event or (lambda *_: None)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._reported: set[tuple[str, str]] = set()
+        self._status_sent: Obj | None = None
+        self.key: keys.PrivateKey | None = None
+        self.nodes = kube.Informer(
+            client, "nodes", on_change=self._wake.set, resync_period=cfg.resync_period
+        )
+        self.wgnodes = kube.Informer(
+            client, "wgnodes", on_change=self._wake.set, resync_period=cfg.resync_period
+        )
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Fail closed, bring the device up with the node's key, publish it, start watching."""
+        if self.cfg.fail_closed and self.routes is not None:
+            # First of all: pod traffic with no programmed peer is dropped, never sent in clear.
+            self.routes.install_fail_closed(self.cfg.cluster_pod_cidrs)
+        self.key = keys.load_or_create(self.cfg.key_path)
+        self.state.public_key = self.key.public_key_b64()
+        self.backend.ensure_device()
+        self.backend.set_private_key(self.key.raw)
+        self.backend.set_listen_port(self.cfg.listen_port)
+        self.state.features = tuple(self.backend.features())
+        self.log.info(
+            "device_ready", datapath=self.backend.datapath, public_key=self.state.public_key
+        )
+        self.nodes.start()
+        self.wgnodes.start()
+
+    def publish(self) -> None:
+        """Create or update the node's own WireguardNode (spec); 409s are retried fresh."""
+        assert self.key is not None
+        name = self.cfg.node_name
+        for _ in range(PUBLISH_RETRIES):
+            node = self.client.get_node(name)
+            if node is None:
+                raise kube.KubeError(f"Node {name} does not exist: is NODE_NAME right?", status=404)
+            current = self.client.get_wgnode(name)
+            want = wgnode.new(
+                name,
+                node["metadata"]["uid"],
+                self.state.public_key,
+                listen_port=self.cfg.listen_port,
+            )
+            try:
+                if current is None:
+                    self.client.create_wgnode(want.to_dict())
+                    self.log.info("wireguardnode_created")
+                    return
+                have = current.get("spec", {})
+                if (
+                    have.get("publicKey") == want.spec.public_key
+                    and have.get("listenPort") == want.spec.listen_port
+                ):
+                    return  # a restart changes nothing
+                body = dict(current)
+                body["spec"] = want.spec.to_dict()
+                self.client.replace_wgnode(body)
+                self.log.info("wireguardnode_updated")
+                return
+            except kube.KubeError as e:
+                if e.status != 409:
+                    raise
+                self.log.info("wireguardnode_conflict_retry")
+        raise kube.KubeError(
+            f"WireguardNode {name}: still conflicting after {PUBLISH_RETRIES} tries", status=409
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Reconciles on every change and at least every resync period, until stop()."""
+        published = False
+        while not self._stop.is_set():
+            if not published:
+                try:
+                    self.publish()
+                    published = True
+                except kube.KubeError as e:
+                    self.log.warning("publish_failed", error=str(e))
+            self._wake.wait(timeout=1.0 if not published else self.cfg.resync_period)
+            if self._stop.is_set():
+                break
+            self._stop.wait(DEBOUNCE)
+            self._wake.clear()
+            self.reconcile_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.nodes.stop()
+        self.wgnodes.stop()
+
+    def reconcile_once(self) -> None:
+        started = time.monotonic()
+        st = self.state
+        st.nodes_synced, st.wgnodes_synced = self.nodes.synced, self.wgnodes.synced
+        st.watch_restarts = self.nodes.restarts + self.wgnodes.restarts
+        synced = (
+            st.nodes_synced
+            and st.wgnodes_synced
+            and not self.nodes.last_error
+            and not self.wgnodes.last_error
+        )
+        try:
+            desired = reconcile.desired_peers(
+                self.nodes.snapshot(),
+                self.wgnodes.snapshot(),
+                self.cfg.node_name,
+                own_public_key=st.public_key,
+            )
+            plan = reconcile.plan_peers(desired.peers, self.backend.read_peers(), synced=synced)
+            if not plan.empty:
+                self.backend.apply(plan)
+                self._log_plan(plan)
+            if self.routes is not None:
+                rplan = reconcile.plan_routes(
+                    desired.peers, self.routes.list_routes(), synced=synced
+                )
+                if not rplan.empty:
+                    self.routes.apply(rplan)
+            st.peers = desired.peers
+            st.refusals = desired.refusals
+            st.programmed = synced
+            st.last_reconcile_error = ""
+            self._report_refusals(desired.refusals)
+        except Exception as e:  # a pass that fails is retried on the next change or resync
+            st.reconcile_errors += 1
+            st.last_reconcile_error = str(e)
+            self.log.error("reconcile_failed", error=str(e))
+            self._wake.set()
+            self._stop.wait(1.0)
+        finally:
+            st.reconciles += 1
+            st.last_reconcile_wall = self.clock.wall()
+            st.last_reconcile_seconds = time.monotonic() - started
+        self._write_status()
+
+    def _log_plan(self, plan: reconcile.Plan) -> None:
+        for p in plan.add:
+            self.log.info("peer_added", peer=p.node, endpoint=str(p.endpoint))
+            self._on_event("Normal", "PeerAdded", f"peer {p.node} added", p.node)
+        for u in plan.update:
+            self.log.info("peer_updated", peer=u.peer.node, endpoint=str(u.peer.endpoint))
+        for key in plan.remove:
+            self.log.info("peer_removed", public_key=key)
+            self._on_event("Normal", "PeerRemoved", f"peer {key} removed", "")
+
+    def _report_refusals(self, refusals: tuple[reconcile.Refusal, ...]) -> None:
+        """An Event (and a log line) once per new refusal; a condition while it lasts."""
+        current = {(r.node, r.reason) for r in refusals}
+        for r in refusals:
+            if (r.node, r.reason) in self._reported:
+                continue
+            self.log.warning("peer_refused", peer=r.node, reason=r.reason, message=r.message)
+            self._on_event("Warning", r.reason, r.message, r.node)
+            involved = self.wgnodes.objects.get(r.node) or self.nodes.objects.get(r.node)
+            if involved is not None:
+                try:
+                    self.client.emit_event(
+                        involved=involved, reason=r.reason, message=r.message, event_type="Warning"
+                    )
+                except kube.KubeError as e:
+                    self.log.warning("event_failed", error=str(e))
+        self._reported = current
+
+    def _write_status(self) -> None:
+        own = self.wgnodes.objects.get(self.cfg.node_name)
+        if own is None:
+            return
+        st = self.state
+        node = self.nodes.objects.get(self.cfg.node_name, {})
+        old = []
+        try:
+            parsed = wgnode.WireguardNode.from_dict(own)
+            old = list(parsed.status.conditions) if parsed.status else []
+        except wgnode.ResourceError:
+            parsed = None
+        now = wgnode.format_time(self.clock.wall())
+        conds = tuple(old)
+        conds = wgnode.set_condition(conds, wgnode.KEY_PUBLISHED, "True", "KeyPublished", now=now)
+        ok = st.programmed and not st.last_reconcile_error
+        conds = wgnode.set_condition(
+            conds,
+            wgnode.PEERS_PROGRAMMED,
+            "True" if ok else "False",
+            "Programmed"
+            if ok
+            else ("ReconcileFailed" if st.last_reconcile_error else "WaitingForSync"),
+            message=st.last_reconcile_error or f"{len(st.peers)} peers",
+            now=now,
+        )
+        refused = sorted({r.node for r in st.refusals})
+        conds = wgnode.set_condition(
+            conds,
+            "PeersRefused",
+            "True" if refused else "False",
+            "Refused" if refused else "NoneRefused",
+            message=("refused: " + ", ".join(refused)) if refused else "",
+            now=now,
+        )
+        conds = wgnode.set_condition(
+            conds, wgnode.READY, "True" if ok else "False", "Ready" if ok else "NotReady", now=now
+        )
+        addresses = [
+            a.get("address")
+            for a in node.get("status", {}).get("addresses", [])
+            if a.get("type") == "InternalIP"
+        ]
+        status = wgnode.Status(
+            endpoint=str(reconcile.make_endpoint(addresses[0], self.cfg.listen_port))
+            if addresses
+            else None,
+            pod_cidrs=tuple(node.get("spec", {}).get("podCIDRs", [])),
+            conditions=conds,
+            datapath=st.datapath if st.datapath in wgnode.DATAPATHS else None,  # type: ignore[arg-type]
+            features=st.features,
+            peers=len(st.peers),
+            key_rotated_at=parsed.status.key_rotated_at if parsed and parsed.status else None,
+            observed_generation=own.get("metadata", {}).get("generation"),
+        )
+        body = status.to_dict()
+        if body == self._status_sent:
+            return
+        try:
+            self.client.patch_wgnode_status(self.cfg.node_name, {"status": body})
+            self._status_sent = body
+        except kube.KubeError as e:
+            self.log.warning("status_update_failed", error=str(e))

@@ -1,0 +1,67 @@
+"""The one place that builds podwire's structlog loggers and decides their fields.
+
+JSON lines when the output is not a terminal (in the cluster), readable lines on a terminal.
+Secrets never reach a log line: fields that could carry one are refused here, once, rather
+than trusted to every call site.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+# Field names the code may use; keeping them here keeps logs queryable across components.
+NODE, PEER, PUBLIC_KEY, ENDPOINT, ERROR, REASON = (
+    "node",
+    "peer",
+    "public_key",
+    "endpoint",
+    "error",
+    "reason",
+)
+
+# Never logged, whatever a call site passes: replaced by a marker so the omission is visible.
+SECRET_FIELDS = frozenset({"private_key", "preshared_key", "key", "secret", "token", "raw"})
+REDACTED = "<redacted>"
+
+
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for name in list(event):
+        if name in SECRET_FIELDS or isinstance(event[name], bytes | bytearray):
+            event[name] = REDACTED
+    return event
+
+
+def configure(
+    *, level: str = "info", stream: TextIO | None = None, json: bool | None = None
+) -> None:
+    out = stream or sys.stdout
+    as_json = not out.isatty() if json is None else json
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(component: str, **bound: Any) -> Any:
+    """A logger for one component, with fields bound to every line it writes."""
+    return structlog.get_logger(component).bind(component=component, **bound)
