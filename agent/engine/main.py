@@ -193,7 +193,7 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
         log.info("engine_started", device=name, socket=str(path), port=bind.port, mtu=device.mtu)
         on_ready()
         engine.run()
-        log.info("engine_stopping", device=name, reason=engine.stop_reason)
+        log.info("engine_stopping", device=name, reason=engine.stop_reason, **engine.counters())
     return 0
 
 

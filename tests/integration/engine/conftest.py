@@ -32,6 +32,16 @@ KINDS = ("engine", "wireguard-go", "debian-wireguard-go")
 THROUGHPUT: list[tuple[str, float]] = []
 
 
+def answers(path: pathlib.Path) -> bool:
+    """True when something accepts connections on the unix socket at path (not a stale file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def genkey() -> tuple[str, str]:
     private = subprocess.run(
         ["wg", "genkey"], capture_output=True, text=True, check=True
@@ -87,7 +97,7 @@ class Side:
             raise AssertionError(
                 f"{self.kind} exited with {self.proc.returncode}: {self.tail_log()}"
             )
-        return self.socket.exists() and self.ns.link_exists(self.dev)
+        return self.ns.link_exists(self.dev) and answers(self.socket)
 
     def stop(self, *, kill: bool = False) -> None:
         assert self.proc is not None
