@@ -20,8 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 
-import structlog
-
+from podwire.agent import log as log_mod
 from podwire.agent.engine import device as device_mod
 from podwire.agent.engine import ipc, uapi
 from podwire.agent.engine import tun as tun_mod
@@ -34,7 +33,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 COUNTERS_LOG_INTERVAL = 30.0
 
 Clock = Callable[[], float]
-log = structlog.get_logger("podwire.engine")
+log = log_mod.get("engine")
 
 
 def short_key(public_key: bytes) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
 import os
 import signal
 import socket
@@ -34,8 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import structlog
-
+from podwire.agent import log as log_mod
 from podwire.agent.engine import (
     device as device_mod,
 )
@@ -56,16 +54,17 @@ from podwire.agent.engine import (
 PROG = "podwire-engine"
 TIMERS_ENV = "PODWIRE_ENGINE_TIMERS"
 FOREGROUND_ENV = "WG_PROCESS_FOREGROUND"
+# wireguard-go's LOG_LEVEL names, as podwire.agent.log's levels.
 _LEVELS = {
-    "debug": logging.DEBUG,
-    "verbose": logging.DEBUG,
-    "info": logging.INFO,
-    "error": logging.ERROR,
-    "silent": logging.CRITICAL + 10,
+    "debug": "debug",
+    "verbose": "debug",
+    "info": "info",
+    "error": "error",
+    "silent": "critical",
 }
 _READY = b"ready"
 
-log = structlog.get_logger("podwire.engine")
+log = log_mod.get("engine")
 
 
 class StartError(RuntimeError):
@@ -212,22 +211,8 @@ def _stop_on_signals(engine: loop.Engine, cleanup: contextlib.ExitStack) -> None
 
 
 def _configure_logging() -> None:
-    level = _LEVELS.get(os.environ.get("LOG_LEVEL", "info").lower(), logging.INFO)
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stdout.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
-    )
+    level = _LEVELS.get(os.environ.get("LOG_LEVEL", "info").lower(), "info")
+    log_mod.configure(level=level)
 
 
 if __name__ == "__main__":

@@ -274,8 +274,9 @@ def _peer_lines(device: device_mod.Device, peer: device_mod.Peer) -> list[str]:
 
 
 def _split_time(wall: float) -> tuple[int, int]:
-    nanoseconds = round(wall * 1e9)
-    return nanoseconds // 1_000_000_000, nanoseconds % 1_000_000_000
+    # Splitting before scaling keeps the nanoseconds as exact as the float allows.
+    seconds = int(wall)
+    return seconds, min(round((wall - seconds) * 1e9), 999_999_999)
 
 
 def _allowed_ips(device: device_mod.Device, peer: device_mod.Peer) -> list[IPNetwork]:
