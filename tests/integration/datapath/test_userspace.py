@@ -1,0 +1,94 @@
+"""UserspaceBackend and the UAPI client against upstream wireguard-go, nothing else configuring it.
+
+ns a                                        ns b
+wg 10.244.1.1/32  ---- tunnel ----          wg 10.244.2.1/32
+   route 10.244.2.0/24 (podwire)               route 10.244.1.0/24 (podwire)
+veth 192.0.2.1/24 ------ veth ------------- 192.0.2.2/24
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+
+from podwire.agent import datapath, keys, netlink, reconcile
+from podwire.sandbox import netns as netns_mod
+from podwire.sandbox import tools
+
+PORT = 51871
+
+
+def _backend(
+    factory: netns_mod.NetnsFactory, ns: netns_mod.Netns, dev: str, log: pathlib.Path
+) -> datapath.UserspaceBackend:
+    return datapath.UserspaceBackend(
+        dev,
+        engine_command=[tools.path("wireguard-go")],
+        engine_env={"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"},
+        engine_log=log,
+        netns=ns.name,
+    )
+
+
+def test_two_wireguard_go_devices_programmed_only_through_the_backend(
+    netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
+) -> None:
+    a, b = netns.namespace("a"), netns.namespace("b")
+    netns.veth(a, b, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24", mtu=1400)
+    for ns in (a, b):
+        ns.ip("route", "add", "default", "via", "192.0.2.2" if ns is a else "192.0.2.1")
+    nodes = {
+        a.name: ("192.0.2.1", "10.244.1.0/24", keys.PrivateKey.generate()),
+        b.name: ("192.0.2.2", "10.244.2.0/24", keys.PrivateKey.generate()),
+    }
+    backends: dict[str, datapath.UserspaceBackend] = {}
+    for ns in (a, b):
+        dev = netns.unique("w")
+        backend = _backend(netns, ns, dev, tmp_path / f"{dev}.log")
+        backend.ensure_device()
+        assert backend.process is not None
+        netns.processes.append(backend.process)  # the fixture ends it by PID
+        key = nodes[ns.name][2]
+        backend.set_private_key(key.raw)
+        backend.set_listen_port(PORT)
+        assert backend.public_key() == key.public_key_b64()
+        cidr = ipaddress.ip_network(nodes[ns.name][1])
+        netlink.add_address(dev, f"{cidr.network_address + 1}/32", netns=ns.name)
+        backends[ns.name] = backend
+    # MTU from the 1400-byte IPv4 underlay.
+    assert netlink.link_mtu(backends[a.name].device, netns=a.name) == 1400 - 60
+
+    def peer_of(other: netns_mod.Netns) -> reconcile.DesiredPeer:
+        host, cidr, key = nodes[other.name]
+        return reconcile.DesiredPeer(
+            other.name,
+            key.public_key_b64(),
+            reconcile.Endpoint(host, PORT),
+            (ipaddress.ip_network(cidr),),
+        )
+
+    for ns, other in ((a, b), (b, a)):
+        backend = backends[ns.name]
+        desired = [peer_of(other)]
+        backend.apply(reconcile.plan_peers(desired, backend.read_peers(), synced=True))
+        assert reconcile.plan_peers(desired, backend.read_peers(), synced=True).empty
+        routes = datapath.Routes(backend.device, netns=ns.name)
+        routes.apply(reconcile.plan_routes(desired, routes.list_routes(), synced=True))
+        assert routes.list_routes() == list(desired[0].allowed_ips)
+
+    assert a.ping("10.244.2.1", count=3, timeout=10), "no answer across the tunnel"
+    (stats,) = backends[a.name].peer_stats()
+    assert stats.public_key == nodes[b.name][2].public_key_b64()
+    assert stats.last_handshake is not None and stats.rx_bytes > 0 and stats.tx_bytes > 0
+    assert stats.endpoint == reconcile.Endpoint("192.0.2.2", PORT)
+
+    # A second backend (an agent restarted) finds the live engine and starts none.
+    again = _backend(netns, a, backends[a.name].device, tmp_path / "again.log")
+    again.ensure_device()
+    assert again.process is None
+    assert [p.public_key for p in again.read_peers()] == [stats.public_key]
+
+    # Removing the peer takes its allowed-ips with it: the tunnel stops carrying.
+    again.apply(reconcile.plan_peers([], again.read_peers(), synced=True))
+    assert again.read_peers() == []
+    assert not a.ping("10.244.2.1", count=1, timeout=2)
