@@ -39,6 +39,7 @@ from podwire.agent import reconcile, uapi_client
 PROTO: Final = 251
 FAIL_CLOSED_TYPE: Final = "unreachable"  # the sender gets EHOSTUNREACH at once, not a timeout
 _RTN_UNICAST: Final = 1
+_SCOPE_LINK: Final = 253
 _RTN_UNREACHABLE: Final = 7
 # BIG TCP: 192 KiB segments, as the kernel's own selftests and Cilium use.
 BIG_TCP_SIZE: Final = 196608
@@ -195,13 +196,15 @@ def add_route(device: str, dst: reconcile.IPNetwork, *, netns: str | None = None
             family=_family(dst),
             oif=_index(ipr, device),
             proto=PROTO,
-            scope=253,  # link: the device itself is the next hop
+            scope=_SCOPE_LINK,  # the device itself is the next hop
         )
 
 
 def remove_route(device: str, dst: reconcile.IPNetwork, *, netns: str | None = None) -> None:
     with _errors(f"remove route {dst} dev {device}"), _iproute(netns) as ipr:
-        _delete(ipr, dst=str(dst), family=_family(dst), oif=_index(ipr, device), proto=PROTO)
+        index = _index(ipr, device)
+        # pyroute2 asks for scope universe unless told; the kernel then finds no such route.
+        _delete(ipr, dst=str(dst), family=_family(dst), oif=index, proto=PROTO, scope=_SCOPE_LINK)
 
 
 def list_routes(device: str, *, netns: str | None = None) -> list[reconcile.IPNetwork]:
