@@ -36,6 +36,7 @@ class Backend(Protocol):
     def read_peers(self) -> list[reconcile.ActualPeer]: ...
     def apply(self, plan: reconcile.Plan) -> None: ...
     def features(self) -> list[str]: ...
+    def peer_stats(self) -> list[Any]: ...
 
 
 class Routes(Protocol):
@@ -63,6 +64,7 @@ class State:
     peers: tuple[reconcile.DesiredPeer, ...] = ()
     refusals: tuple[reconcile.Refusal, ...] = ()
     watch_restarts: int = 0
+    key_rotated_wall: float = 0.0
 
 
 class Controller:
@@ -85,6 +87,7 @@ class Controller:
         self.state = State(node=cfg.node_name, datapath=backend.datapath)
         self._on_event = on_event or (lambda *_: None)
         self._wake = threading.Event()
+        self._rotate_lock = threading.Lock()
         self._stop = threading.Event()
         self._reported: set[tuple[str, str]] = set()
         self._status_sent: Obj | None = None
@@ -154,6 +157,23 @@ class Controller:
             f"WireguardNode {name}: still conflicting after {PUBLISH_RETRIES} tries", status=409
         )
 
+    def rotate_key(self) -> tuple[str, float]:
+        """A new keypair: written atomically, put on the device, then published.
+
+        Peers follow once they see the new key on their watch; the rotation issue makes this
+        hitless. Returns the new public key and when it was made.
+        """
+        with self._rotate_lock:
+            self.key = keys.rotate(self.cfg.key_path)
+            self.backend.set_private_key(self.key.raw)
+            self.state.public_key = self.key.public_key_b64()
+            self.state.key_rotated_wall = self.clock.wall()
+            self.log.info("key_rotated", public_key=self.state.public_key)
+            self._on_event("Normal", "KeyRotated", f"new public key {self.state.public_key}", "")
+            self.publish()
+            self._wake.set()
+            return self.state.public_key, self.state.key_rotated_wall
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -199,6 +219,13 @@ class Controller:
             )
             plan = reconcile.plan_peers(desired.peers, self.backend.read_peers(), synced=synced)
             if not plan.empty:
+                self.log.debug(
+                    "plan",
+                    nodes=sorted(o["metadata"]["name"] for o in self.nodes.snapshot()),
+                    wgnodes=sorted(o["metadata"]["name"] for o in self.wgnodes.snapshot()),
+                    desired=[p.node for p in desired.peers],
+                    refused=[(r.node, r.reason) for r in desired.refusals],
+                )
                 self.backend.apply(plan)
                 self._log_plan(plan)
             if self.routes is not None:
@@ -304,7 +331,11 @@ class Controller:
             datapath=st.datapath if st.datapath in wgnode.DATAPATHS else None,  # type: ignore[arg-type]
             features=st.features,
             peers=len(st.peers),
-            key_rotated_at=parsed.status.key_rotated_at if parsed and parsed.status else None,
+            key_rotated_at=(
+                wgnode.format_time(st.key_rotated_wall)
+                if st.key_rotated_wall
+                else (parsed.status.key_rotated_at if parsed and parsed.status else None)
+            ),
             observed_generation=own.get("metadata", {}).get("generation"),
         )
         body = status.to_dict()

@@ -21,6 +21,7 @@ from typing import Any
 import kubernetes
 from kubernetes.watch.watch import iter_resp_lines
 
+from podwire.agent import log
 from podwire.api import wgnode
 
 Obj = dict[str, Any]
@@ -283,6 +284,7 @@ class Informer:
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _thread: threading.Thread | None = None
+    _log: Any = field(default_factory=lambda: log.get("informer"))
 
     def snapshot(self) -> list[Obj]:
         with self._lock:
@@ -306,11 +308,15 @@ class Informer:
                     rv = self._watch_once(rv)
             except Gone:
                 self.restarts += 1
+                self._log.info("watch_expired_relisting", kind=self.kind)
                 continue
             except Exception as e:  # the connection broke, the apiserver is away, ...
                 # The copy is kept as it was: nothing is removed while the apiserver is away.
                 self.last_error = str(e)
                 self.restarts += 1
+                self._log.warning(
+                    "watch_failed", kind=self.kind, error=str(e), retry_in=round(backoff, 2)
+                )
                 self._stop.wait(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
