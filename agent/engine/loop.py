@@ -33,7 +33,6 @@ HOUSEKEEPING_INTERVAL = 1.0
 COUNTERS_LOG_INTERVAL = 30.0
 
 Clock = Callable[[], float]
-log = log_mod.get("engine")
 
 
 def short_key(public_key: bytes) -> str:
@@ -53,6 +52,8 @@ class Engine:
         uapi_listener: socket.socket,
         clock: Clock = time.monotonic,
     ) -> None:
+        # Bound here, not at import: binding fixes the configuration in force at that moment.
+        self.log = log_mod.get("engine")
         self.device = device
         self.tun = tun
         self.bind = bind
@@ -135,7 +136,7 @@ class Engine:
             elif type(action) is device_mod.DeliverPacket:
                 self.tun.write(action.packet)
             else:
-                log.warning("unknown_action", action=type(action).__name__)
+                self.log.warning("unknown_action", action=type(action).__name__)
 
     def _on_tun(self, _mask: int) -> None:
         packets = self.tun.read_batch(BATCH)
@@ -170,7 +171,7 @@ class Engine:
         self.bind.close()
         self.bind = new
         self._register_bind(new)
-        log.info("listening", port=new.port, dual_stack=new.dual_stack)
+        self.log.info("listening", port=new.port, dual_stack=new.dual_stack)
 
     # UAPI.
 
@@ -181,7 +182,7 @@ class Engine:
             except BlockingIOError:
                 return
             except OSError as exc:
-                log.warning("uapi_accept_failed", error=exc.strerror)
+                self.log.warning("uapi_accept_failed", error=exc.strerror)
                 return
             sock.setblocking(False)
             connection = ipc.UapiConnection(sock, self._handle_request)
@@ -235,12 +236,14 @@ class Engine:
         self.device.listen_port = self.bind.port
         after = set(self.device.peers)
         for key in after - before:
-            log.info("peer_added", peer=short_key(key))
+            self.log.info("peer_added", peer=short_key(key))
         for key in before - after:
-            log.info("peer_removed", peer=short_key(key))
+            self.log.info("peer_removed", peer=short_key(key))
             self._handshakes.pop(key, None)
         if request.private_key is not None:
-            log.info("private_key_changed", public_key=short_key(self.device.public_key or b""))
+            self.log.info(
+                "private_key_changed", public_key=short_key(self.device.public_key or b"")
+            )
         # A new endpoint or keepalive interval may have work due right now.
         self._perform(self.device.tick(self._clock()))
 
@@ -250,7 +253,7 @@ class Engine:
         for key, peer in self.device.peers.items():
             handshake = peer.last_handshake_wall
             if handshake is not None and handshake != self._handshakes.get(key):
-                log.info(
+                self.log.info(
                     "handshake_completed", peer=short_key(key), endpoint=_endpoint(peer.endpoint)
                 )
             self._handshakes[key] = handshake
@@ -259,7 +262,7 @@ class Engine:
         except tun_mod.TunError:
             mtu = self.device.mtu
         if mtu != self.device.mtu:
-            log.info("mtu_changed", mtu=mtu)
+            self.log.info("mtu_changed", mtu=mtu)
             self.device.mtu = mtu
         if now >= self._next_counters_log:
             self._next_counters_log = now + COUNTERS_LOG_INTERVAL
@@ -276,7 +279,7 @@ class Engine:
     def _log_counters(self) -> None:
         counts = self.counters()
         if counts != self._last_counters:
-            log.info("counters", **counts)
+            self.log.info("counters", **counts)
             self._last_counters = counts
 
 

@@ -64,8 +64,6 @@ _LEVELS = {
 }
 _READY = b"ready"
 
-log = log_mod.get("engine")
-
 
 class StartError(RuntimeError):
     """The engine could not start; the message is for the user who started it."""
@@ -160,7 +158,7 @@ def _serve_reporting(
     try:
         return serve(name, timers=timers, on_ready=lambda: report(None))
     except StartError as exc:
-        log.error("engine_start_failed", device=name, error=str(exc))
+        log_mod.get("engine").error("engine_start_failed", device=name, error=str(exc))
         report(str(exc))
         return 1
 
@@ -189,10 +187,14 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
         engine = loop.Engine(device=device, tun=tun, bind=bind, uapi_listener=listener)
         cleanup.callback(engine.close)
         _stop_on_signals(engine, cleanup)
-        log.info("engine_started", device=name, socket=str(path), port=bind.port, mtu=device.mtu)
+        engine.log.info(
+            "engine_started", device=name, socket=str(path), port=bind.port, mtu=device.mtu
+        )
         on_ready()
         engine.run()
-        log.info("engine_stopping", device=name, reason=engine.stop_reason, **engine.counters())
+        engine.log.info(
+            "engine_stopping", device=name, reason=engine.stop_reason, **engine.counters()
+        )
     return 0
 
 
