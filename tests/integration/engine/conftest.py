@@ -70,6 +70,10 @@ class Side:
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def endpoint(self) -> str:
+        return f"[{self.underlay}]:{PORT}" if ":" in self.underlay else f"{self.underlay}:{PORT}"
+
+    @property
     def socket(self) -> pathlib.Path:
         return SOCKET_DIR / f"{self.dev}.sock"
 
@@ -118,7 +122,7 @@ class Side:
     ) -> None:
         self.wg(
             "set", self.dev, "private-key", str(self.keyfile), "listen-port", str(PORT),
-            "peer", peer.public_key, "endpoint", endpoint or f"{peer.underlay}:{PORT}",
+            "peer", peer.public_key, "endpoint", endpoint or peer.endpoint,
             "allowed-ips", f"{peer.tunnel}/32", *extra,
         )  # fmt: skip
         self.ns.ip("addr", "add", f"{self.tunnel}/24", "dev", self.dev)
@@ -187,11 +191,16 @@ class Bed:
         *,
         a_env: dict[str, str] | None = None,
         b_env: dict[str, str] | None = None,
+        ipv6: bool = False,
     ) -> Wire:
         a, b = self.netns.namespace("a"), self.netns.namespace("b")
-        veth_a, veth_b = self.netns.veth(a, b, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24")
-        sa = self.side(a, kind_a, "192.0.2.1", "10.99.0.1", a_env or {})
-        sb = self.side(b, kind_b, "192.0.2.2", "10.99.0.2", b_env or {})
+        under_a, under_b = ("fd00:2::1", "fd00:2::2") if ipv6 else ("192.0.2.1", "192.0.2.2")
+        size = 64 if ipv6 else 24
+        veth_a, veth_b = self.netns.veth(
+            a, b, a_addr=f"{under_a}/{size}", b_addr=f"{under_b}/{size}"
+        )
+        sa = self.side(a, kind_a, under_a, "10.99.0.1", a_env or {})
+        sb = self.side(b, kind_b, under_b, "10.99.0.2", b_env or {})
         sa.configure(sb)
         sb.configure(sa)
         return Wire(sa, sb, veth_a, veth_b)

@@ -20,3 +20,12 @@ def test_engine_talks_to(bed: Any, peer_kind: str) -> None:
     bed.record(f"engine <- {peer_kind} (-R)", reverse)
     assert forward > 1e6 and reverse > 1e6, (forward, reverse)
     assert w.a.alive() and w.b.alive()
+
+
+@pytest.mark.parametrize("peer_kind", ["engine", "wireguard-go"])
+def test_ipv6_underlay(bed: Any, peer_kind: str) -> None:
+    w = bed.wire("engine", peer_kind, ipv6=True)
+    assert w.a.ns.ping(w.b.tunnel, count=3, timeout=10), w.a.tail_log()
+    assert w.b.ns.ping(w.a.tunnel, count=3, timeout=10), w.a.tail_log()
+    assert w.a.dump()[1][2] == "[fd00:2::2]:51820"
+    assert w.b.dump()[1][2] == "[fd00:2::1]:51820"
