@@ -90,6 +90,9 @@ class Config:
     metrics_port: int = DEFAULT_METRICS_PORT
     resync_period: float = DEFAULT_RESYNC_PERIOD
     kubeconfig: pathlib.Path | None = None  # None: the in-cluster service account
+    # The userspace engine to start when the device has none: podwire-engine by default; any
+    # program with wireguard-go's command line and UAPI socket will do (benchmarks use that).
+    engine: pathlib.Path | None = None
 
     def __post_init__(self) -> None:
         _check_node_name(self.node_name)
@@ -160,6 +163,7 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_METRICS_PORT": "metrics_port",
     "PODWIRE_RESYNC_PERIOD": "resync_period",
     "KUBECONFIG": "kubeconfig",
+    "PODWIRE_ENGINE": "engine",
 }
 FEATURE_ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_GRO": "gro",
@@ -335,6 +339,7 @@ _CONVERT: Final[Mapping[str, Any]] = {
     "metrics_port": _to_int,
     "resync_period": _to_seconds,
     "kubeconfig": _to_optional_path,
+    "engine": _to_optional_path,
 }
 
 

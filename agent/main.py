@@ -43,6 +43,7 @@ def _backend(
         underlay_address=underlay_address,
         features=(cfg.features.gro, cfg.features.big_tcp, cfg.features.udp_gro_forwarding),
         engine_log=cfg.key_path.parent / f"{cfg.device}-engine.log",
+        **({"engine_command": (str(cfg.engine),)} if cfg.engine else {}),
     )
     return backend, datapath.Routes(cfg.device)
 
