@@ -19,6 +19,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import signal
 import sys
 import tempfile
 import time
