@@ -63,5 +63,9 @@ def configure(
 
 
 def get(component: str, **bound: Any) -> Any:
-    """A logger for one component, with fields bound to every line it writes."""
-    return structlog.get_logger(component).bind(component=component, **bound)
+    """A logger for one component, with fields bound to every line it writes.
+
+    Lazy: the configuration in force when it first logs applies, so a module-level logger made
+    before configure() still writes JSON.
+    """
+    return structlog.get_logger(component, component=component, **bound)
