@@ -29,15 +29,6 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from podwire.sandbox import controlplane, netns, tools, topology
 
-CRD = (
-    pathlib.Path(__file__).resolve().parents[1]
-    / "deploy"
-    / "helm"
-    / "podwire"
-    / "crds"
-    / "wireguardnodes.yaml"
-)
-
 
 def _key() -> str:
     return base64.b64encode(
@@ -144,8 +135,7 @@ def main() -> int:
     cp = controlplane.ControlPlane(workdir / "cp")
     cp.start()
     try:
-        cp.kubectl("apply", "-f", str(CRD))
-        cp.kubectl("wait", "--for=condition=Established", "crd/wgnodes.podwire.io", "--timeout=30s")
+        cp.install_crds()
         t0 = time.monotonic()
         populate(cp, args.nodes)
         print(

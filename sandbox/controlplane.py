@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from podwire.sandbox import certs, tools
 
+CHART_CRDS = tools.REPO / "deploy" / "helm" / "podwire" / "crds"
 SERVICE_CIDR = "10.96.0.0/16"  # only a setting of the apiserver; nothing is routed to it
 START_TIMEOUT = 90.0
 
@@ -200,6 +201,13 @@ class ControlPlane:
         if check and proc.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
+
+    def install_crds(self, directory: pathlib.Path = CHART_CRDS) -> None:
+        """Applies every CRD in directory (a chart's crds/) and waits until each is served."""
+        files = sorted(directory.glob("*.yaml"))
+        for f in files:
+            self.kubectl("apply", "-f", str(f))
+        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
     def mint_token(self, namespace: str, service_account: str, *, duration: str = "1h") -> str:
         """A bound token for the service account (TokenRequest), as a pod would be given."""

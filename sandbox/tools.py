@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import subprocess
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BUILT = pathlib.Path(os.environ.get("PODWIRE_TOOLS_BIN", REPO / ".cache" / "tools" / "bin"))
@@ -37,3 +38,15 @@ def debian_wireguard_go() -> str:
     if not os.access(DEBIAN_WIREGUARD_GO, os.X_OK):
         raise ToolMissing("Debian's wireguard-go is missing: apt-get install wireguard-go")
     return str(DEBIAN_WIREGUARD_GO)
+
+
+def wg_keypair() -> tuple[str, str]:
+    """A private and public key as `wg genkey | wg pubkey` makes them (base64)."""
+    wg = path("wg")
+    private = subprocess.run(
+        [wg, "genkey"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    public = subprocess.run(
+        [wg, "pubkey"], input=private, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return private, public

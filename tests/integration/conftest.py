@@ -40,3 +40,10 @@ def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def crds(apiserver: controlplane.ControlPlane) -> controlplane.ControlPlane:
+    """The session's apiserver with podwire's CRDs (the chart's crds/) installed."""
+    apiserver.install_crds()
+    return apiserver

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import pathlib
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -14,23 +14,13 @@ from podwire.api import wgnode
 from podwire.sandbox import controlplane
 from podwire.sandbox.netns import wait_until
 
-CRD = (
-    pathlib.Path(__file__).resolve().parents[2]
-    / "deploy"
-    / "helm"
-    / "podwire"
-    / "crds"
-    / "wireguardnodes.yaml"
-)
-
 
 @pytest.fixture(scope="module")
-def client(apiserver: controlplane.ControlPlane) -> kube.Client:
-    apiserver.kubectl("apply", "-f", str(CRD))
-    apiserver.kubectl(
-        "wait", "--for=condition=Established", "crd/wgnodes.podwire.io", "--timeout=30s"
-    )
-    return kube.Client(kubeconfig=str(apiserver.kubeconfig))
+def client(crds: controlplane.ControlPlane) -> Iterator[kube.Client]:
+    yield kube.Client(kubeconfig=str(crds.kubeconfig))
+    # The apiserver is the session's: leave no WireguardNode or Node of this module behind.
+    crds.kubectl("delete", "wgnodes", "--all", check=False)
+    crds.kubectl("delete", "nodes", "-l", "podwire.io/test=crd", check=False)
 
 
 def _pub() -> str:
@@ -38,7 +28,11 @@ def _pub() -> str:
 
 
 def _node(client: kube.Client, name: str) -> dict:
-    body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"podwire.io/test": "crd"}},
+    }
     return client._json(client.core.create_node, body, what="creating node")
 
 

@@ -8,22 +8,11 @@ veth 192.0.2.1/24 ---- veth ----   192.0.2.2/24
 from __future__ import annotations
 
 import pathlib
-import subprocess
 
 import pytest
 
 from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import tools
-
-
-def _genkey() -> tuple[str, str]:
-    priv = subprocess.run(
-        ["wg", "genkey"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    pub = subprocess.run(
-        ["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return priv, pub
 
 
 def _start_wireguard_go(
@@ -48,7 +37,7 @@ def test_wireguard_go_tunnel_carries_ping(
     binary = tools.path("wireguard-go") if flavour == "upstream" else tools.debian_wireguard_go()
     a, b = netns.namespace("a"), netns.namespace("b")
     netns.veth(a, b, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24")
-    keys = {ns.name: _genkey() for ns in (a, b)}
+    keys = {ns.name: tools.wg_keypair() for ns in (a, b)}
     devs = {}
     for i, (ns, peer, peer_ip) in enumerate(((a, b, "192.0.2.2"), (b, a, "192.0.2.1")), start=1):
         dev = netns.unique("w")

@@ -9,30 +9,12 @@ import pytest
 
 from podwire.sandbox import controlplane, netns, topology
 
-CRD = (
-    pathlib.Path(__file__).resolve().parents[3]
-    / "deploy"
-    / "helm"
-    / "podwire"
-    / "crds"
-    / "wireguardnodes.yaml"
-)
-
-
-@pytest.fixture(scope="session")
-def crd(apiserver: controlplane.ControlPlane) -> controlplane.ControlPlane:
-    apiserver.kubectl("apply", "-f", str(CRD))
-    apiserver.kubectl(
-        "wait", "--for=condition=Established", "crd/wgnodes.podwire.io", "--timeout=30s"
-    )
-    return apiserver
-
 
 @pytest.fixture
 def cluster(
-    crd: controlplane.ControlPlane, netns: netns.NetnsFactory, tmp_path: pathlib.Path
+    crds: controlplane.ControlPlane, netns: netns.NetnsFactory, tmp_path: pathlib.Path
 ) -> Iterator[topology.Cluster]:
-    c = topology.Cluster(netns, crd, tmp_path)
+    c = topology.Cluster(netns, crds, tmp_path)
     try:
         yield c
     finally:
@@ -41,5 +23,7 @@ def cluster(
         for node in c.nodes.values():
             c.stop_agent(node)
         for name in list(c.nodes):
-            crd.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
-            crd.kubectl("delete", "wgnode", name, "--ignore-not-found", "--wait=false", check=False)
+            crds.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
+            crds.kubectl(
+                "delete", "wgnode", name, "--ignore-not-found", "--wait=false", check=False
+            )

@@ -42,16 +42,6 @@ def answers(path: pathlib.Path) -> bool:
     return True
 
 
-def genkey() -> tuple[str, str]:
-    private = subprocess.run(
-        ["wg", "genkey"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    public = subprocess.run(
-        ["wg", "pubkey"], input=private, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return private, public
-
-
 @dataclasses.dataclass
 class Side:
     """One WireGuard endpoint: its namespace, device, keys and addresses."""
@@ -173,7 +163,7 @@ class Bed:
         self, ns: netns_mod.Netns, kind: str, underlay: str, tunnel: str, env: dict[str, str]
     ) -> Side:
         dev = self.netns.unique("w")
-        private, public = genkey()
+        private, public = tools.wg_keypair()
         keyfile = self.tmp_path / f"{dev}.key"
         keyfile.write_text(private + "\n")
         keyfile.chmod(0o600)
