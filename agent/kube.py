@@ -82,20 +82,14 @@ class Client:
 
     # -- WireguardNodes ------------------------------------------------------------------------
 
-    def _wg(self, verb: str) -> Callable[..., Any]:
-        call: Callable[..., Any] = getattr(self.custom, f"{verb}_cluster_custom_object")
-        return call
+    def _wg(self, method: str, *args: Any, what: str) -> Obj:
+        """Calls CustomObjectsApi.<method> on the cluster-scoped wgnodes with args."""
+        call: Callable[..., Any] = getattr(self.custom, method)
+        return self._json(call, wgnode.GROUP, wgnode.VERSION, wgnode.PLURAL, *args, what=what)
 
     def get_wgnode(self, name: str) -> Obj | None:
         try:
-            return self._json(
-                self._wg("get"),
-                wgnode.GROUP,
-                wgnode.VERSION,
-                wgnode.PLURAL,
-                name,
-                what=f"reading WireguardNode {name}",
-            )
+            return self._wg("get_cluster_custom_object", name, what=f"reading WireguardNode {name}")
         except KubeError as e:
             if e.status == 404:
                 return None
@@ -103,73 +97,33 @@ class Client:
 
     def create_wgnode(self, body: Obj) -> Obj:
         name = body["metadata"]["name"]
-        return self._json(
-            self._wg("create"),
-            wgnode.GROUP,
-            wgnode.VERSION,
-            wgnode.PLURAL,
-            body,
-            what=f"creating WireguardNode {name}",
-        )
+        return self._wg("create_cluster_custom_object", body, what=f"creating WireguardNode {name}")
 
     def replace_wgnode(self, body: Obj) -> Obj:
         """Replaces the object as read: fails with status 409 if it changed since."""
         name = body["metadata"]["name"]
-        return self._json(
-            self._wg("replace"),
-            wgnode.GROUP,
-            wgnode.VERSION,
-            wgnode.PLURAL,
-            name,
-            body,
-            what=f"updating WireguardNode {name}",
+        return self._wg(
+            "replace_cluster_custom_object", name, body, what=f"updating WireguardNode {name}"
         )
 
     def replace_wgnode_status(self, body: Obj) -> Obj:
         name = body["metadata"]["name"]
-        return self._json(
-            self.custom.replace_cluster_custom_object_status,
-            wgnode.GROUP,
-            wgnode.VERSION,
-            wgnode.PLURAL,
-            name,
-            body,
-            what=f"updating the status of WireguardNode {name}",
-        )
+        what = f"updating the status of WireguardNode {name}"
+        return self._wg("replace_cluster_custom_object_status", name, body, what=what)
 
     def patch_wgnode_status(self, name: str, patch: Obj) -> Obj:
         """A merge patch of the status subresource: the agent owns status, so no conflicts."""
-        return self._json(
-            self.custom.patch_cluster_custom_object_status,
-            wgnode.GROUP,
-            wgnode.VERSION,
-            wgnode.PLURAL,
-            name,
-            patch,
-            what=f"updating the status of WireguardNode {name}",
-        )
+        what = f"updating the status of WireguardNode {name}"
+        return self._wg("patch_cluster_custom_object_status", name, patch, what=what)
 
     def patch_wgnode_metadata(self, name: str, patch: Obj) -> Obj:
-        return self._json(
-            self._wg("patch"),
-            wgnode.GROUP,
-            wgnode.VERSION,
-            wgnode.PLURAL,
-            name,
-            patch,
-            what=f"patching WireguardNode {name}",
+        return self._wg(
+            "patch_cluster_custom_object", name, patch, what=f"patching WireguardNode {name}"
         )
 
     def delete_wgnode(self, name: str) -> None:
         try:
-            self._json(
-                self._wg("delete"),
-                wgnode.GROUP,
-                wgnode.VERSION,
-                wgnode.PLURAL,
-                name,
-                what=f"deleting WireguardNode {name}",
-            )
+            self._wg("delete_cluster_custom_object", name, what=f"deleting WireguardNode {name}")
         except KubeError as e:
             if e.status != 404:
                 raise

@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -213,6 +214,16 @@ def wait_until(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def unix_socket_answers(path: str | os.PathLike[str]) -> bool:
+    """True when something accepts connections on the unix socket (not a stale file)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(os.fspath(path))
+        except OSError:
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -32,16 +32,6 @@ KINDS = ("engine", "wireguard-go", "debian-wireguard-go")
 THROUGHPUT: list[tuple[str, float]] = []
 
 
-def answers(path: pathlib.Path) -> bool:
-    """True when something accepts connections on the unix socket at path (not a stale file)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 @dataclasses.dataclass
 class Side:
     """One WireGuard endpoint: its namespace, device, keys and addresses."""
@@ -91,7 +81,7 @@ class Side:
             raise AssertionError(
                 f"{self.kind} exited with {self.proc.returncode}: {self.tail_log()}"
             )
-        return self.ns.link_exists(self.dev) and answers(self.socket)
+        return self.ns.link_exists(self.dev) and netns_mod.unix_socket_answers(self.socket)
 
     def stop(self, *, kill: bool = False) -> None:
         assert self.proc is not None

@@ -21,15 +21,6 @@ def _engine() -> str:
     return str(pathlib.Path(sys.executable).parent / "podwire-engine")
 
 
-def _answers(path: pathlib.Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def _pids(ns: netns_mod.Netns) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout
     return [int(pid) for pid in out.split()]
@@ -41,14 +32,16 @@ def test_detaches_once_ready_and_sigterm_cleans_up(netns: netns_mod.NetnsFactory
     sock = SOCKET_DIR / f"{dev}.sock"
     # The command returns only when the engine in the background serves.
     ns.run(_engine(), dev, timeout=30)
-    assert ns.link_exists(dev) and _answers(sock)
+    assert ns.link_exists(dev) and netns_mod.unix_socket_answers(sock)
     assert ns.run("wg", "show", dev, "listen-port").stdout.strip().isdigit()
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
     assert oct(SOCKET_DIR.stat().st_mode & 0o777) == "0o700"
 
     second = ns.run(_engine(), dev, check=False, timeout=30)
     assert second.returncode == 1 and dev in second.stderr, second.stderr
-    assert ns.link_exists(dev) and _answers(sock), "a refused second start must not hurt the first"
+    assert ns.link_exists(dev) and netns_mod.unix_socket_answers(sock), (
+        "a refused second start must not hurt the first"
+    )
 
     (pid,) = _pids(ns)
     os.kill(pid, signal.SIGTERM)
@@ -68,7 +61,9 @@ def test_a_stale_socket_is_replaced_and_link_deletion_ends_the_engine(
     try:
         proc = netns.spawn(ns, [_engine(), "-f", dev], log_path=tmp_path / "engine.log")
         netns_mod.wait_until(
-            lambda: ns.link_exists(dev) and _answers(sock), timeout=20, what="the engine"
+            lambda: ns.link_exists(dev) and netns_mod.unix_socket_answers(sock),
+            timeout=20,
+            what="the engine",
         )
         ns.ip("link", "del", dev)
         assert proc.wait(10) == 0, (tmp_path / "engine.log").read_text()
