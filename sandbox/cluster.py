@@ -19,7 +19,8 @@ from podwire.sandbox import controlplane, tools
 DEFAULT_DIR = pathlib.Path(os.environ.get("PODWIRE_SANDBOX_DIR", "/run/podwire-sandbox"))
 
 NOT_BUILT_YET = (
-    "node namespaces, pods and agents (the agent issue)",
+    "node namespaces, pods and agents in the sandbox (the sandbox issue; the agent itself runs"
+    " three nodes in tests/integration/agent)",
     "the encryption proof, `podwire sandbox verify` (the sandbox issue)",
 )
 
