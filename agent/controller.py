@@ -12,37 +12,17 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from podwire.agent import clock as clock_mod
 from podwire.agent import config as config_mod
-from podwire.agent import keys, kube, log, reconcile
+from podwire.agent import datapath, keys, kube, log, reconcile
 from podwire.api import wgnode
 
 Obj = dict[str, Any]
 
 PUBLISH_RETRIES = 5
 DEBOUNCE = 0.05  # a burst of watch events (a relist of 5,000 objects) makes one pass
-
-
-class Backend(Protocol):
-    """The device, kernel or userspace, as the control loop sees it."""
-
-    datapath: str
-
-    def ensure_device(self) -> None: ...
-    def set_private_key(self, raw: bytes) -> None: ...
-    def set_listen_port(self, port: int) -> None: ...
-    def read_peers(self) -> list[reconcile.ActualPeer]: ...
-    def apply(self, plan: reconcile.Plan) -> None: ...
-    def features(self) -> list[str]: ...
-    def peer_stats(self) -> list[Any]: ...
-
-
-class Routes(Protocol):
-    def install_fail_closed(self, cidrs: tuple[Any, ...]) -> None: ...
-    def list_routes(self) -> list[Any]: ...
-    def apply(self, plan: reconcile.RoutePlan) -> None: ...
 
 
 @dataclasses.dataclass
@@ -73,8 +53,8 @@ class Controller:
         cfg: config_mod.Config,
         *,
         client: kube.Client,
-        backend: Backend,
-        routes: Routes | None,
+        backend: datapath.Backend,
+        routes: datapath.Routes | None,
         clock: clock_mod.Clock | None = None,
         on_event: Callable[[str, str, str, str], None] | None = None,
     ) -> None:

@@ -35,7 +35,7 @@ def _internal_ip(client: kube.Client, node: str, stop: threading.Event) -> str |
 
 def _backend(
     cfg: config.Config, underlay_address: str | None
-) -> tuple[controller.Backend, controller.Routes]:
+) -> tuple[datapath.Backend, datapath.Routes]:
     backend = datapath.select_backend(
         cfg.datapath,
         cfg.device,
