@@ -333,10 +333,8 @@ class Routes:
 
     def apply(self, plan: reconcile.RoutePlan) -> None:
         # Add before removing, so a CIDR that moves is never without a route.
-        for net in plan.add:
-            netlink.add_route(self.device, net, netns=self.netns)
-        for net in plan.remove:
-            netlink.remove_route(self.device, net, netns=self.netns)
+        if not plan.empty:
+            netlink.apply_routes(self.device, plan.add, plan.remove, netns=self.netns)
 
 
 class FakeBackend:

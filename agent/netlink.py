@@ -23,7 +23,7 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from pyroute2 import IPRoute, WireGuard
@@ -205,6 +205,43 @@ def remove_route(device: str, dst: reconcile.IPNetwork, *, netns: str | None = N
         index = _index(ipr, device)
         # pyroute2 asks for scope universe unless told; the kernel then finds no such route.
         _delete(ipr, dst=str(dst), family=_family(dst), oif=index, proto=PROTO, scope=_SCOPE_LINK)
+
+
+def apply_routes(
+    device: str,
+    add: Iterable[reconcile.IPNetwork],
+    remove: Iterable[reconcile.IPNetwork],
+    *,
+    netns: str | None = None,
+) -> None:
+    """Adds, then removes, podwire's routes through device over one netlink socket.
+
+    One socket for the whole batch: a full sync of thousands of peers is thousands of routes,
+    and opening a socket (in a namespace, a helper process) per route costs seconds.
+    """
+    with _iproute(netns) as ipr:
+        with _errors(f"find link {device}"):
+            index = _index(ipr, device)
+        for dst in add:
+            with _errors(f"add route {dst} dev {device}"):
+                ipr.route(
+                    "replace",
+                    dst=str(dst),
+                    family=_family(dst),
+                    oif=index,
+                    proto=PROTO,
+                    scope=_SCOPE_LINK,
+                )
+        for dst in remove:
+            with _errors(f"remove route {dst} dev {device}"):
+                _delete(
+                    ipr,
+                    dst=str(dst),
+                    family=_family(dst),
+                    oif=index,
+                    proto=PROTO,
+                    scope=_SCOPE_LINK,
+                )
 
 
 def list_routes(device: str, *, netns: str | None = None) -> list[reconcile.IPNetwork]:
