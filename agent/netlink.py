@@ -112,6 +112,13 @@ def link_exists(device: str, *, netns: str | None = None) -> bool:
         return bool(ipr.link_lookup(ifname=device))
 
 
+def link_index(device: str, *, netns: str | None = None) -> int | None:
+    """The link's ifindex, or None when there is no such link."""
+    with _errors(f"find link {device}"), _iproute(netns) as ipr:
+        found = ipr.link_lookup(ifname=device)
+        return int(found[0]) if found else None
+
+
 def link_mtu(device: str, *, netns: str | None = None) -> int:
     with _errors(f"read link {device}"), _iproute(netns) as ipr:
         return int(ipr.link("get", index=_index(ipr, device))[0].get_attr("IFLA_MTU"))
