@@ -1,9 +1,16 @@
 """The agent's control loop: publish the node's key, then keep the device equal to the cluster.
 
-Level-triggered: the informers only say that something changed; each pass reads the whole
-desired state (Nodes and WireguardNodes), the whole actual state (the device's peers and
-routes) and applies the difference. Nothing is removed until both watches have listed, and
-nothing while the apiserver is away, so the device keeps its last good state.
+Level-triggered: the informers only say that something changed; each pass computes the whole
+desired state (Nodes and WireguardNodes) and diffs it against the device's actual peers and
+routes. The device is read back in full at start, every resync period, after any failure and
+whenever it was replaced; in between the agent diffs against its own record of what it read
+and wrote (reconcile.PeerTable), so one change at 5,000 nodes costs one change, not a read of
+5,000 peers and routes. Nothing is removed until both watches have listed, and nothing while
+the apiserver is away, so the device keeps its last good state.
+
+A device that vanishes (the engine died, someone deleted the link) is noticed within a second
+and brought back: the engine restarted, the key and port set, every peer and route programmed
+again. Meanwhile the fail-closed routes drop the traffic that has lost its tunnel.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ Obj = dict[str, Any]
 
 PUBLISH_RETRIES = 5
 DEBOUNCE = 0.05  # a burst of watch events (a relist of 5,000 objects) makes one pass
+DEVICE_CHECK_INTERVAL = 1.0  # how often the agent asks whether its device is still there
 
 
 @dataclasses.dataclass
@@ -45,6 +53,7 @@ class State:
     refusals: tuple[reconcile.Refusal, ...] = ()
     watch_restarts: int = 0
     key_rotated_wall: float = 0.0
+    device_restarts: int = 0  # times the device was found gone or replaced and brought back
 
 
 class Controller:
@@ -72,6 +81,11 @@ class Controller:
         self._reported: set[tuple[str, str]] = set()
         self._status_sent: Obj | None = None
         self.key: keys.PrivateKey | None = None
+        # The device as last read back or written; None: read it back on the next pass.
+        self._table: reconcile.PeerTable | None = None
+        self._routes_have: set[reconcile.IPNetwork] | None = None
+        self._device_id: object | None = None
+        self._next_full_read = 0.0
         self.nodes = kube.Informer(
             client, "nodes", on_change=self._wake.set, resync_period=cfg.resync_period
         )
@@ -88,15 +102,44 @@ class Controller:
             self.routes.install_fail_closed(self.cfg.cluster_pod_cidrs)
         self.key = keys.load_or_create(self.cfg.key_path)
         self.state.public_key = self.key.public_key_b64()
-        self.backend.ensure_device()
-        self.backend.set_private_key(self.key.raw)
-        self.backend.set_listen_port(self.cfg.listen_port)
-        self.state.features = tuple(self.backend.features())
+        self._bring_up_device()
         self.log.info(
             "device_ready", datapath=self.backend.datapath, public_key=self.state.public_key
         )
         self.nodes.start()
         self.wgnodes.start()
+
+    def _bring_up_device(self) -> None:
+        """The device exists, with the node's key and port; its peers are read back next pass."""
+        assert self.key is not None
+        with self._rotate_lock:
+            self.backend.ensure_device()
+            self.backend.set_private_key(self.key.raw)
+            self.backend.set_listen_port(self.cfg.listen_port)
+        self.state.features = tuple(self.backend.features())
+        self._device_id = self.backend.identity()
+        self._forget_device()
+
+    def _forget_device(self) -> None:
+        self._table = None
+        self._routes_have = None
+
+    def check_device(self) -> bool:
+        """Brings the device back if it is gone or was replaced; True if it had to."""
+        current = self.backend.identity()
+        if current is not None and current == self._device_id:
+            return False
+        self.state.device_restarts += 1
+        self.log.warning("device_lost", device=self.cfg.device, replaced=current is not None)
+        self._on_event("Warning", "DeviceLost", f"device {self.cfg.device} was gone; restoring", "")
+        try:
+            self._bring_up_device()
+            self.log.info("device_restored", device=self.cfg.device)
+        except Exception as e:  # retried every DEVICE_CHECK_INTERVAL
+            self._forget_device()
+            self.state.last_reconcile_error = f"bring the device back: {e}"
+            self.log.error("device_restore_failed", error=str(e))
+        return True
 
     def publish(self) -> None:
         """Create or update the node's own WireguardNode (spec); 409s are retried fresh."""
@@ -157,7 +200,7 @@ class Controller:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Reconciles on every change and at least every resync period, until stop()."""
+        """Reconciles on every change, when the device was lost, and every resync period."""
         published = False
         while not self._stop.is_set():
             if not published:
@@ -166,10 +209,15 @@ class Controller:
                     published = True
                 except kube.KubeError as e:
                     self.log.warning("publish_failed", error=str(e))
-            self._wake.wait(timeout=1.0 if not published else self.cfg.resync_period)
+            woke = self._wake.wait(timeout=DEVICE_CHECK_INTERVAL)
             if self._stop.is_set():
                 break
-            self._stop.wait(DEBOUNCE)
+            lost = self.check_device()
+            due = time.monotonic() >= self._next_full_read
+            if not (woke or lost or due):
+                continue
+            if woke:
+                self._stop.wait(DEBOUNCE)
             self._wake.clear()
             self.reconcile_once()
 
@@ -180,6 +228,7 @@ class Controller:
         self.wgnodes.stop()
 
     def reconcile_once(self) -> None:
+        """One pass; the device is read back in full if due, else diffed against the record."""
         started = time.monotonic()
         st = self.state
         st.nodes_synced, st.wgnodes_synced = self.nodes.synced, self.wgnodes.synced
@@ -197,29 +246,36 @@ class Controller:
                 self.cfg.node_name,
                 own_public_key=st.public_key,
             )
-            plan = reconcile.plan_peers(desired.peers, self.backend.read_peers(), synced=synced)
+            full = started >= self._next_full_read or self._table is None
+            if full:
+                self._table = reconcile.PeerTable(self.backend.read_peers())
+                self._routes_have = None
+                self._next_full_read = started + self.cfg.resync_period
+            table = self._table
+            assert table is not None
+            plan = reconcile.plan_peers(desired.peers, table.peers(), synced=synced)
             if not plan.empty:
-                self.log.debug(
-                    "plan",
-                    nodes=sorted(o["metadata"]["name"] for o in self.nodes.snapshot()),
-                    wgnodes=sorted(o["metadata"]["name"] for o in self.wgnodes.snapshot()),
-                    desired=[p.node for p in desired.peers],
-                    refused=[(r.node, r.reason) for r in desired.refusals],
-                )
+                self._table = None  # unknown until the apply is known to have worked
                 self.backend.apply(plan)
+                table.apply(plan)
+                self._table = table
                 self._log_plan(plan)
             if self.routes is not None:
-                rplan = reconcile.plan_routes(
-                    desired.peers, self.routes.list_routes(), synced=synced
-                )
+                if self._routes_have is None:
+                    self._routes_have = set(self.routes.list_routes())
+                have = self._routes_have
+                rplan = reconcile.plan_routes(desired.peers, have, synced=synced)
                 if not rplan.empty:
+                    self._routes_have = None
                     self.routes.apply(rplan)
+                    self._routes_have = (have | set(rplan.add)) - set(rplan.remove)
             st.peers = desired.peers
             st.refusals = desired.refusals
             st.programmed = synced
             st.last_reconcile_error = ""
             self._report_refusals(desired.refusals)
         except Exception as e:  # a pass that fails is retried on the next change or resync
+            self._forget_device()
             st.reconcile_errors += 1
             st.last_reconcile_error = str(e)
             self.log.error("reconcile_failed", error=str(e))

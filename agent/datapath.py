@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,7 @@ class Backend(Protocol):
     datapath: str
 
     def ensure_device(self) -> None: ...
+    def identity(self) -> object | None: ...
     def set_private_key(self, raw: bytes) -> None: ...
     def set_listen_port(self, port: int) -> None: ...
     def public_key(self) -> str | None: ...
@@ -87,6 +89,15 @@ def _stats(peers: Iterable[uapi_client.PeerState]) -> list[PeerStats]:
 
 def _actual(peers: Iterable[uapi_client.PeerState]) -> list[reconcile.ActualPeer]:
     return [reconcile.ActualPeer(p.public_key, p.endpoint, p.allowed_ips) for p in peers]
+
+
+def _ifindex(device: str, netns: str | None) -> int | None:
+    if netns is None:  # the agent's own namespace: one ioctl, cheap enough to ask every second
+        try:
+            return socket.if_nametoindex(device)
+        except OSError:
+            return None
+    return netlink.link_index(device, netns=netns)
 
 
 def default_engine_command() -> tuple[str, ...]:
@@ -164,6 +175,21 @@ class UserspaceBackend:
         if not self.client.alive():
             self._start_engine()
         self._link.configure(kernel=False)
+
+    def identity(self) -> object | None:
+        """Which device this is, cheaply: None when it is gone (the engine died).
+
+        A restarted engine has a new TUN link and a new socket, so an unchanged identity means
+        the device still holds what the agent programmed.
+        """
+        index = _ifindex(self.device, self.netns)
+        if index is None:
+            return None
+        try:
+            st = self.client.path.stat()
+        except OSError:
+            return None
+        return (index, st.st_dev, st.st_ino)
 
     def _start_engine(self) -> None:
         args = [*self.engine_command, self.device]
@@ -247,6 +273,9 @@ class KernelBackend:
         """Creates the link; raises netlink.KernelWireguardUnavailable without the module."""
         netlink.create_kernel_device(self.device, netns=self.netns)
         self._link.configure(kernel=True)
+
+    def identity(self) -> object | None:
+        return _ifindex(self.device, self.netns)
 
     def set_private_key(self, raw: bytes) -> None:
         netlink.kernel_set_device(self.device, private_key=raw, netns=self.netns)
@@ -346,12 +375,20 @@ class FakeBackend:
         self.exists = False
         self.private_key: bytes | None = None
         self.listen_port = 0
-        self.peers: dict[str, reconcile.ActualPeer] = {}
+        self.table = reconcile.PeerTable()
         self.applied: list[reconcile.Plan] = []  # every non-empty plan, for assertions
         self.fail_next: Exception | None = None  # raised (once) by the next apply
+        self.generation = 0  # bumped by tests to play a device that was recreated
+
+    @property
+    def peers(self) -> dict[str, reconcile.ActualPeer]:
+        return {p.public_key: p for p in self.table.peers()}
 
     def ensure_device(self) -> None:
         self.exists = True
+
+    def identity(self) -> object | None:
+        return self.generation if self.exists else None
 
     def set_private_key(self, raw: bytes) -> None:
         self.private_key = raw
@@ -365,12 +402,12 @@ class FakeBackend:
         return keys.encode_key(keys.public_key_of(self.private_key))
 
     def read_peers(self) -> list[reconcile.ActualPeer]:
-        return list(self.peers.values())
+        return self.table.peers()
 
     def peer_stats(self) -> list[PeerStats]:
         return [
             PeerStats(p.public_key, p.endpoint, p.allowed_ips, None, 0, 0)
-            for p in self.peers.values()
+            for p in self.table.peers()
         ]
 
     def apply(self, plan: reconcile.Plan) -> None:
@@ -385,23 +422,16 @@ class FakeBackend:
 
     def apply_change(self, change: uapi_client.PeerChange) -> None:
         """One peer change with WireGuard's meaning (also usable directly by tests)."""
-        key = change.public_key
         if change.remove:
-            self.peers.pop(key, None)
+            self.table.remove(change.public_key)
             return
-        current = self.peers.get(key)
-        if current is None:
-            if change.update_only:
-                return
-            current = reconcile.ActualPeer(key, None, ())
-        allowed = () if change.replace_allowed_ips else current.allowed_ips
-        allowed = tuple(dict.fromkeys((*allowed, *change.allowed_ips)))
-        # An allowed-ip is in one peer's table only: giving it here takes it from its owner.
-        for other_key, other in list(self.peers.items()):
-            if other_key != key and set(other.allowed_ips) & set(change.allowed_ips):
-                kept = tuple(n for n in other.allowed_ips if n not in change.allowed_ips)
-                self.peers[other_key] = dataclasses.replace(other, allowed_ips=kept)
-        self.peers[key] = reconcile.ActualPeer(key, change.endpoint or current.endpoint, allowed)
+        self.table.set(
+            change.public_key,
+            change.endpoint,
+            change.allowed_ips,
+            replace_allowed_ips=change.replace_allowed_ips,
+            update_only=change.update_only,
+        )
 
     def features(self) -> list[str]:
         return []

@@ -235,6 +235,90 @@ def plan_peers(
     )
 
 
+class PeerTable:
+    """A device's peers as last read back or written, with WireGuard's own semantics.
+
+    An allowed-ip belongs to one peer at a time: giving it to a peer takes it from the peer
+    that had it, and removing a peer removes its allowed-ips. The agent keeps one of these as
+    its view of the device between full read-backs, so a pass at thousands of peers costs what
+    changed, not a read of the whole device; FakeBackend is one too.
+    """
+
+    def __init__(self, peers: Iterable[ActualPeer] = ()) -> None:
+        self._peers: dict[str, ActualPeer] = {}
+        self._owner: dict[IPNetwork, str] = {}
+        for peer in peers:
+            self.set(peer.public_key, peer.endpoint, peer.allowed_ips, replace_allowed_ips=True)
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def __contains__(self, public_key: object) -> bool:
+        return public_key in self._peers
+
+    def get(self, public_key: str) -> ActualPeer | None:
+        return self._peers.get(public_key)
+
+    def peers(self) -> list[ActualPeer]:
+        return list(self._peers.values())
+
+    def remove(self, public_key: str) -> None:
+        peer = self._peers.pop(public_key, None)
+        for net in peer.allowed_ips if peer else ():
+            if self._owner.get(net) == public_key:
+                del self._owner[net]
+
+    def set(
+        self,
+        public_key: str,
+        endpoint: Endpoint | None,
+        allowed_ips: Iterable[IPNetwork],
+        *,
+        replace_allowed_ips: bool,
+        update_only: bool = False,
+    ) -> None:
+        """One peer set as a UAPI or netlink request sets it (endpoint None: unchanged)."""
+        current = self._peers.get(public_key)
+        if current is None:
+            if update_only:
+                return
+            current = ActualPeer(public_key, None, ())
+        given = tuple(dict.fromkeys(allowed_ips))
+        kept: tuple[IPNetwork, ...] = current.allowed_ips
+        if replace_allowed_ips:
+            for net in kept:
+                if self._owner.get(net) == public_key:
+                    del self._owner[net]
+            kept = ()
+        for net in given:
+            owner = self._owner.get(net)
+            if owner is not None and owner != public_key:
+                other = self._peers[owner]
+                self._peers[owner] = dataclasses.replace(
+                    other, allowed_ips=tuple(n for n in other.allowed_ips if n != net)
+                )
+            self._owner[net] = public_key
+        self._peers[public_key] = ActualPeer(
+            public_key, endpoint or current.endpoint, tuple(dict.fromkeys((*kept, *given)))
+        )
+
+    def apply(self, plan: Plan) -> None:
+        """What applying plan does to the device (removals first, as the backends do)."""
+        for key in plan.remove:
+            self.remove(key)
+        for update in plan.update:
+            peer = update.peer
+            self.set(
+                peer.public_key,
+                peer.endpoint if update.endpoint_changed else None,
+                peer.allowed_ips if update.allowed_ips_changed else (),
+                replace_allowed_ips=update.allowed_ips_changed,
+                update_only=True,
+            )
+        for peer in plan.add:
+            self.set(peer.public_key, peer.endpoint, peer.allowed_ips, replace_allowed_ips=True)
+
+
 def desired_routes(peers: Iterable[DesiredPeer]) -> tuple[IPNetwork, ...]:
     """Each programmed peer's allowed-ips, routed through the device."""
     return _sorted_networks(net for peer in peers for net in peer.allowed_ips)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import pathlib
+import random
+
+import pytest
 
 from podwire.agent import datapath, keys, netlink, reconcile
 from podwire.sandbox import netns as netns_mod
@@ -92,3 +95,53 @@ def test_two_wireguard_go_devices_programmed_only_through_the_backend(
     again.apply(reconcile.plan_peers([], again.read_peers(), synced=True))
     assert again.read_peers() == []
     assert not a.ping("10.244.2.1", count=1, timeout=2)
+
+
+def _engine(kind: str) -> tuple[list[str], dict[str, str]]:
+    if kind == "wireguard-go":
+        return [tools.path("wireguard-go")], {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+    return list(datapath.default_engine_command()), {}
+
+
+@pytest.mark.parametrize("kind", ["podwire-engine", "wireguard-go"])
+def test_the_agents_record_of_the_device_matches_what_the_device_reads_back(
+    netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path, kind: str
+) -> None:
+    """The controller diffs against a PeerTable between read-backs: it must end where a real
+    device ends, across adds, endpoint changes, allowed-ips moving between peers, removals."""
+    ns = netns.namespace("t")
+    dev = netns.unique("w")
+    command, env = _engine(kind)
+    backend = datapath.UserspaceBackend(
+        dev,
+        engine_command=command,
+        engine_env=env,
+        engine_log=tmp_path / "e.log",
+        netns=ns.name,
+        mtu=1420,  # no underlay in this namespace
+    )
+    backend.ensure_device()
+    assert backend.process is not None
+    netns.processes.append(backend.process)
+    rng = random.Random(4)
+    peer_keys = [keys.PrivateKey.generate().public_key_b64() for _ in range(12)]
+    nets = [ipaddress.ip_network(f"10.244.{n}.0/24") for n in range(30)]
+    table = reconcile.PeerTable(backend.read_peers())
+    for round_ in range(25):
+        free = rng.sample(nets, len(nets))
+        desired = []
+        for i in rng.sample(range(len(peer_keys)), rng.randint(0, 8)):
+            take, free = free[: rng.randint(0, 3)], free[3:]
+            endpoint = reconcile.Endpoint(f"192.0.2.{rng.randint(1, 3)}", PORT)
+            desired.append(reconcile.DesiredPeer(f"n{i}", peer_keys[i], endpoint, tuple(take)))
+        plan = reconcile.plan_peers(desired, table.peers(), synced=round_ % 5 != 4)
+        backend.apply(plan)
+        table.apply(plan)
+        got = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in backend.read_peers()}
+        want = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in table.peers()}
+        assert got == want, f"round {round_}: the record and {kind} disagree"
+    # A device that is replaced is noticed by its identity, cheaply.
+    before = backend.identity()
+    assert before is not None
+    netns_mod.stop_process(backend.process)
+    netns_mod.wait_until(lambda: backend.identity() is None, timeout=10, what="the device gone")
