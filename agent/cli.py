@@ -21,8 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--datapath", choices=["auto", "userspace", "kernel"], default="auto")
     sbsub.add_parser("down", help="remove everything the sandbox made")
-    st = sbsub.add_parser("status", help="what runs and how to reach it")
+    st = sbsub.add_parser("status", help="nodes, peers, handshakes, which pod reaches which")
     st.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    vf = sbsub.add_parser("verify", help="prove from an underlay capture that traffic is encrypted")
+    vf.add_argument("-o", "--output", choices=["text", "json"], default="text")
     for name, text in (
         ("status", "this node's agent: key, datapath, sync"),
         ("peers", "the peers on the device"),
@@ -111,21 +113,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("status", "peers"):
         return _agent_command(args)
     if args.command == "sandbox":
-        # Imported here: the sandbox pulls in the control plane's tooling, which a node's
-        # `podwire status` never needs.
-        from podwire.sandbox import cluster
+        return _sandbox_command(args)
+    return 0
 
-        sandbox = cluster.Sandbox()
-        try:
-            if args.action == "up":
-                sandbox.up()
-            elif args.action == "down":
-                sandbox.down()
-            else:
-                cluster.print_status(sandbox.status(), as_json=args.output == "json")
-        except cluster.SandboxError as e:
-            print(f"podwire: {e}", file=sys.stderr)
-            return 1
+
+def _sandbox_command(args: argparse.Namespace) -> int:
+    # Imported here: the sandbox pulls in the control plane's tooling, which a node's
+    # `podwire status` never needs.
+    from podwire.sandbox import cluster, verify
+
+    sandbox = cluster.Sandbox()
+    try:
+        if args.action == "up":
+            sandbox.up(nodes=args.nodes, datapath=args.datapath)
+        elif args.action == "down":
+            sandbox.down()
+        elif args.action == "verify":
+            as_json = args.output == "json"
+            report = verify.verify(sandbox.load(), out=sys.stderr if as_json else sys.stdout)
+            if as_json:
+                print(json.dumps(report.to_dict(), indent=2, default=str))
+            return 0 if report.passed else 1
+        else:
+            status = sandbox.status()
+            cluster.print_status(status, as_json=args.output == "json")
+            if "kubeconfig" not in status:
+                return 1
+    except (cluster.SandboxError, verify.VerifyError) as e:
+        print(f"podwire sandbox {args.action}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

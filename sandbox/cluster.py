@@ -1,35 +1,62 @@
-"""`podwire sandbox`: a whole podwire cluster on one machine.
+"""`podwire sandbox`: a whole podwire cluster on one machine, which outlives the command.
 
-So far the sandbox brings up its control plane (etcd and the real kube-apiserver) and says
-plainly what is not built yet; the node namespaces, the agents and the encryption proof arrive
-with the agent and sandbox issues.
+`up` starts etcd and the real kube-apiserver, installs the CRD (and the chart's RBAC, when the
+chart has any), makes one network namespace per node on a shared underlay bridge and two pod
+namespaces behind each node (sandbox.topology), and starts one agent per node in its
+namespace, each with its apiserver relay. Everything it starts runs detached; every namespace,
+process and file it makes is written down in the state file (sandbox.state) as it is made, so
+that `down`, from any later process, removes exactly that, and a failed `up` removes what it
+had made before it says which step failed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
+import fcntl
 import json
 import os
 import pathlib
+import re
 import shutil
+import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
-from podwire.sandbox import controlplane, tools
+from podwire.sandbox import controlplane, netns, state, tools, topology
 
-DEFAULT_DIR = pathlib.Path(os.environ.get("PODWIRE_SANDBOX_DIR", "/run/podwire-sandbox"))
-
-NOT_BUILT_YET = (
-    "node namespaces, pods and agents in the sandbox (the sandbox issue; the agent itself runs"
-    " three nodes in tests/integration/agent)",
-    "the encryption proof, `podwire sandbox verify` (the sandbox issue)",
-)
+STANDARD_DIR = "/run/podwire-sandbox"
+DEFAULT_DIR = pathlib.Path(os.environ.get("PODWIRE_SANDBOX_DIR", STANDARD_DIR))
+PREFIX = "pws"
+UAPI_DIR = pathlib.Path("/var/run/wireguard")
+READY_TIMEOUT = 120.0
+REACHABLE_TIMEOUT = 60.0
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+MAX_NODES = 200  # pod CIDRs are 10.244.<index>.0/24, underlay addresses 192.0.2.<10 + index>
 
 
 class SandboxError(RuntimeError):
     """A sandbox step failed; the message names the step."""
 
 
-@dataclass
+class Progress:
+    """One line per step, with the time since `up` began; waits report as they advance."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.started = time.monotonic()
+
+    def say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def step(self, line: str) -> None:
+        self.say(f"[{time.monotonic() - self.started:5.1f}s] {line}")
+
+
+@dataclasses.dataclass
 class Sandbox:
     directory: pathlib.Path = DEFAULT_DIR
 
@@ -37,67 +64,716 @@ class Sandbox:
     def control_plane_dir(self) -> pathlib.Path:
         return self.directory / "controlplane"
 
-    def up(self, *, out: object = sys.stdout) -> controlplane.ControlPlane:
-        existing = controlplane.ControlPlane.load(self.control_plane_dir)
-        if existing and existing.running():
-            raise SandboxError(
-                f"a sandbox is already running (kubeconfig {existing.kubeconfig}); "
-                "`podwire sandbox down` removes it"
-            )
-        if existing:
-            existing.stop()  # the remains of one that died: clear them before starting anew
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.directory.mkdir(parents=True, mode=0o700)
-        _say(out, "starting etcd and kube-apiserver ...")
-        cp = controlplane.ControlPlane(self.control_plane_dir)
+    def load(self) -> state.State:
+        st = state.State.load(self.directory)
+        if st is None:
+            raise SandboxError(f"no sandbox in {self.directory}: `podwire sandbox up` makes one")
+        return st
+
+    # -- up ----------------------------------------------------------------------------------
+
+    def up(
+        self, *, nodes: int = 3, datapath: str = "auto", out: TextIO = sys.stdout
+    ) -> state.State:
+        if not 1 <= nodes <= MAX_NODES:
+            raise SandboxError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
+        with self._locked():
+            existing = state.State.load(self.directory)
+            if existing is not None and any(p.alive() for p in existing.processes):
+                raise SandboxError(
+                    f"a sandbox is already running in {self.directory} (kubeconfig "
+                    f"{existing.kubeconfig}); `podwire sandbox down` removes it"
+                )
+            if existing is not None:  # the remains of one that died: clear them first
+                _remove(existing, Progress(out))
+            _clear(self.directory)
+            return _Up(self, Progress(out), nodes, datapath).run()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One `up` or `down` at a time for this directory."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            cp.start()
-        except controlplane.ControlPlaneError as e:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SandboxError(
+                    f"another `podwire sandbox up` or `down` is at work on {self.directory}"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    # -- down --------------------------------------------------------------------------------
+
+    def down(self, *, out: TextIO = sys.stdout) -> None:
+        with self._locked():
+            st = state.State.load(self.directory)
+            progress = Progress(out)
+            if st is not None:
+                _remove(st, progress)
             shutil.rmtree(self.directory, ignore_errors=True)
-            raise SandboxError(f"step 'control plane' failed: {e}") from e
-        _say(out, f"control plane ready at {cp.url}")
-        _say(out, "")
-        _say(out, f"  export KUBECONFIG={cp.kubeconfig} PATH={tools.BUILT}:$PATH")
-        _say(out, "  kubectl get --raw /readyz")
-        _say(out, "")
-        _say(out, "Not built yet, so not started:")
-        for item in NOT_BUILT_YET:
-            _say(out, f"  - {item}")
-        _say(out, "Remove everything with `podwire sandbox down`.")
-        return cp
+            progress.step("sandbox removed" if st is not None else "no sandbox was there")
 
-    def down(self, *, out: object = sys.stdout) -> None:
-        cp = controlplane.ControlPlane.load(self.control_plane_dir)
-        if cp is not None:
-            cp.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-        _say(out, "sandbox removed")
+    # -- operations on a running sandbox, for the e2e tests and scripts ------------------------
 
-    def status(self) -> dict[str, object]:
+    def cluster(self, st: state.State | None = None) -> topology.Cluster:
+        """The running sandbox's topology, rebuilt from its state in this process."""
+        st = st or self.load()
+        factory = netns.NetnsFactory(
+            prefix=st.prefix,
+            namespaces=[netns.Netns(n) for n in st.namespaces],
+            _tag=st.tag,
+            _count=st.counter,
+        )
         cp = controlplane.ControlPlane.load(self.control_plane_dir)
         if cp is None:
-            return {"running": False}
+            raise SandboxError(f"the sandbox's control plane state is gone from {self.directory}")
+        c = topology.Cluster(
+            factory,
+            cp,
+            self.directory / "nodes",
+            underlay=netns.Netns(st.underlay_netns),
+            bridge=st.bridge,
+        )
+        for n in st.nodes:
+            node = topology.Node(
+                n.name,
+                n.index,
+                netns.Netns(n.netns),
+                n.underlay_ip,
+                n.pod_cidr,
+                n.device,
+                pathlib.Path(n.workdir),
+            )
+            node.pods = [topology.Pod(p.name, netns.Netns(p.netns), p.ip, p.node) for p in n.pods]
+            c.nodes[n.name] = node
+        return c
+
+    def restart(self, role: str, node: str = "", *, stop_only: bool = False) -> None:
+        """Stops a process by its recorded PID and (unless stop_only) starts it again as it was."""
+        st = self.load()
+        procs = st.find(role, node)
+        if not procs:
+            raise SandboxError(f"no {role} process{' for ' + node if node else ''} is recorded")
+        for p in procs:
+            state.stop(p)
+            if not stop_only:
+                _replace(st, p, state.respawn(p))
+        st.save()
+
+    def start_again(self, role: str, node: str = "") -> None:
+        """Starts a stopped process again from its record (the apiserver after an outage)."""
+        st = self.load()
+        for p in st.find(role, node):
+            if not p.alive():
+                _replace(st, p, state.respawn(p))
+        st.save()
+        if role == "kube-apiserver":
+            cp = self.cluster(st).cp
+            netns.wait_until(
+                lambda: cp.kubectl("get", "--raw", "/readyz", check=False).returncode == 0,
+                timeout=90,
+                interval=0.2,
+                what="kube-apiserver ready again",
+            )
+
+    def engine(self, node: str) -> state.Process | None:
+        """The podwire-engine serving node's device now (the agent starts it), recorded."""
+        st = self.load()
+        found = _find_engine(st.node(node))
+        st.processes = [p for p in st.processes if not (p.role == "engine" and p.node == node)]
+        if found is not None:
+            st.processes.append(found)
+        st.save()
+        return found
+
+    def add_node(self, name: str, *, out: TextIO = sys.stdout) -> state.Node:
+        st = self.load()
+        c = self.cluster(st)
+        index = max((n.index for n in st.nodes), default=0) + 1
+        node = c.add_node(name, index=index)
+        st.counter = c.factory.count
+        st.namespaces = [ns.name for ns in c.factory.namespaces]
+        st.nodes.append(_node_record(node))
+        st.save()
+        _start_node_processes(st, c, node, datapath=st.datapath)
+        st.save()
+        return st.node(name)
+
+    def remove_node(self, name: str) -> None:
+        """Deletes the Node object, then its agent, engine and relay, then its namespaces."""
+        st = self.load()
+        c = self.cluster(st)
+        node = c.nodes[name]
+        c.delete_node(name)
+        engine = _find_engine(st.node(name))
+        for p in [
+            *st.find("agent", name),
+            *([engine] if engine else []),
+            *st.find("apiproxy", name),
+        ]:
+            state.stop(p)
+        st.processes = [p for p in st.processes if p.node != name]
+        c.remove_node_network(node)
+        _remove_uapi_socket(st.node(name).device)
+        st.nodes = [n for n in st.nodes if n.name != name]
+        st.namespaces = [ns.name for ns in c.factory.namespaces]
+        st.save()
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = state.State.load(self.directory)
+        if st is None:
+            return {"running": False, "directory": str(self.directory)}
+        procs = [
+            {"role": p.role, "node": p.node, "pid": p.pid, "alive": p.alive()} for p in st.processes
+        ]
+        wgnodes = _wgnodes(self.cluster(st).cp)
+        nodes = []
+        for n in st.nodes:
+            w = wgnodes.get(n.name, {}) if wgnodes is not None else {}
+            wstatus = w.get("status", {})
+            conds = {c["type"]: c["status"] for c in wstatus.get("conditions", [])}
+            nodes.append(
+                {
+                    "name": n.name,
+                    "namespace": n.netns,
+                    "underlay_ip": n.underlay_ip,
+                    "pod_cidr": n.pod_cidr,
+                    "device": n.device,
+                    "datapath": wstatus.get("datapath"),
+                    "ready": conds.get("Ready") == "True",
+                    "public_key": w.get("spec", {}).get("publicKey"),
+                    "peers": _peers(
+                        n,
+                        {
+                            k.get("spec", {}).get("publicKey"): name
+                            for name, k in (wgnodes or {}).items()
+                        },
+                    ),
+                }
+            )
+        pods = [
+            {"name": p.name, "namespace": p.netns, "ip": p.ip, "node": p.node} for p in st.pods()
+        ]
         return {
-            "running": cp.running(),
-            "kubeconfig": str(cp.kubeconfig),
-            "apiserver": cp.url,
-            "nodes": [],
-            "pods": [],
-            "not_built_yet": list(NOT_BUILT_YET),
+            "running": all(p["alive"] for p in procs),
+            "directory": st.directory,
+            "kubeconfig": st.kubeconfig,
+            "apiserver": st.apiserver_url,
+            "apiserver_reachable": wgnodes is not None,
+            "datapath": st.datapath,
+            "tools": str(tools.BUILT),
+            "processes": procs,
+            "nodes": nodes,
+            "pods": pods,
+            "connectivity": connectivity(st),
         }
 
 
-def _say(out: object, line: str) -> None:
-    print(line, file=out, flush=True)  # type: ignore[call-overload]
+# -- up, step by step --------------------------------------------------------------------------
 
 
-def print_status(status: dict[str, object], *, as_json: bool, out: object = sys.stdout) -> None:
+class _Up:
+    def __init__(self, sandbox: Sandbox, progress: Progress, nodes: int, datapath: str) -> None:
+        self.sandbox = sandbox
+        self.progress = progress
+        self.n = nodes
+        self.datapath = datapath
+        self.directory = sandbox.directory
+        self.factory = netns.NetnsFactory(prefix=PREFIX)
+        self.cp = controlplane.ControlPlane(sandbox.control_plane_dir)
+        self.st: state.State | None = None
+        self.cluster: topology.Cluster | None = None
+
+    def run(self) -> state.State:
+        step = "sandbox directory"
+        try:
+            (self.directory / "nodes").mkdir(parents=True, mode=0o700, exist_ok=True)
+            step = "underlay"
+            self._underlay()
+            step = "datapath"
+            self._check_datapath()
+            step = "control plane"
+            self._control_plane()
+            step = "CRD and RBAC"
+            self._crds()
+            for i in range(1, self.n + 1):
+                step = f"node node{i}"
+                self._node(i)
+            step = "agents"
+            self._agents()
+            step = "nodes Ready"
+            self._wait_ready()
+            step = "pods reachable"
+            self._wait_reachable()
+        except BaseException as e:
+            self.progress.step(f"step '{step}' failed; removing what it made ...")
+            self._checkpoint()
+            if self.st is not None:
+                _remove(self.st, self.progress)
+            else:
+                self.factory.close()
+                self.cp.stop()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise SandboxError(
+                f"step '{step}' failed: {e}\neverything it had made is removed"
+            ) from e
+        assert self.st is not None
+        self._guide()
+        return self.st
+
+    def _checkpoint(self) -> None:
+        """Writes down what exists so far: a later `down` finds it even if this process dies."""
+        if self.st is None:
+            return
+        self.st.namespaces = [ns.name for ns in self.factory.namespaces]
+        self.st.counter = self.factory.count
+        if self.cluster is not None:
+            known = {n.name for n in self.st.nodes}
+            for node in self.cluster.nodes.values():
+                if node.name not in known:
+                    self.st.nodes.append(_node_record(node))
+        self.st.save()
+
+    def _underlay(self) -> None:
+        self.progress.step("underlay: a namespace with the bridge the nodes share")
+        self.cluster = topology.Cluster(self.factory, self.cp, self.directory / "nodes")
+        assert self.cluster is not None
+        self.st = state.State(
+            directory=str(self.directory),
+            datapath=self.datapath,
+            kubeconfig=str(self.cp.kubeconfig),
+            apiserver_url="",
+            apiserver_port=0,
+            prefix=self.factory.prefix,
+            tag=self.factory.tag,
+            counter=0,
+            underlay_netns=self.cluster.underlay.name,
+            bridge=self.cluster.bridge,
+        )
+        self._checkpoint()
+
+    def _check_datapath(self) -> None:
+        if self.datapath != "kernel":
+            return
+        assert self.cluster is not None
+        probe = self.factory.unique("k")
+        made = self.cluster.underlay.ip("link", "add", probe, "type", "wireguard", check=False)
+        if made.returncode != 0:
+            raise SandboxError(
+                "this kernel has no WireGuard (`ip link add type wireguard` failed: "
+                f"{made.stderr.strip()}); use --datapath userspace or auto"
+            )
+        self.cluster.underlay.ip("link", "del", probe)
+
+    def _control_plane(self) -> None:
+        assert self.st is not None
+        self.progress.step("control plane: starting etcd and kube-apiserver ...")
+        self.cp.start()
+        for role in ("etcd", "kube-apiserver"):
+            pid = self.cp.pids[role]
+            started = state.start_time(pid)
+            if started is None:
+                raise SandboxError(f"{role} exited right after starting")
+            self.st.processes.append(
+                state.Process(
+                    role, pid, started, state.cmdline(pid),
+                    str(self.cp.workdir / f"{role}.log"), cwd=str(self.cp.workdir),
+                )
+            )  # fmt: skip
+        self.st.apiserver_url = self.cp.url
+        self.st.apiserver_port = self.cp.apiserver_port
+        self._checkpoint()
+        self.progress.step(f"control plane ready at {self.cp.url}")
+
+    def _crds(self) -> None:
+        self.progress.step("installing the WireguardNode CRD")
+        self.cp.install_crds()
+        rbac = _chart_rbac()
+        if rbac:
+            self.progress.step("applying the chart's RBAC")
+            self.cp.kubectl("apply", "-f", "-", input=rbac)
+
+    def _node(self, index: int) -> None:
+        assert self.cluster is not None
+        self.progress.step(f"node{index}: namespace, underlay link, pod bridge, two pods, Node")
+        self.cluster.add_node(f"node{index}", index=index)
+        self._checkpoint()
+
+    def _agents(self) -> None:
+        assert self.cluster is not None and self.st is not None
+        self.progress.step(f"starting {self.n} agents ({self.datapath} datapath) and relays")
+        for node in self.cluster.nodes.values():
+            _start_node_processes(self.st, self.cluster, node, datapath=self.datapath)
+            self._checkpoint()
+
+    def _wait_ready(self) -> None:
+        assert self.st is not None
+        names = [n.name for n in self.st.nodes]
+        self.progress.step(f"waiting for {len(names)} WireguardNodes to be Ready ...")
+        _wait_progress(
+            self.progress,
+            lambda: self._ready_count(names),
+            len(names),
+            "Ready",
+            READY_TIMEOUT,
+            check=self._agents_alive,
+        )
+        for n in self.st.nodes:
+            engine = _find_engine(n)
+            if engine is not None:
+                self.st.processes.append(engine)
+        self._checkpoint()
+
+    def _agents_alive(self) -> None:
+        assert self.st is not None
+        for p in self.st.processes:
+            if p.role == "agent" and not p.alive():
+                raise SandboxError(
+                    f"the agent of {p.node} exited: see {p.log}\n{_tail(pathlib.Path(p.log))}"
+                )
+
+    def _ready_count(self, names: list[str]) -> int:
+        items = _wgnodes(self.cp) or {}
+        return sum(1 for n in names if _is_ready(items.get(n, {})))
+
+    def _wait_reachable(self) -> None:
+        assert self.st is not None
+        st = self.st
+        pairs = len(st.pods()) * (len(st.pods()) - 1)
+        self.progress.step(f"waiting for every pod to reach every other ({pairs} pairs) ...")
+
+        def count() -> int:
+            return sum(1 for c in connectivity(st) if c["ok"])
+
+        _wait_progress(self.progress, count, pairs, "pairs reachable", REACHABLE_TIMEOUT)
+
+    def _guide(self) -> None:
+        assert self.st is not None
+        say = self.progress.say
+        self.progress.step(f"sandbox up: {self.n} nodes, {len(self.st.pods())} pods")
+        say("")
+        say(f"kubeconfig: {self.st.kubeconfig}")
+        say("")
+        say("Try:")
+        say(f"  export KUBECONFIG={self.st.kubeconfig} PATH={tools.BUILT}:$PATH")
+        say("  kubectl get wgnodes              # every node Ready, its key, endpoint, datapath")
+        pw = topology.BIN / "podwire"
+        say(f"  {pw} sandbox status    # peers, handshakes, every pod pair reachable")
+        say(f"  {pw} sandbox verify    # the capture proving only WireGuard crosses")
+        a, b = self.st.nodes[0].pods[0], self.st.nodes[-1].pods[-1]
+        say(f"  ip netns exec {a.netns} ping {b.ip}    # {a.name} -> {b.name}")
+        say(f"  {pw} peers --socket {self.st.nodes[0].workdir}/agent.sock")
+        say(f"  {pw} sandbox down      # removes every namespace, process and file")
+        if str(self.sandbox.directory) != STANDARD_DIR:
+            say(f"(with PODWIRE_SANDBOX_DIR={self.sandbox.directory} set for the podwire commands)")
+
+
+def _start_node_processes(
+    st: state.State, c: topology.Cluster, node: topology.Node, *, datapath: str
+) -> None:
+    argv, log = c.proxy_command(node)
+    log.write_text("")
+    st.processes.append(state.spawn("apiproxy", argv, log=log, node=node.name))
+    st.save()
+    topology.wait_for_proxy(log)
+    passed = {k: v for k, v in os.environ.items() if k.startswith("PODWIRE_")}
+    passed.pop("PODWIRE_SANDBOX_DIR", None)
+    env = {**passed, **c.agent_env(node, datapath=datapath)}
+    argv, log = c.agent_command(node)
+    st.processes.append(
+        state.spawn("agent", argv, log=log, node=node.name, netns=node.ns.name, env=env)
+    )
+    st.files.append(str(UAPI_DIR / f"{node.device}.sock"))
+
+
+def _node_record(node: topology.Node) -> state.Node:
+    return state.Node(
+        node.name,
+        node.index,
+        node.ns.name,
+        node.underlay_ip,
+        node.pod_cidr,
+        node.device,
+        str(node.workdir),
+        [state.Pod(p.name, p.ns.name, p.ip, p.node) for p in node.pods],
+    )
+
+
+def _replace(st: state.State, old: state.Process, new: state.Process) -> None:
+    st.processes = [new if p is old else p for p in st.processes]
+
+
+def _find_engine(node: state.Node) -> state.Process | None:
+    """The engine process in node's namespace: started by its agent, so not by us directly."""
+    proc = subprocess.run(
+        ["ip", "netns", "pids", node.netns], capture_output=True, text=True, check=False
+    )
+    for pid in (int(p) for p in proc.stdout.split() if p.isdigit()):
+        argv = state.cmdline(pid)
+        if any("podwire-engine" in a or "wireguard-go" in a for a in argv[:3]):
+            started = state.start_time(pid)
+            if started is not None:
+                log = str(pathlib.Path(node.workdir) / f"{node.device}-engine.log")
+                return state.Process(
+                    "engine", pid, started, argv, log, node.name, node.netns,
+                    {"WG_PROCESS_FOREGROUND": "1"},
+                )  # fmt: skip
+    return None
+
+
+# -- down --------------------------------------------------------------------------------------
+
+
+def _remove(st: state.State, progress: Progress) -> None:
+    """Ends the recorded processes, deletes the recorded namespaces and files; reports leftovers."""
+    for n in st.nodes:  # engines the agents started since the state was written
+        engine = _find_engine(n)
+        if engine is not None and not any(p.pid == engine.pid for p in st.processes):
+            st.processes.append(engine)
+    order = ("agent", "engine", "apiproxy", "kube-apiserver", "etcd")
+    procs = sorted(st.processes, key=lambda p: order.index(p.role) if p.role in order else 0)
+    live = [p for p in procs if p.alive()]
+    if live:
+        progress.step(f"stopping {len(live)} processes ...")
+    for role in order:
+        batch = [p for p in live if p.role == role]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(state.stop, batch))
+    names = list(dict.fromkeys([*st.namespaces, *_unrecorded_namespaces(st)]))
+    if names:
+        progress.step(f"deleting {len(names)} namespaces (their links go with them) ...")
+    for name in reversed(names):
+        if not _netns_exists(name):
+            continue
+        strangers = subprocess.run(
+            ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
+        ).stdout.split()
+        if strangers:
+            progress.say(
+                f"  note: {name} still holds processes the sandbox did not start "
+                f"({', '.join(strangers)}); its links live until they exit"
+            )
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    for f in st.files:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f)
+
+
+def _unrecorded_namespaces(st: state.State) -> list[str]:
+    """Namespaces named with this sandbox's tag that a dying `up` made but could not record."""
+    pattern = re.compile(rf"^{re.escape(st.prefix)}[a-z]+{re.escape(st.tag)}\d+$")
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return [line.split()[0] for line in out.stdout.splitlines() if pattern.match(line.split()[0])]
+
+
+def _clear(directory: pathlib.Path) -> None:
+    """Empties directory, which stays: it holds the lock."""
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def _netns_exists(name: str) -> bool:
+    return pathlib.Path("/var/run/netns", name).exists()
+
+
+def _remove_uapi_socket(device: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (UAPI_DIR / f"{device}.sock").unlink()
+
+
+# -- what runs, and who reaches whom -----------------------------------------------------------
+
+
+def _wgnodes(cp: controlplane.ControlPlane) -> dict[str, Any] | None:
+    """The WireguardNodes by name; None when the apiserver does not answer."""
+    try:
+        out = cp.kubectl("get", "wgnodes", "-o", "json", "--request-timeout=5s", check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        return None
+    return {i["metadata"]["name"]: i for i in json.loads(out.stdout)["items"]}
+
+
+def _is_ready(wgnode: dict[str, Any]) -> bool:
+    conds = wgnode.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+
+def _peers(node: state.Node, names: dict[str | None, str]) -> list[dict[str, Any]]:
+    """The device's peers as `wg show DEV dump` gives them, named by their WireguardNode."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", node.netns, tools.path("wg"), "show", node.device, "dump"],
+        capture_output=True, text=True, check=False, timeout=10,
+    )  # fmt: skip
+    peers = []
+    for line in out.stdout.strip().splitlines()[1:]:
+        f = line.split("\t")
+        if len(f) < 8:
+            continue
+        handshake = int(f[4])
+        peers.append(
+            {
+                "node": names.get(f[0]),
+                "public_key": f[0],
+                "endpoint": None if f[2] == "(none)" else f[2],
+                "allowed_ips": f[3].split(","),
+                "latest_handshake": handshake or None,
+                "rx_bytes": int(f[5]),
+                "tx_bytes": int(f[6]),
+            }
+        )
+    return peers
+
+
+def connectivity(st: state.State, *, timeout: float = 2) -> list[dict[str, Any]]:
+    """One ping for every ordered pair of pods, in parallel: who reaches whom."""
+    pods = st.pods()
+    pairs = [(a, b) for a in pods for b in pods if a is not b]
+
+    def probe(pair: tuple[state.Pod, state.Pod]) -> dict[str, Any]:
+        a, b = pair
+        ok = netns.Netns(a.netns).ping(b.ip, count=1, timeout=timeout)
+        return {"from": a.name, "to": b.name, "ok": ok}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(probe, pairs))
+
+
+def _wait_progress(
+    progress: Progress,
+    count: Callable[[], int],
+    total: int,
+    what: str,
+    timeout: float,
+    *,
+    check: Callable[[], None] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        if check is not None:
+            check()
+        n = count()
+        if n != last:
+            progress.step(f"  {n}/{total} {what}")
+            last = n
+        if n >= total:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {n} of {total} {what} after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _chart_rbac() -> str:
+    """The RBAC objects the Helm chart renders, when helm is there and the chart has any."""
+    try:
+        helm = tools.path("helm")
+    except tools.ToolMissing:
+        return ""
+    chart = tools.REPO / "deploy" / "helm" / "podwire"
+    out = subprocess.run(
+        [helm, "template", "podwire", str(chart)], capture_output=True, text=True, timeout=60
+    )
+    if out.returncode != 0:
+        raise SandboxError(f"helm template failed: {out.stderr.strip()}")
+    docs = [
+        d
+        for d in re.split(r"^---\s*$", out.stdout, flags=re.M)
+        if re.search(rf"^kind: ({'|'.join(RBAC_KINDS)})\s*$", d, flags=re.M)
+    ]
+    return "\n---\n".join(docs)
+
+
+def _tail(path: pathlib.Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+# -- the command line's output -----------------------------------------------------------------
+
+
+def print_status(status: dict[str, Any], *, as_json: bool, out: TextIO = sys.stdout) -> None:
     if as_json:
-        _say(out, json.dumps(status, indent=2))
+        print(json.dumps(status, indent=2), file=out)
         return
-    if not status["running"]:
-        _say(out, "no sandbox is running")
+    if "kubeconfig" not in status:
+        print(f"no sandbox in {status['directory']}", file=out)
         return
-    _say(out, f"apiserver:  {status['apiserver']}")
-    _say(out, f"kubeconfig: {status['kubeconfig']}")
-    _say(out, "not built yet: " + "; ".join(status["not_built_yet"]))  # type: ignore[arg-type]
+    p = _printer(out)
+    dead = [
+        f"{x['role']}{' ' + x['node'] if x['node'] else ''}"
+        for x in status["processes"]
+        if not x["alive"]
+    ]
+    p(
+        f"sandbox:    {status['directory']} ({'running' if not dead else 'NOT running: ' + ', '.join(dead)})"
+    )
+    p(f"kubeconfig: {status['kubeconfig']}")
+    p(
+        f"apiserver:  {status['apiserver']}{'' if status['apiserver_reachable'] else ' (not answering)'}"
+    )
+    p("")
+    rows = [["NODE", "NAMESPACE", "UNDERLAY", "POD CIDR", "DATAPATH", "READY", "PEERS"]]
+    for n in status["nodes"]:
+        rows.append(
+            [
+                n["name"],
+                n["namespace"],
+                n["underlay_ip"],
+                n["pod_cidr"],
+                n["datapath"] or "-",
+                "yes" if n["ready"] else "no",
+                str(len(n["peers"])),
+            ]
+        )
+    p(_table(rows))
+    p("")
+    rows = [["NODE", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"]]
+    now = time.time()
+    for n in status["nodes"]:
+        for peer in n["peers"]:
+            hs = peer["latest_handshake"]
+            rows.append(
+                [
+                    n["name"],
+                    peer["node"] or peer["public_key"][:12],
+                    peer["endpoint"] or "-",
+                    f"{int(now - hs)}s ago" if hs else "never",
+                    str(peer["rx_bytes"]),
+                    str(peer["tx_bytes"]),
+                ]
+            )
+    p(_table(rows))
+    p("")
+    pods = [x["name"] for x in status["pods"]]
+    ok = {(c["from"], c["to"]): c["ok"] for c in status["connectivity"]}
+    rows = [["FROM \\ TO", *pods]]
+    for a in pods:
+        rows.append([a, *("-" if a == b else ("ok" if ok.get((a, b)) else "FAIL") for b in pods)])
+    p(_table(rows))
+    reached = sum(1 for c in status["connectivity"] if c["ok"])
+    p(f"{reached}/{len(status['connectivity'])} pod pairs reachable")  # fmt: skip
+
+
+def _printer(out: TextIO) -> Callable[[str], None]:
+    return lambda line: print(line, file=out)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )

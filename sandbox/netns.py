@@ -77,6 +77,16 @@ class NetnsFactory:
     _tag: str = field(default_factory=lambda: secrets.token_hex(3))
     _count: int = 0
 
+    @property
+    def tag(self) -> str:
+        """Random, in every name this factory gives: what tells its names from another's."""
+        return self._tag
+
+    @property
+    def count(self) -> int:
+        """Names given so far; a factory rebuilt with it keeps giving new ones."""
+        return self._count
+
     def unique(self, kind: str) -> str:
         """A name no other run of the tests uses at the same time; at most 15 characters."""
         self._count += 1
@@ -91,6 +101,15 @@ class NetnsFactory:
         self.namespaces.append(ns)
         ns.ip("link", "set", "lo", "up")
         return ns
+
+    def delete_namespace(self, ns: Netns) -> None:
+        """Ends the processes left inside ns (ours: only we start any there) and deletes it."""
+        for pid in _pids_in(ns.name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _run([IP, "netns", "del", ns.name])
+        if ns in self.namespaces:
+            self.namespaces.remove(ns)
 
     def veth(
         self,

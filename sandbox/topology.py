@@ -62,14 +62,24 @@ class Node:
 
 class Cluster:
     def __init__(
-        self, factory: netns.NetnsFactory, cp: controlplane.ControlPlane, workdir: pathlib.Path
+        self,
+        factory: netns.NetnsFactory,
+        cp: controlplane.ControlPlane,
+        workdir: pathlib.Path,
+        *,
+        underlay: netns.Netns | None = None,
+        bridge: str = "br0",
     ) -> None:
+        """A new underlay, or (given `underlay`) the one a previous process made."""
         self.factory = factory
         self.cp = cp
         self.workdir = workdir
         self.nodes: dict[str, Node] = {}
-        self.underlay = factory.namespace("ul")
-        self.bridge = factory.bridge(self.underlay)
+        if underlay is None:
+            self.underlay = factory.namespace("ul")
+            self.bridge = factory.bridge(self.underlay, name=bridge)
+        else:
+            self.underlay, self.bridge = underlay, bridge
 
     # -- nodes and pods ----------------------------------------------------------------------
 
@@ -145,21 +155,29 @@ class Cluster:
     def delete_node(self, name: str) -> None:
         self.cp.kubectl("delete", "node", name, "--wait=false")
 
+    def remove_node_network(self, node: Node) -> None:
+        """Deletes the node's namespace and its pods' (their links go with them)."""
+        for pod in node.pods:
+            self.factory.delete_namespace(pod.ns)
+        self.factory.delete_namespace(node.ns)
+        self.nodes.pop(node.name, None)
+
     # -- agents ------------------------------------------------------------------------------
+
+    def proxy_command(self, node: Node) -> tuple[list[str], pathlib.Path]:
+        """The relay's command line (run on the host) and its log."""
+        port = str(self.cp.apiserver_port)
+        argv = [sys.executable, "-m", "podwire.sandbox.apiproxy", "--port", port, node.ns.name]
+        return argv, node.workdir / "apiproxy.log"
 
     def _ensure_proxy(self, node: Node) -> None:
         """One relay per node, so that adding a node never breaks another node's watches."""
         if node.proxy is not None and node.proxy.poll() is None:
             return
-        log = node.workdir / "apiproxy.log"
+        argv, log = self.proxy_command(node)
         log.write_text("")
-        port = str(self.cp.apiserver_port)
-        node.proxy = self.factory.spawn(
-            None,
-            [sys.executable, "-m", "podwire.sandbox.apiproxy", "--port", port, node.ns.name],
-            log_path=log,
-        )
-        netns.wait_until(lambda: "ready" in log.read_text(), timeout=15, what="the apiserver relay")
+        node.proxy = self.factory.spawn(None, argv, log_path=log)
+        wait_for_proxy(log)
 
     def agent_env(
         self, node: Node, *, datapath: str = "userspace", fail_closed: bool = True
@@ -178,12 +196,15 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
         }
 
+    def agent_command(self, node: Node) -> tuple[list[str], pathlib.Path]:
+        """The agent's command line (run in the node's namespace) and its log."""
+        return [str(BIN / "podwire-agent")], node.workdir / "agent.log"
+
     def start_agent(self, node: Node, **kwargs: object) -> subprocess.Popen[bytes]:
         self._ensure_proxy(node)
         env = {**os.environ, **self.agent_env(node, **kwargs)}  # type: ignore[arg-type]
-        node.agent = self.factory.spawn(
-            node.ns, [str(BIN / "podwire-agent")], log_path=node.workdir / "agent.log", env=env
-        )
+        argv, log = self.agent_command(node)
+        node.agent = self.factory.spawn(node.ns, argv, log_path=log, env=env)
         return node.agent
 
     def stop_agent(self, node: Node) -> None:
@@ -191,3 +212,10 @@ class Cluster:
             netns.stop_process(node.agent)
             self.factory.processes.remove(node.agent)
             node.agent = None
+
+
+def wait_for_proxy(log: pathlib.Path, *, timeout: float = 15) -> None:
+    """Returns once the relay writing to log listens in its namespaces."""
+    netns.wait_until(
+        lambda: "ready" in log.read_text(), timeout=timeout, what="the apiserver relay"
+    )
