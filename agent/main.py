@@ -63,8 +63,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         broadcaster.publish(events.Event(time.time(), etype, reason, message, node))
 
     stop = threading.Event()
+    started: list[controller.Controller] = []
+    backends: list[datapath.Backend] = []
+    phase = [f"waiting for Node {cfg.node_name} and its InternalIP"]
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+        for ctl in started:
+            ctl.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
-        backend, routes = _backend(cfg, _internal_ip(client, cfg.node_name, stop))
+        if cfg.fail_closed:
+            # Before waiting for anything: pod traffic with no peer is dropped, never sent clear.
+            datapath.Routes(cfg.device).install_fail_closed(cfg.cluster_pod_cidrs)
+        http_server = metrics.serve(
+            lambda: started[0] if started else None,
+            lambda: backends[0].peer_stats() if backends else [],
+            port=cfg.metrics_port,
+            starting=lambda: phase[0],
+        )
+        underlay_address = _internal_ip(client, cfg.node_name, stop)
+        if stop.is_set():
+            http_server.shutdown()
+            return 0
+        phase[0] = "bringing up the device"
+        backend, routes = _backend(cfg, underlay_address)
+        backends.append(backend)
         ctl = controller.Controller(
             cfg, client=client, backend=backend, routes=routes, on_event=on_event
         )
@@ -83,15 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         api.Servicer(ctl, peer_stats=peer_stats, broadcaster=broadcaster, rotate=ctl.rotate_key),
         cfg.api_socket,
     )
-    http_server = metrics.serve(ctl, peer_stats, port=cfg.metrics_port)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        logger.info("stopping", signal=signal.Signals(signum).name)
-        stop.set()
+    started.append(ctl)
+    if stop.is_set():  # a signal came while starting
         ctl.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     logger.info("started", node=cfg.node_name, datapath=backend.datapath)
     runner = threading.Thread(target=ctl.run, name="controller", daemon=True)
     runner.start()

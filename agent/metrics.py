@@ -1,7 +1,8 @@
 """/healthz, /readyz and /metrics over HTTP, for kubelet probes and Prometheus.
 
-/healthz: the process serves. /readyz: the device holds what synced watches asked for and the
-last reconcile succeeded. /metrics: gauges and counters read from the controller's state and
+They serve from the agent's first moments: /healthz says the process serves (a liveness probe
+must not kill an agent that waits for its Node); /readyz says why it is not ready yet, until
+the device holds what synced watches asked for and the last reconcile succeeded. /metrics: gauges and counters read from the controller's state and
 the device's peer statistics at scrape time, so nothing is double-booked.
 """
 
@@ -19,14 +20,19 @@ from prometheus_client.registry import Collector
 
 from podwire.agent import controller as controller_mod
 
+ControllerRef = Callable[[], "controller_mod.Controller | None"]
+
 
 class AgentCollector(Collector):
-    def __init__(self, ctl: controller_mod.Controller, peer_stats: Callable[[], list[Any]]) -> None:
+    def __init__(self, ctl: ControllerRef, peer_stats: Callable[[], list[Any]]) -> None:
         self.ctl = ctl
         self.peer_stats = peer_stats
 
     def collect(self) -> Iterator[Any]:
-        st = self.ctl.state
+        ctl = self.ctl()
+        if ctl is None:  # still starting: nothing to count yet
+            return
+        st = ctl.state
         yield GaugeMetricFamily(
             "podwire_peers", "Peers programmed on the device", value=len(st.peers)
         )
@@ -48,6 +54,11 @@ class AgentCollector(Collector):
             "podwire_watch_restarts",
             "Watches restarted (relists, reconnects)",
             value=st.watch_restarts,
+        )
+        yield CounterMetricFamily(
+            "podwire_device_restarts",
+            "Times the device was found gone or replaced and brought back",
+            value=st.device_restarts,
         )
         names = {p.public_key: p.node for p in st.peers}
         age = GaugeMetricFamily(
@@ -76,12 +87,14 @@ class AgentCollector(Collector):
 
 
 def serve(
-    ctl: controller_mod.Controller,
+    ctl: ControllerRef,
     peer_stats: Callable[[], list[Any]],
     *,
     port: int,
     host: str = "0.0.0.0",
+    starting: Callable[[], str] = lambda: "starting",
 ) -> http.server.ThreadingHTTPServer:
+    """Serves in a thread. ctl() is None while the agent starts; starting() then says why."""
     registry = prometheus_client.CollectorRegistry()
     registry.register(AgentCollector(ctl, peer_stats))
 
@@ -90,13 +103,16 @@ def serve(
             if self.path == "/healthz":
                 self._reply(200, b"ok\n")
             elif self.path == "/readyz":
-                st = ctl.state
+                current = ctl()
+                if current is None:
+                    self._reply(503, f"not ready: {starting()}\n".encode())
+                    return
+                st = current.state
                 ready = st.programmed and not st.last_reconcile_error
+                reason = st.last_reconcile_error or "waiting for the watches to sync"
                 self._reply(
                     200 if ready else 503,
-                    b"ready\n"
-                    if ready
-                    else f"not ready: {st.last_reconcile_error or 'waiting for the watches to sync'}\n".encode(),
+                    b"ready\n" if ready else f"not ready: {reason}\n".encode(),
                 )
             elif self.path == "/metrics":
                 self._reply(
