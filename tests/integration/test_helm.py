@@ -21,11 +21,14 @@ def test_helm_version_is_the_pinned_build() -> None:
 
 
 def test_chart_lints_and_renders(tmp_path: pathlib.Path) -> None:
-    lint = _helm("lint", "--strict", str(CHART))
+    lint = _helm("lint", "--strict", str(CHART), "--set", "agent.clusterPodCIDRs=10.244.0.0/16")
     assert lint.returncode == 0, lint.stdout + lint.stderr
     assert "1 chart(s) linted, 0 chart(s) failed" in lint.stdout
 
-    rendered = _helm("template", "podwire", str(CHART), "--include-crds")
+    rendered = _helm(
+        "template", "podwire", str(CHART), "--include-crds",
+        "--set", "agent.clusterPodCIDRs=10.244.0.0/16",
+    )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     assert "kind: CustomResourceDefinition" in rendered.stdout or not list(
         (CHART / "crds").glob("*.yaml")
