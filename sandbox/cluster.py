@@ -360,17 +360,27 @@ class _Up:
         self._checkpoint()
 
     def _check_datapath(self) -> None:
-        if self.datapath != "kernel":
-            return
-        assert self.cluster is not None
+        """Settles `auto` here, once, so that every agent (and every restart of one) runs the
+        same datapath: an agent restarted with `auto` next to its engine's TUN device would
+        otherwise try the kernel's first."""
+        assert self.cluster is not None and self.st is not None
         probe = self.factory.unique("k")
         made = self.cluster.underlay.ip("link", "add", probe, "type", "wireguard", check=False)
-        if made.returncode != 0:
+        kernel = made.returncode == 0
+        if kernel:
+            self.cluster.underlay.ip("link", "del", probe)
+        if self.datapath == "kernel" and not kernel:
             raise SandboxError(
                 "this kernel has no WireGuard (`ip link add type wireguard` failed: "
                 f"{made.stderr.strip()}); use --datapath userspace or auto"
             )
-        self.cluster.underlay.ip("link", "del", probe)
+        if self.datapath == "auto":
+            self.datapath = "kernel" if kernel else "userspace"
+            self.progress.step(
+                f"datapath auto: {'WireGuard' if kernel else 'no WireGuard'} in this kernel, "
+                f"so {'the kernel' if kernel else 'the userspace engine'} it is"
+            )
+        self.st.datapath = self.datapath
 
     def _control_plane(self) -> None:
         assert self.st is not None
@@ -683,8 +693,12 @@ def _chart_rbac() -> str:
         return ""
     chart = tools.REPO / "deploy" / "helm" / "podwire"
     out = subprocess.run(
-        [helm, "template", "podwire", str(chart)], capture_output=True, text=True, timeout=60
-    )
+        [
+            helm, "template", "podwire", str(chart),
+            f"--set-string=agent.clusterPodCIDRs={topology.POD_SUPERNET}",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     if out.returncode != 0:
         raise SandboxError(f"helm template failed: {out.stderr.strip()}")
     docs = [
