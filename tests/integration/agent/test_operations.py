@@ -37,6 +37,14 @@ def _condition(cluster: topology.Cluster, name: str, kind: str) -> str | None:
     return None
 
 
+def _wait_ready(cluster: topology.Cluster, *names: str) -> None:
+    netns_mod.wait_until(
+        lambda: all(_condition(cluster, n, "Ready") == "True" for n in names),
+        timeout=60,
+        what=f"{', '.join(names)} Ready",
+    )
+
+
 def _http(node: topology.Node, path: str) -> tuple[int, str]:
     """GET on the agent's HTTP port, from inside the node's namespace (where kubelet would be)."""
     code = (
@@ -89,14 +97,7 @@ def test_fail_closed_keeps_traffic_to_an_unprogrammed_node_off_the_wire(
         node.ns.ip("route", "add", "default", "via", n3.underlay_ip)
     cluster.start_agent(n1)
     cluster.start_agent(n2, fail_closed=False)
-    netns_mod.wait_until(
-        lambda: (
-            _condition(cluster, "node1", "Ready") == "True"
-            and _condition(cluster, "node2", "Ready") == "True"
-        ),
-        timeout=60,
-        what="node1 and node2 Ready",
-    )
+    _wait_ready(cluster, "node1", "node2")
     assert n1.pods[0].ns.ping(n2.pods[0].ip, count=2, timeout=10), "the tunnel itself works"
 
     capture, pcap = _capture(cluster, tmp_path)
@@ -158,14 +159,7 @@ def test_rotate_key_over_the_local_api(cluster: topology.Cluster) -> None:
     n1, n2 = cluster.add_node("node1"), cluster.add_node("node2")
     for node in (n1, n2):
         cluster.start_agent(node)
-    netns_mod.wait_until(
-        lambda: (
-            _condition(cluster, "node1", "Ready") == "True"
-            and _condition(cluster, "node2", "Ready") == "True"
-        ),
-        timeout=60,
-        what="both Ready",
-    )
+    _wait_ready(cluster, "node1", "node2")
     assert n1.pods[0].ns.ping(n2.pods[0].ip, count=2, timeout=10)
     old_public = keys.load(n2.key_path).public_key_b64()
     old_private = n2.key_path.read_text().strip()
