@@ -29,7 +29,13 @@ from typing import Any, TextIO
 from podwire.sandbox import controlplane, netns, state, tools, topology
 
 STANDARD_DIR = "/run/podwire-sandbox"
-DEFAULT_DIR = pathlib.Path(os.environ.get("PODWIRE_SANDBOX_DIR", STANDARD_DIR))
+
+
+def default_dir() -> pathlib.Path:
+    """$PODWIRE_SANDBOX_DIR, else /run/podwire-sandbox."""
+    return pathlib.Path(os.environ.get("PODWIRE_SANDBOX_DIR") or STANDARD_DIR)
+
+
 PREFIX = "pws"
 UAPI_DIR = pathlib.Path("/var/run/wireguard")
 READY_TIMEOUT = 120.0
@@ -58,7 +64,7 @@ class Progress:
 
 @dataclasses.dataclass
 class Sandbox:
-    directory: pathlib.Path = DEFAULT_DIR
+    directory: pathlib.Path = dataclasses.field(default_factory=default_dir)
 
     @property
     def control_plane_dir(self) -> pathlib.Path:
