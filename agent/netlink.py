@@ -19,18 +19,19 @@ import contextlib
 import dataclasses
 import errno as errno_mod
 import ipaddress
-import json
 import os
 import socket
-import subprocess
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
 from pyroute2 import IPRoute, WireGuard
 from pyroute2 import netns as pr_netns
 from pyroute2.ethtool import ethtool as pr_ethtool
 from pyroute2.ethtool import ioctl as pr_ethtool_ioctl
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError as _PrNetlinkError
+from pyroute2.netlink.rtnl import RTM_NEWLINK
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from podwire.agent import reconcile, uapi_client
 
@@ -457,26 +458,31 @@ def apply_features(
     """Applies each wanted feature where the kernel supports it, and says what it did.
 
     Never raises for a feature the kernel lacks: a missing offload costs speed, not traffic.
+    A feature turned off is taken back to the kernel's default on the device, which podwire
+    owns (an agent restarted with new config finds the old sizes there); the underlay is the
+    node's, and podwire never turns its UDP GRO forwarding off.
     """
     applied: list[str] = []
     skipped: list[tuple[str, str]] = []
-    details = _link_details(device, netns)
-    limit = int(details.get("tso_max_size") or BIG_TCP_SIZE)
-    size = min(BIG_TCP_SIZE, limit)
-    wanted = [("gro", gro, ("gro_max_size",)), ("big_tcp", big_tcp, _BIG_TCP_ATTRS)]
+    sizes = link_offload_sizes(device, netns=netns)
+    wanted = [("gro", gro, _GRO_ATTRS), ("big_tcp", big_tcp, _BIG_TCP_ATTRS)]
     for name, on, attrs in wanted:
+        missing = [a for a in attrs if a not in sizes]
         if not on:
+            if not missing and any(sizes[a] > LEGACY_SIZE for a in attrs):
+                _set_offload_sizes(device, dict.fromkeys(attrs, LEGACY_SIZE), netns=netns)
             skipped.append((name, "turned off"))
             continue
-        missing = [a for a in attrs if a not in details]
         if missing:
-            skipped.append((name, f"kernel or iproute2 lacks {', '.join(missing)}"))
+            skipped.append((name, f"the kernel has no {', '.join(missing)}"))
             continue
-        if size <= 65536:
-            skipped.append((name, f"{device} takes no segment above 64 KiB"))
+        # What the device sends is bounded by what it can segment; what it receives is not.
+        limit = sizes.get("tso_max_size", BIG_TCP_SIZE)
+        if any(a.startswith("gso_") for a in attrs) and limit <= LEGACY_SIZE:
+            skipped.append((name, f"{device} takes no segment above 64 KiB (tso_max_size {limit})"))
             continue
         try:
-            _ip_link_set(device, netns, [arg for a in attrs for arg in (a, str(size))])
+            _set_offload_sizes(device, dict.fromkeys(attrs, BIG_TCP_SIZE), netns=netns)
             applied.append(name)
         except NetlinkError as exc:
             skipped.append((name, str(exc)))
@@ -493,27 +499,51 @@ def apply_features(
     return FeatureReport(tuple(applied), tuple(skipped))
 
 
+# The kernel's sizes before BIG TCP (GSO_LEGACY_MAX_SIZE).
+LEGACY_SIZE: Final = 65536
+_GRO_ATTRS: Final = ("gro_max_size",)
 _BIG_TCP_ATTRS: Final = ("gso_max_size", "gso_ipv4_max_size", "gro_ipv4_max_size")
+_SIZE_ATTRS: Final = {
+    "gso_max_size": "IFLA_GSO_MAX_SIZE",
+    "gro_max_size": "IFLA_GRO_MAX_SIZE",
+    "tso_max_size": "IFLA_TSO_MAX_SIZE",
+    "gso_ipv4_max_size": "IFLA_GSO_IPV4_MAX_SIZE",
+    "gro_ipv4_max_size": "IFLA_GRO_IPV4_MAX_SIZE",
+}
 
 
-def _link_details(device: str, netns: str | None) -> dict[str, Any]:
-    # iproute2 knows the newer IFLA_* size attributes that pyroute2 0.9 does not decode;
-    # an attribute it prints is one the kernel reported, so the kernel supports it.
-    proc = _ip(netns, ["-d", "-j", "link", "show", "dev", device])
-    found = json.loads(proc.stdout or "[]")
-    return found[0] if found else {}
+class _ifinfmsg(ifinfmsg):
+    """A link message that also knows IPv4 BIG TCP's sizes (Linux 6.3), which pyroute2 0.9 lacks."""
+
+    # Compile this class's own attribute table instead of inheriting ifinfmsg's.
+    _nlmsg_base__compiled_nla = False
+    nla_map = (
+        *ifinfmsg.nla_map,
+        ("IFLA_DEVLINK_PORT", "hex"),  # 62
+        ("IFLA_GSO_IPV4_MAX_SIZE", "uint32"),  # 63
+        ("IFLA_GRO_IPV4_MAX_SIZE", "uint32"),  # 64
+    )
 
 
-def _ip_link_set(device: str, netns: str | None, args: Sequence[str]) -> None:
-    _ip(netns, ["link", "set", "dev", device, *args])
+def link_offload_sizes(device: str, *, netns: str | None = None) -> dict[str, int]:
+    """The device's GSO/GRO/TSO size limits, by iproute2's names; a size the kernel lacks is absent."""
+    with _errors(f"read the offload sizes of {device}"), _iproute(netns) as ipr:
+        ipr.marshal.msg_map[RTM_NEWLINK] = _ifinfmsg
+        link = ipr.link("get", index=_index(ipr, device))[0]
+        found = {name: link.get_attr(nla) for name, nla in _SIZE_ATTRS.items()}
+    return {name: int(value) for name, value in found.items() if value is not None}
 
 
-def _ip(netns: str | None, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
-    full = ["ip", *(["-n", netns] if netns else []), *args]
-    proc = subprocess.run(full, capture_output=True, text=True, timeout=10)
-    if proc.returncode != 0:
-        raise NetlinkError(" ".join(full[1:]), errno_mod.EINVAL, proc.stderr.strip())
-    return proc
+def _set_offload_sizes(device: str, sizes: dict[str, int], *, netns: str | None = None) -> None:
+    what = ", ".join(f"{name} {size}" for name, size in sizes.items())
+    with _errors(f"set {what} on {device}"), _iproute(netns) as ipr:
+        msg = _ifinfmsg()
+        msg["index"] = _index(ipr, device)
+        msg["attrs"] = [(_SIZE_ATTRS[name], size) for name, size in sizes.items()]
+        msg["header"]["type"] = RTM_NEWLINK
+        msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+        # nlm_request_batch: IPRoute.nlm_request of pyroute2 0.9.7 fails on its own status.
+        ipr.nlm_request_batch([msg])
 
 
 def _enable_udp_gro_forwarding(device: str, netns: str | None) -> str:
