@@ -20,8 +20,10 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
@@ -93,7 +95,8 @@ class Sandbox:
             if existing is not None:  # the remains of one that died: clear them first
                 _remove(existing, Progress(out))
             _clear(self.directory)
-            return _Up(self, Progress(out), nodes, datapath).run()
+            with _interrupted_by_sigterm():
+                return _Up(self, Progress(out), nodes, datapath).run()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -281,6 +284,23 @@ class Sandbox:
 
 
 # -- up, step by step --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _interrupted_by_sigterm() -> Iterator[None]:
+    """SIGTERM stops `up` as Ctrl-C does: through the clean-up of what it made so far."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Up:

@@ -162,11 +162,14 @@ def test_apiserver_away_for_30s_traffic_flows_and_agents_resync_without_churn(
     assert all(c["ok"] for c in cluster.connectivity(sandbox.state))
     time.sleep(max(0.0, 30 - (time.monotonic() - away)))  # the outage itself, not a wait
     sandbox.api.start_again("kube-apiserver")
+    returned = time.monotonic()
 
-    # Back: every agent lists and watches again (the apiserver counts their watches).
+    # Back: every agent lists and watches again (the apiserver counts their watches). The
+    # agents retry with a backoff of up to 30 s (with jitter), so this may take that long.
     netns.wait_until(
         lambda: _watches(sandbox) == watches, timeout=90, interval=1, what="the agents' watches"
     )
+    print(f"apiserver back; every agent watching again {time.monotonic() - returned:.1f}s later")
     for node in NODES:
         netns.wait_until(
             lambda node=node: _agent_synced(sandbox, node, peers=2),
