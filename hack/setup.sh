@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything podwire's sandbox and tests need on a fresh Debian machine, and nothing
-# twice: Debian packages, a virtual environment with the Python dependencies (.venv), and the
-# real components built from the Go module proxy (.cache/tools, see hack/tools/build.sh).
+# twice: Debian packages, a virtual environment with the Python dependencies (.venv), the
+# real components built from the Go module proxy (.cache/tools, see hack/tools/build.sh), and
+# the kernel the kernel tier boots under QEMU (.cache/kernel, see hack/kernel/fetch.sh).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,7 +14,9 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 DEBIAN_PACKAGES=(
   iproute2 iputils-ping procps kmod
   wireguard-tools wireguard-go
-  iperf3 tcpdump
+  iperf3 tcpdump ethtool
+  # the kernel tier: QEMU, and busybox for virtme-ng's initramfs
+  qemu-system-x86 busybox-static xz-utils
 )
 
 missing=()
@@ -38,3 +41,4 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]]; 
 fi
 
 hack/tools/build.sh
+hack/kernel/fetch.sh
