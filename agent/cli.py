@@ -142,6 +142,9 @@ def _sandbox_command(args: argparse.Namespace) -> int:
     except (cluster.SandboxError, verify.VerifyError) as e:
         print(f"podwire sandbox {args.action}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"podwire sandbox {args.action}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

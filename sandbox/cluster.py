@@ -337,7 +337,8 @@ class _Up:
             step = "pods reachable"
             self._wait_reachable()
         except BaseException as e:
-            self.progress.step(f"step '{step}' failed; removing what it made ...")
+            what = "interrupted during" if isinstance(e, KeyboardInterrupt) else "failed:"
+            self.progress.step(f"{what} step '{step}'; removing what it made ...")
             self._checkpoint()
             if self.st is not None:
                 _remove(self.st, self.progress)
