@@ -121,6 +121,7 @@ def _sandbox_command(args: argparse.Namespace) -> int:
     # Imported here: the sandbox pulls in the control plane's tooling, which a node's
     # `podwire status` never needs.
     from podwire.sandbox import cluster, verify
+    from podwire.sandbox import status as status_mod
 
     sandbox = cluster.Sandbox()
     try:
@@ -136,7 +137,7 @@ def _sandbox_command(args: argparse.Namespace) -> int:
             return 0 if report.passed else 1
         else:
             status = sandbox.status()
-            cluster.print_status(status, as_json=args.output == "json")
+            status_mod.render(status, as_json=args.output == "json")
             if "kubeconfig" not in status:
                 return 1
     except (cluster.SandboxError, verify.VerifyError) as e:

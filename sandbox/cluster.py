@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import pathlib
 import re
@@ -29,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from podwire.sandbox import controlplane, netns, state, tools, topology
+from podwire.sandbox import status as status_mod
 
 STANDARD_DIR = "/run/podwire-sandbox"
 
@@ -191,7 +191,7 @@ class Sandbox:
     def engine(self, node: str) -> state.Process | None:
         """The podwire-engine serving node's device now (the agent starts it), recorded."""
         st = self.load()
-        found = _find_engine(st.node(node))
+        found = find_engine(st.node(node))
         st.processes = [p for p in st.processes if not (p.role == "engine" and p.node == node)]
         if found is not None:
             st.processes.append(found)
@@ -217,7 +217,7 @@ class Sandbox:
         c = self.cluster(st)
         node = c.nodes[name]
         c.delete_node(name)
-        engine = _find_engine(st.node(name))
+        engine = find_engine(st.node(name))
         for p in [
             *st.find("agent", name),
             *([engine] if engine else []),
@@ -237,50 +237,7 @@ class Sandbox:
         st = state.State.load(self.directory)
         if st is None:
             return {"running": False, "directory": str(self.directory)}
-        procs = [
-            {"role": p.role, "node": p.node, "pid": p.pid, "alive": p.alive()} for p in st.processes
-        ]
-        wgnodes = _wgnodes(self.cluster(st).cp)
-        nodes = []
-        for n in st.nodes:
-            w = wgnodes.get(n.name, {}) if wgnodes is not None else {}
-            wstatus = w.get("status", {})
-            conds = {c["type"]: c["status"] for c in wstatus.get("conditions", [])}
-            nodes.append(
-                {
-                    "name": n.name,
-                    "namespace": n.netns,
-                    "underlay_ip": n.underlay_ip,
-                    "pod_cidr": n.pod_cidr,
-                    "device": n.device,
-                    "datapath": wstatus.get("datapath"),
-                    "ready": conds.get("Ready") == "True",
-                    "public_key": w.get("spec", {}).get("publicKey"),
-                    "peers": _peers(
-                        n,
-                        {
-                            k.get("spec", {}).get("publicKey"): name
-                            for name, k in (wgnodes or {}).items()
-                        },
-                    ),
-                }
-            )
-        pods = [
-            {"name": p.name, "namespace": p.netns, "ip": p.ip, "node": p.node} for p in st.pods()
-        ]
-        return {
-            "running": all(p["alive"] for p in procs),
-            "directory": st.directory,
-            "kubeconfig": st.kubeconfig,
-            "apiserver": st.apiserver_url,
-            "apiserver_reachable": wgnodes is not None,
-            "datapath": st.datapath,
-            "tools": str(tools.BUILT),
-            "processes": procs,
-            "nodes": nodes,
-            "pods": pods,
-            "connectivity": connectivity(st),
-        }
+        return status_mod.collect(st, self.cluster(st).cp)
 
 
 # -- up, step by step --------------------------------------------------------------------------
@@ -463,7 +420,7 @@ class _Up:
             check=self._agents_alive,
         )
         for n in self.st.nodes:
-            engine = _find_engine(n)
+            engine = find_engine(n)
             if engine is not None:
                 self.st.processes.append(engine)
         self._checkpoint()
@@ -477,8 +434,8 @@ class _Up:
                 )
 
     def _ready_count(self, names: list[str]) -> int:
-        items = _wgnodes(self.cp) or {}
-        return sum(1 for n in names if _is_ready(items.get(n, {})))
+        items = status_mod.wgnodes(self.cp) or {}
+        return sum(1 for n in names if status_mod.is_ready(items.get(n, {})))
 
     def _wait_reachable(self) -> None:
         assert self.st is not None
@@ -487,7 +444,7 @@ class _Up:
         self.progress.step(f"waiting for every pod to reach every other ({pairs} pairs) ...")
 
         def count() -> int:
-            return sum(1 for c in connectivity(st) if c["ok"])
+            return sum(1 for c in status_mod.connectivity(st) if c["ok"])
 
         _wait_progress(self.progress, count, pairs, "pairs reachable", REACHABLE_TIMEOUT)
 
@@ -547,7 +504,7 @@ def _replace(st: state.State, old: state.Process, new: state.Process) -> None:
     st.processes = [new if p is old else p for p in st.processes]
 
 
-def _find_engine(node: state.Node) -> state.Process | None:
+def find_engine(node: state.Node) -> state.Process | None:
     """The engine process in node's namespace: started by its agent, so not by us directly."""
     proc = subprocess.run(
         ["ip", "netns", "pids", node.netns], capture_output=True, text=True, check=False
@@ -571,7 +528,7 @@ def _find_engine(node: state.Node) -> state.Process | None:
 def _remove(st: state.State, progress: Progress) -> None:
     """Ends the recorded processes, deletes the recorded namespaces and files; reports leftovers."""
     for n in st.nodes:  # engines the agents started since the state was written
-        engine = _find_engine(n)
+        engine = find_engine(n)
         if engine is not None and not any(p.pid == engine.pid for p in st.processes):
             st.processes.append(engine)
     order = ("agent", "engine", "apiproxy", "kube-apiserver", "etcd")
@@ -628,65 +585,6 @@ def _remove_uapi_socket(device: str) -> None:
         (UAPI_DIR / f"{device}.sock").unlink()
 
 
-# -- what runs, and who reaches whom -----------------------------------------------------------
-
-
-def _wgnodes(cp: controlplane.ControlPlane) -> dict[str, Any] | None:
-    """The WireguardNodes by name; None when the apiserver does not answer."""
-    try:
-        out = cp.kubectl("get", "wgnodes", "-o", "json", "--request-timeout=5s", check=False)
-    except subprocess.TimeoutExpired:
-        return None
-    if out.returncode != 0:
-        return None
-    return {i["metadata"]["name"]: i for i in json.loads(out.stdout)["items"]}
-
-
-def _is_ready(wgnode: dict[str, Any]) -> bool:
-    conds = wgnode.get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-
-
-def _peers(node: state.Node, names: dict[str | None, str]) -> list[dict[str, Any]]:
-    """The device's peers as `wg show DEV dump` gives them, named by their WireguardNode."""
-    out = subprocess.run(
-        ["ip", "netns", "exec", node.netns, tools.path("wg"), "show", node.device, "dump"],
-        capture_output=True, text=True, check=False, timeout=10,
-    )  # fmt: skip
-    peers = []
-    for line in out.stdout.strip().splitlines()[1:]:
-        f = line.split("\t")
-        if len(f) < 8:
-            continue
-        handshake = int(f[4])
-        peers.append(
-            {
-                "node": names.get(f[0]),
-                "public_key": f[0],
-                "endpoint": None if f[2] == "(none)" else f[2],
-                "allowed_ips": f[3].split(","),
-                "latest_handshake": handshake or None,
-                "rx_bytes": int(f[5]),
-                "tx_bytes": int(f[6]),
-            }
-        )
-    return peers
-
-
-def connectivity(st: state.State, *, timeout: float = 2) -> list[dict[str, Any]]:
-    """One ping for every ordered pair of pods, in parallel: who reaches whom."""
-    pods = st.pods()
-    pairs = [(a, b) for a in pods for b in pods if a is not b]
-
-    def probe(pair: tuple[state.Pod, state.Pod]) -> dict[str, Any]:
-        a, b = pair
-        ok = netns.Netns(a.netns).ping(b.ip, count=1, timeout=timeout)
-        return {"from": a.name, "to": b.name, "ok": ok}
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(probe, pairs))
-
-
 def _wait_progress(
     progress: Progress,
     count: Callable[[], int],
@@ -741,80 +639,3 @@ def _tail(path: pathlib.Path, lines: int = 10) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return ""
-
-
-# -- the command line's output -----------------------------------------------------------------
-
-
-def print_status(status: dict[str, Any], *, as_json: bool, out: TextIO = sys.stdout) -> None:
-    if as_json:
-        print(json.dumps(status, indent=2), file=out)
-        return
-    if "kubeconfig" not in status:
-        print(f"no sandbox in {status['directory']}", file=out)
-        return
-    p = _printer(out)
-    dead = [
-        f"{x['role']}{' ' + x['node'] if x['node'] else ''}"
-        for x in status["processes"]
-        if not x["alive"]
-    ]
-    p(
-        f"sandbox:    {status['directory']} ({'running' if not dead else 'NOT running: ' + ', '.join(dead)})"
-    )
-    p(f"kubeconfig: {status['kubeconfig']}")
-    p(
-        f"apiserver:  {status['apiserver']}{'' if status['apiserver_reachable'] else ' (not answering)'}"
-    )
-    p("")
-    rows = [["NODE", "NAMESPACE", "UNDERLAY", "POD CIDR", "DATAPATH", "READY", "PEERS"]]
-    for n in status["nodes"]:
-        rows.append(
-            [
-                n["name"],
-                n["namespace"],
-                n["underlay_ip"],
-                n["pod_cidr"],
-                n["datapath"] or "-",
-                "yes" if n["ready"] else "no",
-                str(len(n["peers"])),
-            ]
-        )
-    p(_table(rows))
-    p("")
-    rows = [["NODE", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"]]
-    now = time.time()
-    for n in status["nodes"]:
-        for peer in n["peers"]:
-            hs = peer["latest_handshake"]
-            rows.append(
-                [
-                    n["name"],
-                    peer["node"] or peer["public_key"][:12],
-                    peer["endpoint"] or "-",
-                    f"{int(now - hs)}s ago" if hs else "never",
-                    str(peer["rx_bytes"]),
-                    str(peer["tx_bytes"]),
-                ]
-            )
-    p(_table(rows))
-    p("")
-    pods = [x["name"] for x in status["pods"]]
-    ok = {(c["from"], c["to"]): c["ok"] for c in status["connectivity"]}
-    rows = [["FROM \\ TO", *pods]]
-    for a in pods:
-        rows.append([a, *("-" if a == b else ("ok" if ok.get((a, b)) else "FAIL") for b in pods)])
-    p(_table(rows))
-    reached = sum(1 for c in status["connectivity"] if c["ok"])
-    p(f"{reached}/{len(status['connectivity'])} pod pairs reachable")  # fmt: skip
-
-
-def _printer(out: TextIO) -> Callable[[str], None]:
-    return lambda line: print(line, file=out)
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )

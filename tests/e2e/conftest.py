@@ -87,7 +87,7 @@ def recorded(directory: pathlib.Path) -> tuple[list[str], list[state.Process], l
     st = state.State.load(directory)
     if st is None:
         return [], [], []
-    engines = [e for n in st.nodes if (e := cluster._find_engine(n)) is not None]
+    engines = [e for n in st.nodes if (e := cluster.find_engine(n)) is not None]
     return list(st.namespaces), [*st.processes, *engines], list(st.files)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from podwire.sandbox import cluster, netns, topology, verify
+from podwire.sandbox import netns, status, topology, verify
 
 PODWIRE = str(pathlib.Path(sys.executable).parent / "podwire")
 NODES = ("node1", "node2", "node3")
@@ -159,7 +159,7 @@ def test_apiserver_away_for_30s_traffic_flows_and_agents_resync_without_churn(
         what="every agent to notice the apiserver is gone",
     )
     # Halfway through, every pod still reaches every other.
-    assert all(c["ok"] for c in cluster.connectivity(sandbox.state))
+    assert all(c["ok"] for c in status.connectivity(sandbox.state))
     time.sleep(max(0.0, 30 - (time.monotonic() - away)))  # the outage itself, not a wait
     sandbox.api.start_again("kube-apiserver")
     returned = time.monotonic()
