@@ -29,6 +29,8 @@ import time
 import traceback
 
 POLL = 0.05
+IDLE_POLL = 0.5  # after IDLE_AFTER seconds without a request: an emulated CPU is dear
+IDLE_AFTER = 5.0
 IDLE_LIMIT = 900.0
 
 
@@ -151,7 +153,7 @@ def serve(shared: pathlib.Path, preload: list[str]) -> int:
     while time.monotonic() - last < IDLE_LIMIT:
         pending = sorted(requests.glob("*.json"))
         if not pending:
-            time.sleep(POLL)
+            time.sleep(POLL if time.monotonic() - last < IDLE_AFTER else IDLE_POLL)
             continue
         for path in pending:
             request = json.loads(path.read_text())

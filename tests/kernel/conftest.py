@@ -205,10 +205,14 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+_running: list[GuestVM] = []
+
+
 @pytest.fixture(scope="session")
 def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
     """One booted VM for the whole tier; stopped (or killed) afterwards, even on failure."""
     guest = GuestVM(pathlib.Path(tmp_path_factory.mktemp("vm")))
+    _running.append(guest)
     try:
         guest.boot()
         print(f"\nkernel {guest.kernel}: ready in {guest.boot_seconds:.1f}s (booted "
@@ -216,3 +220,14 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
         yield guest
     finally:
         guest.stop()
+        _running.remove(guest)
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    # The VM is the session's, but the other tiers that run after this one in the same session
+    # should not share the machine's two cores with an emulated one: stop it after the last
+    # kernel test (the fixture's own teardown then has nothing left to do).
+    here = pathlib.Path(__file__).resolve().parent
+    if nextitem is None or here not in pathlib.Path(str(nextitem.fspath)).resolve().parents:
+        for guest in _running:
+            guest.stop()
