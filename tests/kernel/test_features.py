@@ -20,7 +20,8 @@ BIG_TCP = ("gso_max_size", "gso_ipv4_max_size", "gro_ipv4_max_size")
 @pytest.fixture(scope="module")
 def facts(vm: Any) -> dict[str, Any]:
     got: dict[str, Any] = vm.python("features.py", timeout=400)
-    print(f"\nfeatures: scenario {got['_seconds']}s; {got['ip_version']}")
+    print(f"\nfeatures: scenario {got['_seconds']}s; {got['ip_version']}; 16 MiB over TCP in "
+          f"{got['traffic']['seconds']}s ({got['traffic']['mbit_per_s']} Mbit/s)")  # fmt: skip
     for case in ("all_on", "gro_off", "big_tcp_off", "udp_gro_forwarding_off", "restarted_all_off"):
         print(f"  {case}: reported {got[case]['reported']}, sizes {got[case]['sizes']}, "
               f"udp-gro-forwarding {got[case]['udp_gro_forwarding']}")  # fmt: skip
@@ -68,3 +69,10 @@ def test_an_agent_restarted_with_features_off_takes_them_back(facts: dict[str, A
     # The underlay is the node's: podwire turned its UDP GRO forwarding on, and never turns
     # a node's setting off.
     assert case["udp_gro_forwarding"] == "on"
+
+
+def test_tcp_crosses_kernel_wireguard_with_every_feature_on(facts: dict[str, Any]) -> None:
+    traffic = facts["traffic"]
+    assert traffic["features"] == [["gro", "big_tcp", "udp_gro_forwarding"]] * 2
+    assert traffic["bytes_received"] == 16 * 2**20
+    assert traffic["intact"], "what arrived is what was sent (SHA-256)"

@@ -9,20 +9,27 @@ IPv4 BIG TCP sizes (hack/kernel/fetch.sh), and the underlay's UDP GRO forwarding
 `ethtool -k`. Neither reading goes through podwire's own netlink code.
 
 ns node                                   ns peer
-wg (kernel WireGuard)
+wg (kernel WireGuard) 10.244.1.1 -------- wg (kernel WireGuard) 10.244.2.1, for the traffic case
 veth 192.0.2.1/24 (the underlay) -------- veth 192.0.2.2/24
-default via 192.0.2.2
+default via 192.0.2.2                     default via 192.0.2.1
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
+import os
 import pathlib
+import socket
 import subprocess
+import threading
+import time
 
 from pyroute2 import config as pr_config
+from pyroute2 import netns as pr_netns
 
-from podwire.agent import config, datapath
+from podwire.agent import config, datapath, keys, netlink, reconcile
 from podwire.sandbox import netns as netns_mod
 
 pr_config.default_communicate_timeout = 30
@@ -38,6 +45,7 @@ CASES = {
     "big_tcp_off": {"PODWIRE_BIG_TCP": "false"},
     "udp_gro_forwarding_off": {"PODWIRE_UDP_GRO_FORWARDING": "false"},
 }
+PAYLOAD = 16 * 2**20
 ALL_OFF = {"PODWIRE_GRO": "0", "PODWIRE_BIG_TCP": "0", "PODWIRE_UDP_GRO_FORWARDING": "0"}
 
 
@@ -53,12 +61,70 @@ def _udp_gro_forwarding(ns: netns_mod.Netns, dev: str) -> str:
     return "absent"
 
 
-def _agent(ns: netns_mod.Netns, dev: str, env: dict[str, str]) -> datapath.Backend:
+def _agent(
+    ns: netns_mod.Netns, dev: str, env: dict[str, str]
+) -> tuple[datapath.Backend, datapath.Routes]:
     cfg = config.load(environ={"NODE_NAME": "node", "PODWIRE_DEVICE": dev,
                                "PODWIRE_DATAPATH": "auto", "PODWIRE_CLUSTER_POD_CIDRS": "10.244.0.0/16", **env})  # fmt: skip
-    backend, _ = datapath.select(cfg, netns=ns.name)
+    backend, routes = datapath.select(cfg, netns=ns.name)
     backend.ensure_device()
-    return backend
+    return backend, routes
+
+
+def _traffic(f: netns_mod.NetnsFactory) -> dict:
+    """TCP through two kernel WireGuard devices with every feature on: all of it arrives."""
+    node, peer = f.namespace("n"), f.namespace("p")
+    f.veth(node, peer, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24")
+    node.ip("route", "add", "default", "via", "192.0.2.2")
+    peer.ip("route", "add", "default", "via", "192.0.2.1")
+    sides = {}
+    for ns, cidr in ((node, "10.244.1.0/24"), (peer, "10.244.2.0/24")):
+        dev, key = f.unique("w"), keys.PrivateKey.generate()
+        backend, routes = _agent(ns, dev, {})
+        backend.set_private_key(key.raw)
+        backend.set_listen_port(51820)
+        net = ipaddress.ip_network(cidr)
+        netlink.add_address(dev, f"{net.network_address + 1}/32", netns=ns.name)
+        sides[ns.name] = (backend, routes, key, net)
+    for ns, other, host in ((node, peer, "192.0.2.2"), (peer, node, "192.0.2.1")):
+        backend, routes, _, _ = sides[ns.name]
+        _, _, key, net = sides[other.name]
+        want = [reconcile.DesiredPeer(other.name, key.public_key_b64(),
+                                      reconcile.Endpoint(host, 51820), (net,))]  # fmt: skip
+        backend.apply(reconcile.plan_peers(want, backend.read_peers(), synced=True))
+        routes.apply(reconcile.plan_routes(want, routes.list_routes(), synced=True))
+    payload = os.urandom(PAYLOAD)
+    listener = pr_netns.create_socket(peer.name, socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("10.244.2.1", 5201))
+    listener.listen(1)
+    received = hashlib.sha256()
+    count = [0]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while chunk := conn.recv(1 << 20):
+                received.update(chunk)
+                count[0] += len(chunk)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    started = time.monotonic()
+    client = pr_netns.create_socket(node.name, socket.AF_INET, socket.SOCK_STREAM)
+    with client:
+        client.settimeout(120)
+        client.connect(("10.244.2.1", 5201))
+        client.sendall(payload)
+    server.join(120)
+    listener.close()
+    seconds = time.monotonic() - started
+    return {
+        "features": [sides[ns.name][0].features() for ns in (node, peer)],
+        "bytes_received": count[0],
+        "intact": received.hexdigest() == hashlib.sha256(payload).hexdigest(),
+        "mbit_per_s": round(count[0] * 8 / seconds / 1e6, 1),
+        "seconds": round(seconds, 1),
+    }
 
 
 def _report(backend: datapath.Backend, ns: netns_mod.Netns, dev: str, underlay: str) -> dict:
@@ -80,12 +146,13 @@ def main() -> dict:
             node.ip("route", "add", "default", "via", "192.0.2.2")
             dev = f.unique("w")
             before = _udp_gro_forwarding(node, underlay)
-            backend = _agent(node, dev, env)
+            backend, _ = _agent(node, dev, env)
             facts[case] = {"underlay_before": before, **_report(backend, node, dev, underlay)}
             if case == "all_on":
                 # The agent restarted with every feature turned off, on the device it left.
-                again = _agent(node, dev, ALL_OFF)
+                again, _ = _agent(node, dev, ALL_OFF)
                 facts["restarted_all_off"] = _report(again, node, dev, underlay)
+        facts["traffic"] = _traffic(f)
     return facts
 
 
