@@ -86,6 +86,9 @@ class Controller:
         self._routes_have: set[reconcile.IPNetwork] | None = None
         self._device_id: object | None = None
         self._next_full_read = 0.0
+        # A device found empty is new (first start, or restored): its peers are greeted, so
+        # they drop the sessions they had with its predecessor now, not 15 s from now.
+        self._greet = False
         self.nodes = kube.Informer(
             client, "nodes", on_change=self._wake.set, resync_period=cfg.resync_period
         )
@@ -249,6 +252,7 @@ class Controller:
             full = started >= self._next_full_read or self._table is None
             if full:
                 self._table = reconcile.PeerTable(self.backend.read_peers())
+                self._greet = self._greet or len(self._table) == 0
                 self._routes_have = None
                 self._next_full_read = started + self.cfg.resync_period
             table = self._table
@@ -260,6 +264,10 @@ class Controller:
                 table.apply(plan)
                 self._table = table
                 self._log_plan(plan)
+                if self._greet and plan.add:
+                    self.backend.initiate_handshakes([p.public_key for p in plan.add])
+            if synced:
+                self._greet = False
             if self.routes is not None:
                 if self._routes_have is None:
                     self._routes_have = set(self.routes.list_routes())

@@ -51,7 +51,22 @@ class Backend(Protocol):
     def read_peers(self) -> list[reconcile.ActualPeer]: ...
     def peer_stats(self) -> list[PeerStats]: ...
     def apply(self, plan: reconcile.Plan) -> None: ...
+    def initiate_handshakes(self, public_keys: Sequence[str]) -> None: ...
     def features(self) -> list[str]: ...
+
+
+def greeting(public_keys: Sequence[str]) -> tuple[list[uapi_client.PeerChange], ...]:
+    """Two requests that make the device send each peer a keepalive now, and no more later.
+
+    Turning a peer's persistent keepalive on sends one at once (kernel, wireguard-go and
+    podwire-engine alike); with no session yet, that starts a handshake. A device that was just
+    created uses this so the other nodes drop their session with its dead predecessor at once,
+    instead of after WireGuard's 15 s without an answer.
+    """
+    return (
+        [uapi_client.PeerChange(k, persistent_keepalive=1, update_only=True) for k in public_keys],
+        [uapi_client.PeerChange(k, persistent_keepalive=0, update_only=True) for k in public_keys],
+    )
 
 
 def peer_changes(plan: reconcile.Plan) -> list[uapi_client.PeerChange]:
@@ -247,6 +262,10 @@ class UserspaceBackend:
         if not plan.empty:
             self.client.set(peers=peer_changes(plan))
 
+    def initiate_handshakes(self, public_keys: Sequence[str]) -> None:
+        for changes in greeting(public_keys) if public_keys else ():
+            self.client.set(peers=changes)
+
     def features(self) -> list[str]:
         return list(self._link.applied)
 
@@ -296,6 +315,11 @@ class KernelBackend:
         for change in peer_changes(plan):
             netlink.kernel_set_peer(self.device, change, netns=self.netns)
 
+    def initiate_handshakes(self, public_keys: Sequence[str]) -> None:
+        for changes in greeting(public_keys) if public_keys else ():
+            for change in changes:
+                netlink.kernel_set_peer(self.device, change, netns=self.netns)
+
     def features(self) -> list[str]:
         return list(self._link.applied)
 
@@ -306,6 +330,9 @@ def select_backend(datapath: str, device: str, **kwargs: object) -> Backend:
     The kernel backend's device is created here already, so the answer is certain.
     """
     kernel_args = {k: v for k, v in kwargs.items() if k in _KERNEL_ARGS}
+    userspace = UserspaceBackend(device, **kwargs)  # type: ignore[arg-type]
+    if datapath == "auto" and userspace.client.alive():
+        return userspace  # an engine already serves the device: a restarted agent keeps it
     if datapath in ("auto", "kernel"):
         kernel = KernelBackend(device, **kernel_args)  # type: ignore[arg-type]
         try:
@@ -314,7 +341,7 @@ def select_backend(datapath: str, device: str, **kwargs: object) -> Backend:
         except netlink.KernelWireguardUnavailable:
             if datapath == "kernel":
                 raise
-    return UserspaceBackend(device, **kwargs)  # type: ignore[arg-type]
+    return userspace
 
 
 _KERNEL_ARGS: Final = frozenset({"netns", "mtu", "underlay_address", "features"})
@@ -379,6 +406,7 @@ class FakeBackend:
         self.applied: list[reconcile.Plan] = []  # every non-empty plan, for assertions
         self.fail_next: Exception | None = None  # raised (once) by the next apply
         self.generation = 0  # bumped by tests to play a device that was recreated
+        self.greeted: list[str] = []  # peers asked to handshake, in order
 
     @property
     def peers(self) -> dict[str, reconcile.ActualPeer]:
@@ -432,6 +460,9 @@ class FakeBackend:
             replace_allowed_ips=change.replace_allowed_ips,
             update_only=change.update_only,
         )
+
+    def initiate_handshakes(self, public_keys: Sequence[str]) -> None:
+        self.greeted.extend(public_keys)
 
     def features(self) -> list[str]:
         return []
