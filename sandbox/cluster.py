@@ -43,6 +43,8 @@ UAPI_DIR = pathlib.Path("/var/run/wireguard")
 READY_TIMEOUT = 120.0
 REACHABLE_TIMEOUT = 60.0
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+AGENT_ACCOUNT = ("default", "podwire-agent")  # what `helm template podwire` names it
+AGENT_TOKEN_LIFETIME = "720h"  # a static token in a kubeconfig is not refreshed
 MAX_NODES = 200  # pod CIDRs are 10.244.<index>.0/24, underlay addresses 192.0.2.<10 + index>
 
 
@@ -391,8 +393,12 @@ class _Up:
         self.cp.install_crds()
         rbac = _chart_rbac()
         if rbac:
-            self.progress.step("applying the chart's RBAC")
+            self.progress.step("applying the chart's RBAC; agents authenticate as its account")
             self.cp.kubectl("apply", "-f", "-", input=rbac)
+            # As in a cluster: the agents hold a token for the chart's ServiceAccount, not the
+            # admin's certificate, so the sandbox proves the chart grants what they need.
+            token = self.cp.mint_token(*AGENT_ACCOUNT, duration=AGENT_TOKEN_LIFETIME)
+            self.cp.kubeconfig_for_token(token, _agent_kubeconfig(self.directory))
 
     def _node(self, index: int) -> None:
         assert self.cluster is not None
@@ -480,6 +486,9 @@ def _start_node_processes(
     passed = {k: v for k, v in os.environ.items() if k.startswith("PODWIRE_")}
     passed.pop("PODWIRE_SANDBOX_DIR", None)
     env = {**passed, **c.agent_env(node, datapath=datapath)}
+    account = _agent_kubeconfig(pathlib.Path(st.directory))
+    if account.exists():
+        env["KUBECONFIG"] = str(account)
     argv, log = c.agent_command(node)
     st.processes.append(
         state.spawn("agent", argv, log=log, node=node.name, netns=node.ns.name, env=env)
@@ -608,6 +617,10 @@ def _wait_progress(
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {n} of {total} {what} after {timeout:.0f}s")
         time.sleep(0.5)
+
+
+def _agent_kubeconfig(directory: pathlib.Path) -> pathlib.Path:
+    return directory / "agent.kubeconfig"
 
 
 def _chart_rbac() -> str:
