@@ -258,11 +258,9 @@ class Controller:
             table = self._table
             assert table is not None
             plan = reconcile.plan_peers(desired.peers, table.peers(), synced=synced)
-            if not plan.empty:
-                self._table = None  # unknown until the apply is known to have worked
+            if not plan.empty:  # a failed apply forgets the record (below): read back next
                 self.backend.apply(plan)
                 table.apply(plan)
-                self._table = table
                 self._log_plan(plan)
                 if self._greet and plan.add:
                     self.backend.initiate_handshakes([p.public_key for p in plan.add])
@@ -274,7 +272,6 @@ class Controller:
                 have = self._routes_have
                 rplan = reconcile.plan_routes(desired.peers, have, synced=synced)
                 if not rplan.empty:
-                    self._routes_have = None
                     self.routes.apply(rplan)
                     self._routes_have = (have | set(rplan.add)) - set(rplan.remove)
             st.peers = desired.peers

@@ -195,26 +195,6 @@ def _family(net: reconcile.IPNetwork) -> int:
     return socket.AF_INET6 if net.version == 6 else socket.AF_INET
 
 
-def add_route(device: str, dst: reconcile.IPNetwork, *, netns: str | None = None) -> None:
-    """Routes dst through device, tagged PROTO; idempotent."""
-    with _errors(f"add route {dst} dev {device}"), _iproute(netns) as ipr:
-        ipr.route(
-            "replace",
-            dst=str(dst),
-            family=_family(dst),
-            oif=_index(ipr, device),
-            proto=PROTO,
-            scope=_SCOPE_LINK,  # the device itself is the next hop
-        )
-
-
-def remove_route(device: str, dst: reconcile.IPNetwork, *, netns: str | None = None) -> None:
-    with _errors(f"remove route {dst} dev {device}"), _iproute(netns) as ipr:
-        index = _index(ipr, device)
-        # pyroute2 asks for scope universe unless told; the kernel then finds no such route.
-        _delete(ipr, dst=str(dst), family=_family(dst), oif=index, proto=PROTO, scope=_SCOPE_LINK)
-
-
 def apply_routes(
     device: str,
     add: Iterable[reconcile.IPNetwork],

@@ -59,7 +59,7 @@ def test_routes_are_added_listed_and_removed_by_protocol(
     assert "proto 251" in node.ip("route", "show", "10.244.2.0/24").stdout
     routes.apply(reconcile.RoutePlan(remove=nets[:1]))
     assert routes.list_routes() == [nets[1]]
-    netlink.remove_route("pwdummy", nets[0], netns=node.name)  # gone already is fine
+    netlink.apply_routes("pwdummy", [], [nets[0]], netns=node.name)  # gone already is fine
     assert "10.250.0.0/24" in node.ip("route").stdout
 
 
@@ -96,7 +96,7 @@ def test_fail_closed_route_drops_what_no_peer_covers(
 
     # A peer's route is more specific and wins over the fail-closed one.
     _stand_in(node)
-    netlink.add_route("pwdummy", ipaddress.ip_network("10.244.5.0/24"), netns=node.name)
+    netlink.apply_routes("pwdummy", [ipaddress.ip_network("10.244.5.0/24")], [], netns=node.name)
     got = node.ip("route", "get", "10.244.5.1").stdout
     assert "dev pwdummy" in got
     assert "unreachable" in node.ip("route", "get", "10.244.6.1", check=False).stderr + (
