@@ -17,14 +17,7 @@ from collections.abc import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from podwire.agent.engine import messages, noise
-
-LABEL_MAC1 = b"mac1----"
-LABEL_COOKIE = b"cookie--"
-# Specification constant: the responder's cookie secret changes this often, and a cookie an
-# initiator holds is used for at most as long.
-COOKIE_SECRET_MAX_AGE = 120.0
-COOKIE_LEN = 16
+from podwire.agent.engine import constants, messages, noise
 
 Endpoint = tuple[str, int]
 
@@ -92,11 +85,11 @@ def endpoint_bytes(endpoint: Endpoint) -> bytes:
 
 
 def mac1_key(public: bytes) -> bytes:
-    return noise.hash_(LABEL_MAC1, public)
+    return noise.hash_(constants.LABEL_MAC1, public)
 
 
 def cookie_key(public: bytes) -> bytes:
-    return noise.hash_(LABEL_COOKIE, public)
+    return noise.hash_(constants.LABEL_COOKIE, public)
 
 
 class MacCheck(enum.Enum):
@@ -131,8 +124,8 @@ class CookieChecker:
         """Check a handshake message's macs; mac2 only when `check_mac2` (under load)."""
         if not self._mac1_key:
             return MacCheck.INVALID
-        end_mac1 = len(data) - 2 * messages.MAC_LEN
-        end_mac2 = len(data) - messages.MAC_LEN
+        end_mac1 = len(data) - 2 * constants.MAC_LEN
+        end_mac2 = len(data) - constants.MAC_LEN
         if noise.mac(self._mac1_key, data[:end_mac1]) != data[end_mac1:end_mac2]:
             return MacCheck.INVALID
         if not check_mac2:
@@ -152,15 +145,15 @@ class CookieChecker:
         rng: Callable[[int], bytes],
     ) -> messages.CookieReply:
         """The cookie reply to a handshake message (`data`) that lacked a valid mac2."""
-        end_mac1 = len(data) - 2 * messages.MAC_LEN
-        mac1 = data[end_mac1 : end_mac1 + messages.MAC_LEN]
-        nonce = rng(messages.COOKIE_NONCE_LEN)
+        end_mac1 = len(data) - 2 * constants.MAC_LEN
+        mac1 = data[end_mac1 : end_mac1 + constants.MAC_LEN]
+        nonce = rng(constants.COOKIE_NONCE_LEN)
         cookie = self._cookie(source, now, rng)
         encrypted = xaead_encrypt(self._cookie_key, nonce, cookie, mac1)
         return messages.CookieReply(sender_index, nonce, encrypted)
 
     def _cookie(self, source: Endpoint, now: float, rng: Callable[[int], bytes]) -> bytes:
-        if self._secret_birth is None or now - self._secret_birth >= COOKIE_SECRET_MAX_AGE:
+        if self._secret_birth is None or now - self._secret_birth >= constants.COOKIE_REFRESH_TIME:
             self._secret = rng(32)
             self._secret_birth = now
         return noise.mac(self._secret, endpoint_bytes(source))
@@ -179,12 +172,12 @@ class CookieGenerator:
 
     def stamp(self, data: bytes, *, now: float) -> bytes:
         """`data` is a packed handshake message with zero macs; returns it with macs set."""
-        end_mac1 = len(data) - 2 * messages.MAC_LEN
+        end_mac1 = len(data) - 2 * constants.MAC_LEN
         body = data[:end_mac1]
         mac1 = noise.mac(self._mac1_key, body)
         self._last_mac1 = mac1
-        if self._cookie_birth is None or now - self._cookie_birth >= COOKIE_SECRET_MAX_AGE:
-            return body + mac1 + bytes(messages.MAC_LEN)
+        if self._cookie_birth is None or now - self._cookie_birth >= constants.COOKIE_REFRESH_TIME:
+            return body + mac1 + bytes(constants.MAC_LEN)
         return body + mac1 + noise.mac(self._cookie, body + mac1)
 
     def consume_reply(self, reply: messages.CookieReply, *, now: float) -> bool:
@@ -200,7 +193,3 @@ class CookieGenerator:
         self._cookie_birth = now
         self._last_mac1 = None
         return True
-
-    @property
-    def has_cookie(self) -> bool:
-        return self._cookie_birth is not None

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from podwire.agent import log as log_mod
+from podwire.agent.engine import actions as actions_mod
 from podwire.agent.engine import device as device_mod
 from podwire.agent.engine import ipc, uapi
 from podwire.agent.engine import tun as tun_mod
@@ -129,11 +130,11 @@ class Engine:
 
     # The data path.
 
-    def _perform(self, actions: Iterable[device_mod.Action]) -> None:
+    def _perform(self, actions: Iterable[actions_mod.Action]) -> None:
         for action in actions:
-            if type(action) is device_mod.SendDatagram:
+            if type(action) is actions_mod.SendDatagram:
                 self.bind.send(action.data, action.endpoint)
-            elif type(action) is device_mod.DeliverPacket:
+            elif type(action) is actions_mod.DeliverPacket:
                 self.tun.write(action.packet)
             else:
                 self.log.warning("unknown_action", action=type(action).__name__)

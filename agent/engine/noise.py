@@ -20,21 +20,16 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from podwire.agent.engine import messages, replay
+from podwire.agent.engine import constants, messages, replay
+from podwire.agent.engine.counters import Drop
 
-CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
-IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
-KEY_LEN = 32
-ZERO_KEY = bytes(KEY_LEN)
-
-# Specification constant: at most this many initiations per second are consumed from one peer.
-INITIATIONS_PER_SECOND = 50
+ZERO_KEY = bytes(constants.KEY_LEN)
 
 # TAI64 labels a second as 2**62 + TAI seconds; the kernel and wireguard-go add the 10 s that
 # TAI was ahead of UTC in 1972. We do the same so that a node switching between their datapath
 # and ours keeps producing increasing timestamps.
 TAI64_BASE = 0x400000000000000A
-# Nanoseconds are rounded down to 2**24 ns (just under 1/INITIATIONS_PER_SECOND), as the other
+# Nanoseconds are rounded down to 2**24 ns (just under 1/constants.INITIATIONS_PER_SECOND), as the other
 # implementations do, so the timestamp leaks no fine-grained clock.
 _TAI64N_WHITENER = ~((1 << 24) - 1)
 _TAI64N = struct.Struct(">QI")
@@ -42,9 +37,9 @@ _ZERO_NONCE = bytes(12)
 
 
 class HandshakeError(Exception):
-    """A handshake message was refused; `reason` names the device counter to bump."""
+    """A handshake message was refused; `reason` is the drop to count."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Drop, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
 
@@ -96,9 +91,9 @@ def dh(private_key: bytes, public: bytes) -> bytes:
             x25519.X25519PublicKey.from_public_bytes(public)
         )
     except ValueError as exc:
-        raise HandshakeError("bad_dh", "Diffie-Hellman result is zero") from exc
+        raise HandshakeError(Drop.BAD_DH, "Diffie-Hellman result is zero") from exc
     if shared == ZERO_KEY:
-        raise HandshakeError("bad_dh", "Diffie-Hellman result is zero")
+        raise HandshakeError(Drop.BAD_DH, "Diffie-Hellman result is zero")
     return shared
 
 
@@ -111,7 +106,7 @@ def aead_decrypt(key: bytes, ciphertext: bytes, ad: bytes) -> bytes:
     try:
         return ChaCha20Poly1305(key).decrypt(_ZERO_NONCE, ciphertext, ad)
     except InvalidTag as exc:
-        raise HandshakeError("bad_aead", "handshake field failed authentication") from exc
+        raise HandshakeError(Drop.BAD_AEAD, "handshake field failed authentication") from exc
 
 
 def tai64n(wall_time: float) -> bytes:
@@ -120,8 +115,8 @@ def tai64n(wall_time: float) -> bytes:
     return _TAI64N.pack(TAI64_BASE + seconds, nanos)
 
 
-INITIAL_CHAINING_KEY = hash_(CONSTRUCTION)
-INITIAL_HASH = hash_(INITIAL_CHAINING_KEY, IDENTIFIER)
+INITIAL_CHAINING_KEY = hash_(constants.CONSTRUCTION)
+INITIAL_HASH = hash_(INITIAL_CHAINING_KEY, constants.IDENTIFIER)
 
 
 class StaticIdentity:
@@ -151,7 +146,7 @@ class Handshake:
         self.preshared_key = preshared_key
         self.precomputed_static_static = ZERO_KEY
         # Replay and flood protection survive clear(): they guard the next initiation.
-        self.latest_timestamp = bytes(messages.TIMESTAMP_LEN)
+        self.latest_timestamp = bytes(constants.TIMESTAMP_LEN)
         self.last_initiation_consumption: float | None = None
         self.clear()
 
@@ -225,7 +220,7 @@ def create_initiation(
 ) -> messages.Initiation:
     """First message, initiator to responder (macs left zero for the cookie layer)."""
     if handshake.precomputed_static_static == ZERO_KEY:
-        raise HandshakeError("bad_dh", "no static-static secret with this peer")
+        raise HandshakeError(Drop.BAD_DH, "no static-static secret with this peer")
     ck = INITIAL_CHAINING_KEY
     h = hash_(INITIAL_HASH, handshake.remote_static)
     # e
@@ -272,20 +267,20 @@ def consume_initiation(
     h = hash_(h, message.encrypted_static)
     handshake = find_handshake(remote_static)
     if handshake is None:
-        raise HandshakeError("no_peer", "initiation from an unknown static key")
+        raise HandshakeError(Drop.NO_PEER, "initiation from an unknown static key")
     # ss
     if handshake.precomputed_static_static == ZERO_KEY:
-        raise HandshakeError("bad_dh", "no static-static secret with this peer")
+        raise HandshakeError(Drop.BAD_DH, "no static-static secret with this peer")
     ck, key = kdf2(ck, handshake.precomputed_static_static)
     # {t}
     timestamp = aead_decrypt(key, message.encrypted_timestamp, h)
     h = hash_(h, message.encrypted_timestamp)
 
     if timestamp <= handshake.latest_timestamp:
-        raise HandshakeError("stale_timestamp", "initiation replayed or older than the last one")
+        raise HandshakeError(Drop.STALE_TIMESTAMP, "initiation replayed or older than the last one")
     last = handshake.last_initiation_consumption
-    if last is not None and now - last < 1.0 / INITIATIONS_PER_SECOND:
-        raise HandshakeError("flood", "initiations from this peer arrive too fast")
+    if last is not None and now - last < 1.0 / constants.INITIATIONS_PER_SECOND:
+        raise HandshakeError(Drop.FLOOD, "initiations from this peer arrive too fast")
 
     handshake.clear()
     handshake.state = HandshakeState.CONSUMED_INITIATION
@@ -302,7 +297,7 @@ def create_response(
 ) -> messages.Response:
     """Second message, responder to initiator (macs left zero for the cookie layer)."""
     if handshake.state is not HandshakeState.CONSUMED_INITIATION:
-        raise HandshakeError("bad_state", "no consumed initiation to respond to")
+        raise HandshakeError(Drop.BAD_STATE, "no consumed initiation to respond to")
     ck, h = handshake.chaining_key, handshake.hash
     # e
     ephemeral = public_key(ephemeral_private)
@@ -332,7 +327,7 @@ def consume_response(
     """Initiator side of the second message; `handshake` is the one whose local index the
     response names as receiver."""
     if handshake.state is not HandshakeState.CREATED_INITIATION:
-        raise HandshakeError("bad_state", "response without an initiation in flight")
+        raise HandshakeError(Drop.BAD_STATE, "response without an initiation in flight")
     ck, h = handshake.chaining_key, handshake.hash
     # e
     ck = kdf1(ck, message.ephemeral)
@@ -362,7 +357,7 @@ def begin_session(handshake: Handshake, *, now: float) -> Keypair:
     elif handshake.state is HandshakeState.CREATED_RESPONSE:
         initiator = False
     else:
-        raise HandshakeError("bad_state", "handshake is not complete")
+        raise HandshakeError(Drop.BAD_STATE, "handshake is not complete")
     first, second = kdf2(handshake.chaining_key, b"")
     sending, receiving = (first, second) if initiator else (second, first)
     keypair = Keypair(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator
 
-from podwire.agent.engine import cookie, noise, timers
+from podwire.agent.engine import constants, cookie, noise, timers
 
 Endpoint = tuple[str, int]
 
@@ -27,7 +27,7 @@ class Peer:
         timer_config: timers.ProtocolTimers,
         rng: Callable[[int], bytes],
     ) -> None:
-        if len(public_key) != noise.KEY_LEN:
+        if len(public_key) != constants.KEY_LEN:
             raise ValueError(f"a public key has 32 bytes, not {len(public_key)}")
         self._public_key = bytes(public_key)
         self.handshake = noise.Handshake(self._public_key)
@@ -58,7 +58,7 @@ class Peer:
 
     @preshared_key.setter
     def preshared_key(self, key: bytes) -> None:
-        if len(key) != noise.KEY_LEN:
+        if len(key) != constants.KEY_LEN:
             raise ValueError(f"a preshared key has 32 bytes, not {len(key)}")
         self.handshake.preshared_key = bytes(key)
 

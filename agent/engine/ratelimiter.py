@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 
-# Specification-like constants, as the kernel's.
+# Implementation constants, the kernel's (the paper leaves the limiter's budget open): a
+# source's rate and burst; forget idle sources after a second; refuse past this many sources.
 PACKETS_PER_SECOND = 20
 PACKETS_BURST = 5
-# Implementation constants: forget idle sources after a second; refuse past this many sources.
 IDLE_SECONDS = 1.0
 MAX_ENTRIES = 65536
 

@@ -8,8 +8,7 @@ Call `validate` only after the packet has been authenticated: it records the cou
 
 from __future__ import annotations
 
-# Specification constant (paper section 6.1).
-REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1
+from podwire.agent.engine import constants
 
 # Implementation constants: 8192 bits as the kernel's COUNTER_BITS_TOTAL; one block of the ring
 # is always being reused, so the usable window is one block smaller.
@@ -31,7 +30,7 @@ class ReplayWindow:
         self._top = 0
         self._blocks = [0] * BLOCKS
 
-    def validate(self, counter: int, limit: int = REJECT_AFTER_MESSAGES) -> bool:
+    def validate(self, counter: int, limit: int = constants.REJECT_AFTER_MESSAGES) -> bool:
         """True if `counter` is fresh (and record it); False for a replay, a counter that fell
         out of the window, or one at or beyond `limit`."""
         if counter >= limit:

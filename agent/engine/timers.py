@@ -4,7 +4,8 @@ Nothing here sleeps or reads a clock: hooks take `now` (monotonic seconds) and s
 deadlines; the device's tick asks `pop_expired(now)` which timers fired and acts on them. The
 hooks are named for the event that calls them and the expiries for the timer that fired, so
 the device's send and receive paths read like the paper's rules. The specification's numbers
-live in `ProtocolTimers`, which tests may shorten.
+in force are a `ProtocolTimers`: the specification's, from `constants`, unless a test shortens
+them.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
+from podwire.agent.engine import constants
+
 
 @dataclasses.dataclass(frozen=True)
 class ProtocolTimers:
-    """Specification constants (paper section 6.1), in seconds and messages."""
+    """The timers and limits of paper section 6.1 in force, in seconds and messages."""
 
-    rekey_after_messages: int = 2**60
-    reject_after_messages: int = 2**64 - 2**13 - 1
-    rekey_after_time: float = 120.0
-    reject_after_time: float = 180.0
-    rekey_attempt_time: float = 90.0
-    rekey_timeout: float = 5.0
-    rekey_timeout_jitter: float = 1.0 / 3.0
-    keepalive_timeout: float = 10.0
+    rekey_after_messages: int = constants.REKEY_AFTER_MESSAGES
+    reject_after_messages: int = constants.REJECT_AFTER_MESSAGES
+    rekey_after_time: float = constants.REKEY_AFTER_TIME
+    reject_after_time: float = constants.REJECT_AFTER_TIME
+    rekey_attempt_time: float = constants.REKEY_ATTEMPT_TIME
+    rekey_timeout: float = constants.REKEY_TIMEOUT
+    rekey_timeout_jitter: float = constants.REKEY_TIMEOUT_JITTER_MAX
+    keepalive_timeout: float = constants.KEEPALIVE_TIMEOUT
 
     @property
     def max_timer_handshakes(self) -> int:
@@ -181,10 +184,6 @@ def can_send_with(keypair: KeyAge, now: float, config: ProtocolTimers) -> bool:
         now - keypair.created < config.reject_after_time
         and keypair.send_counter < config.reject_after_messages
     )
-
-
-def can_receive_with(keypair: KeyAge, now: float, config: ProtocolTimers) -> bool:
-    return now - keypair.created < config.reject_after_time
 
 
 def should_rekey_after_send(keypair: KeyAge, now: float, config: ProtocolTimers) -> bool:

@@ -19,10 +19,11 @@ import ipaddress
 import re
 from typing import TYPE_CHECKING
 
+from podwire.agent.engine import constants
+
 if TYPE_CHECKING:
     from podwire.agent.engine import device as device_mod
 
-KEY_LEN = 32
 # The protocol's version of the peer configuration; the only one there is.
 PROTOCOL_VERSION = 1
 
@@ -32,7 +33,7 @@ Endpoint = tuple[str, int]
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _DECIMAL = re.compile(r"[0-9]{1,20}")
 _PREFIX_LEN = re.compile(r"[0-9]{1,3}")
-_ZERO_KEY = bytes(KEY_LEN)
+_ZERO_KEY = bytes(constants.KEY_LEN)
 
 
 class UapiError(Exception):
@@ -182,7 +183,7 @@ class _PeerDraft:
 
 def _parse_key(name: str, value: str) -> bytes:
     if not _HEX_KEY.fullmatch(value):
-        raise UapiError(f"{name} is not {KEY_LEN} bytes of hex")
+        raise UapiError(f"{name} is not {constants.KEY_LEN} bytes of hex")
     return bytes.fromhex(value)
 
 

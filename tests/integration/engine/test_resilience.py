@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from podwire.agent.engine.counters import Drop
 from podwire.sandbox import netns as netns_mod
 
 SHORT_TIMERS = "rekey_after_time=4,reject_after_time=7,keepalive_timeout=1,rekey_timeout=1,rekey_attempt_time=5"
@@ -159,7 +160,7 @@ def test_garbage_datagrams_are_dropped_and_counted(bed: Any) -> None:
     assert w.a.proc.returncode == 0
     (stopping,) = _events(w.a, "engine_stopping")
     assert stopping["reason"] == "SIGTERM"
-    for reason in ("short", "unknown_type", "bad_mac1", "unknown_receiver"):
-        assert stopping[reason] > 0, (reason, stopping)
-    assert stopping["internal_error"] == 0
+    for reason in (Drop.SHORT, Drop.UNKNOWN_TYPE, Drop.BAD_MAC1, Drop.UNKNOWN_RECEIVER):
+        assert stopping[reason.value] > 0, (reason, stopping)
+    assert stopping[Drop.INTERNAL_ERROR.value] == 0
     assert not w.a.ns.link_exists(w.a.dev) and not w.a.socket.exists()

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 
 from podwire.agent import clock as clock_mod
+from podwire.agent.engine import actions as actions_mod
 from podwire.agent.engine import device as device_mod
 from podwire.agent.engine import timers as timers_mod
 
@@ -110,11 +111,11 @@ class Wire:
                 return node
         return None
 
-    def run(self, node: Node, actions: list[device_mod.Action]) -> None:
+    def run(self, node: Node, actions: list[actions_mod.Action]) -> None:
         queue = [(node, action) for action in actions]
         while queue:
             origin, action = queue.pop(0)
-            if isinstance(action, device_mod.DeliverPacket):
+            if isinstance(action, actions_mod.DeliverPacket):
                 origin.delivered.append(action.packet)
                 continue
             sent = self.filter(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from podwire.agent.engine import cookie, messages, ratelimiter
+from podwire.agent.engine import constants, cookie, messages, ratelimiter
+from podwire.agent.engine.counters import Drop
 
 A4, B4 = "10.0.1.1", "10.0.2.1"
 INIT, RESP, COOKIE = (
-    messages.MESSAGE_INITIATION,
-    messages.MESSAGE_RESPONSE,
-    messages.MESSAGE_COOKIE_REPLY,
+    constants.MESSAGE_INITIATION,
+    constants.MESSAGE_RESPONSE,
+    constants.MESSAGE_COOKIE_REPLY,
 )
 
 
@@ -46,7 +47,7 @@ def test_under_load_a_cookie_reply_then_a_retry_with_mac2_succeeds(wire: Any, pa
     # b answered the mac2-less initiation with a cookie reply, not a response.
     assert [s.kind for s in wire.log] == [INIT, COOKIE]
     assert wire.log[0].data[-16:] == bytes(16)
-    assert wire.b.device.counters.bad_mac2_needs_cookie == 1
+    assert wire.b.device.counters.drops[Drop.BAD_MAC2_NEEDS_COOKIE] == 1
     assert wire.a.device.counters.cookie_replies_received == 1
     assert wire.b.delivered == []
 
@@ -73,7 +74,7 @@ def test_bad_mac1_is_dropped_before_any_work(wire: Any, packets: Any) -> None:
     initiation = bytearray(wire.log[0].data)
     initiation[-20] ^= 1  # inside mac1
     assert wire.b.device.receive_datagram(bytes(initiation), wire.a.endpoint, 1000.0) == []
-    assert wire.b.device.counters.bad_mac1 == 1
+    assert wire.b.device.counters.drops[Drop.BAD_MAC1] == 1
     assert wire.b.device.counters.initiations_received == 0
 
 
@@ -82,7 +83,7 @@ def test_a_cookie_reply_that_answers_nothing_is_refused(wire: Any, rng_factory: 
     forged = messages.CookieReply(1, bytes(24), bytes(32))
     assert not generator.consume_reply(forged, now=0.0)
     assert wire.a.device.receive_datagram(forged.pack(), wire.b.endpoint, 0.0) == []
-    assert wire.a.device.counters.unknown_receiver == 1
+    assert wire.a.device.counters.drops[Drop.UNKNOWN_RECEIVER] == 1
 
 
 def test_the_cookie_secret_rotates_every_two_minutes(rng_factory: Any) -> None:
@@ -134,7 +135,11 @@ def test_under_load_a_flood_with_valid_cookies_is_rate_limited(wire: Any, packet
     for sent in wire.sent_by("a", INIT)[1:]:
         wire.b.device.receive_datagram(sent.data, wire.a.endpoint, now)
     counters = wire.b.device.counters
-    assert counters.rate_limited == 8 - 5
+    assert counters.drops[Drop.RATE_LIMITED] == 8 - 5
     # the 5 let through still meet the per-peer checks (same whitened timestamp, flood)
-    passed = counters.initiations_received + counters.stale_timestamp + counters.flood
+    passed = (
+        counters.initiations_received
+        + counters.drops[Drop.STALE_TIMESTAMP]
+        + counters.drops[Drop.FLOOD]
+    )
     assert passed == 5

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from podwire.agent.engine import device, messages, noise
+from podwire.agent.engine import actions, constants, counters, noise
+from podwire.agent.engine.counters import Drop
 
 A4, B4, A6, B6 = "10.0.1.1", "10.0.2.1", "fd00:1::1", "fd00:2::1"
 
@@ -29,7 +30,7 @@ def test_ipv4_and_ipv6_ping_over_the_wire(wire: Any, packets: Any) -> None:
     assert wire.b.delivered[-1] == ping6
     assert wire.a.delivered[-1] == pong6
     # One handshake served all of it; nothing went over the wire in clear.
-    assert len(wire.sent_by("a", messages.MESSAGE_INITIATION)) == 1
+    assert len(wire.sent_by("a", constants.MESSAGE_INITIATION)) == 1
     assert not any(b"ping" in s.data or b"six" in s.data for s in wire.log)
 
 
@@ -54,15 +55,15 @@ def test_padding_to_sixteen_but_never_beyond_the_mtu(wire: Any, packets: Any) ->
         packet = packets.ipv4(A4, B4, b"p" * (size - 20))
         wire.send(wire.a, packet)
         assert wire.b.delivered[-1] == packet  # padding trimmed using the IP header's length
-    sizes = [len(s.data) for s in wire.sent_by("a", messages.MESSAGE_TRANSPORT)]
+    sizes = [len(s.data) for s in wire.sent_by("a", constants.MESSAGE_TRANSPORT)]
     assert sizes == [16 + 32 + 16, 16 + 1420 + 16, 16 + 1420 + 16]
 
 
 def test_a_packet_without_a_route_is_dropped(wire: Any, packets: Any) -> None:
     assert wire.a.device.send_packet(packets.ipv4(A4, "10.9.9.9", b"x"), 1.0) == []
     assert wire.a.device.send_packet(b"\x00" * 30, 1.0) == []
-    assert wire.a.device.counters.no_route == 1
-    assert wire.a.device.counters.bad_ip_packet == 1
+    assert wire.a.device.counters.drops[Drop.NO_ROUTE] == 1
+    assert wire.a.device.counters.drops[Drop.BAD_IP_PACKET] == 1
 
 
 def test_the_responder_waits_for_confirmation_before_sending(wire: Any, packets: Any) -> None:
@@ -75,7 +76,7 @@ def test_the_responder_waits_for_confirmation_before_sending(wire: Any, packets:
     reply = packets.ipv4(B4, A4, b"held")
     wire.send(wire.b, reply)
     assert wire.a.delivered == []
-    assert not wire.sent_by("b", messages.MESSAGE_TRANSPORT)
+    assert not wire.sent_by("b", constants.MESSAGE_TRANSPORT)
 
     wire.filter = lambda s: s
     second = packets.ipv4(A4, B4, b"second")
@@ -99,11 +100,11 @@ def test_the_endpoint_roams_to_the_latest_authenticated_source(wire: Any, packet
     assert wire.b.delivered[-1] == packets.ipv4(A4, B4, b"follow")
 
     # A forged datagram from elsewhere, with a valid index but a bad tag, moves nothing.
-    forged = bytearray(wire.sent_by("b", messages.MESSAGE_TRANSPORT)[-1].data)
+    forged = bytearray(wire.sent_by("b", constants.MESSAGE_TRANSPORT)[-1].data)
     forged[-1] ^= 1
     assert wire.a.device.receive_datagram(bytes(forged), ("203.0.113.66", 1), 1000.0) == []
     assert peer_b.endpoint == ("198.51.100.7", 4000)
-    assert wire.a.device.counters.bad_aead == 1
+    assert wire.a.device.counters.drops[Drop.BAD_AEAD] == 1
 
 
 def test_a_source_address_outside_the_peers_allowed_ips_is_dropped(wire: Any, packets: Any) -> None:
@@ -117,7 +118,7 @@ def test_a_source_address_outside_the_peers_allowed_ips_is_dropped(wire: Any, pa
     for packet in spoofed:
         wire.send(wire.b, packet)
     assert wire.a.delivered == [spoofed[1], spoofed[3]]
-    assert wire.a.device.counters.bad_source_address == 2
+    assert wire.a.device.counters.drops[Drop.BAD_SOURCE_ADDRESS] == 2
 
 
 def test_a_decrypted_non_ip_or_truncated_packet_is_dropped(wire: Any, packets: Any) -> None:
@@ -131,15 +132,15 @@ def test_a_decrypted_non_ip_or_truncated_packet_is_dropped(wire: Any, packets: A
         wire.run(wire.b, wire.b.device.tick(wire.clock.monotonic()))
         wire.run(wire.b, wire.b.device.send_packet(packets.ipv4(B4, A4, b"flush"), 1000.0))
     assert wire.a.delivered == [packets.ipv4(B4, A4, b"flush")] * 2
-    assert wire.a.device.counters.bad_ip_packet == 2
+    assert wire.a.device.counters.drops[Drop.BAD_IP_PACKET] == 2
 
 
 def test_a_replayed_transport_datagram_is_dropped(wire: Any, packets: Any) -> None:
     wire.send(wire.a, packets.ipv4(A4, B4, b"once"))
-    datagram = wire.sent_by("a", messages.MESSAGE_TRANSPORT)[-1]
-    actions = wire.b.device.receive_datagram(datagram.data, wire.a.endpoint, 1000.0)
-    assert actions == []
-    assert wire.b.device.counters.replayed == 1
+    datagram = wire.sent_by("a", constants.MESSAGE_TRANSPORT)[-1]
+    replies = wire.b.device.receive_datagram(datagram.data, wire.a.endpoint, 1000.0)
+    assert replies == []
+    assert wire.b.device.counters.drops[Drop.REPLAYED] == 1
     assert len(wire.b.delivered) == 1
 
 
@@ -156,8 +157,8 @@ def test_changing_the_private_key_drops_sessions_and_a_peer_with_our_key(
     wire.send(wire.a, packets.ipv4(A4, B4, b"after"))
     # b does not know a's new key: nothing more is delivered, and no old key is used.
     assert wire.b.delivered == [packets.ipv4(A4, B4, b"before")]
-    assert wire.sent_by("a")[-1].kind == messages.MESSAGE_INITIATION
-    assert wire.b.device.counters.no_peer == 1
+    assert wire.sent_by("a")[-1].kind == constants.MESSAGE_INITIATION
+    assert wire.b.device.counters.drops[Drop.NO_PEER] == 1
 
 
 def test_peer_configuration_surface(wire: Any) -> None:
@@ -180,10 +181,10 @@ def test_peer_configuration_surface(wire: Any) -> None:
 
 def test_a_removed_peer_is_unreachable_and_its_sessions_forgotten(wire: Any, packets: Any) -> None:
     wire.send(wire.a, packets.ipv4(A4, B4, b"hello"))
-    old = wire.sent_by("a", messages.MESSAGE_TRANSPORT)[-1]
+    old = wire.sent_by("a", constants.MESSAGE_TRANSPORT)[-1]
     wire.b.device.remove_peer(wire.a.device.public_key)
     assert wire.b.device.receive_datagram(old.data, wire.a.endpoint, 1000.0) == []
-    assert wire.b.device.counters.unknown_receiver == 1
+    assert wire.b.device.counters.drops[Drop.UNKNOWN_RECEIVER] == 1
     assert wire.b.device.send_packet(packets.ipv4(B4, A4, b"x"), 1000.0) == []
 
 
@@ -191,14 +192,14 @@ def test_packets_in_flight_on_the_previous_key_survive_a_rekey(wire: Any, packet
     wire.send(wire.a, packets.ipv4(A4, B4, b"hello"))
     wire.up = False
     wire.send(wire.b, packets.ipv4(B4, A4, b"in flight"))
-    in_flight = wire.sent_by("b", messages.MESSAGE_TRANSPORT)[-1]
+    in_flight = wire.sent_by("b", constants.MESSAGE_TRANSPORT)[-1]
     wire.up = True
     wire.clock.advance(121)
     wire.send(wire.a, packets.ipv4(A4, B4, b"rekey"))  # a rekeys; b confirms the new key
     peer_a = wire.b.device.peers[wire.a.device.public_key]
     wire.send(wire.a, packets.ipv4(A4, B4, b"confirm"))
     assert peer_a.previous is not None
-    wire.run(wire.b, [device.SendDatagram(in_flight.data, wire.a.endpoint)])
+    wire.run(wire.b, [actions.SendDatagram(in_flight.data, wire.a.endpoint)])
     assert wire.a.delivered == [packets.ipv4(B4, A4, b"in flight")]
 
 
@@ -206,7 +207,7 @@ def test_at_most_128_packets_wait_for_a_handshake(wire: Any, packets: Any) -> No
     wire.up = False
     for i in range(130):
         wire.send(wire.a, packets.ipv4(A4, B4, i.to_bytes(2, "big")))
-    assert wire.a.device.counters.staged_overflow == 2
+    assert wire.a.device.counters.drops[Drop.STAGED_OVERFLOW] == 2
     wire.up = True
     wire.advance(6)  # the retransmitted initiation gets through
     assert [p[20:] for p in wire.b.delivered] == [i.to_bytes(2, "big") for i in range(2, 130)]
@@ -215,8 +216,8 @@ def test_at_most_128_packets_wait_for_a_handshake(wire: Any, packets: Any) -> No
 # Fuzzing: nothing a peer sends may raise, deliver, or go uncounted.
 
 
-def _total(counters: device.Counters) -> int:
-    return sum(counters.as_dict().values())
+def _total(counts: counters.Counters) -> int:
+    return sum(counts.as_dict().values())
 
 
 @settings(
@@ -239,9 +240,9 @@ def test_arbitrary_bytes_never_raise_and_are_counted(
     w.send(w.a, packets.ipv4(A4, B4, b"hello"))
     dev = w.b.device
     before = _total(dev.counters)
-    actions = dev.receive_datagram(data, ("203.0.113.1", 9), 1000.0)
-    assert not any(isinstance(a, device.DeliverPacket) for a in actions)
-    assert dev.counters.internal_error == 0
+    replies = dev.receive_datagram(data, ("203.0.113.1", 9), 1000.0)
+    assert not any(isinstance(a, actions.DeliverPacket) for a in replies)
+    assert dev.counters.drops[Drop.INTERNAL_ERROR] == 0
     assert _total(dev.counters) > before
 
 
@@ -271,8 +272,8 @@ def test_mutated_valid_messages_are_dropped_and_counted(
     source = w.a if original.source == "a" else w.b
     before = _total(target.device.counters)
     delivered_before = len(target.delivered)
-    actions = target.device.receive_datagram(bytes(raw), source.endpoint, 1000.0)
-    assert not any(isinstance(a, device.DeliverPacket) for a in actions)
+    replies = target.device.receive_datagram(bytes(raw), source.endpoint, 1000.0)
+    assert not any(isinstance(a, actions.DeliverPacket) for a in replies)
     assert len(target.delivered) == delivered_before
-    assert target.device.counters.internal_error == 0
+    assert target.device.counters.drops[Drop.INTERNAL_ERROR] == 0
     assert _total(target.device.counters) > before

@@ -18,7 +18,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from podwire.agent.engine import cookie, device, messages, noise
+from podwire.agent.engine import actions, cookie, device, messages, noise
+from podwire.agent.engine.counters import Drop
 
 # Fixed inputs: static and ephemeral private keys, indexes, time, psk.
 I_STATIC = bytes.fromhex("e0" + "11" * 30 + "41")
@@ -223,7 +224,7 @@ def test_the_psk_changes_the_keys_and_a_psk_mismatch_fails() -> None:
     resp = noise.create_response(hs_r, ephemeral_private=R_EPHEMERAL, sender_index=2)
     with pytest.raises(noise.HandshakeError) as err:
         noise.consume_response(resp, hs_i, initiator)
-    assert err.value.reason == "bad_aead"
+    assert err.value.reason == Drop.BAD_AEAD
     assert hs_i.state is noise.HandshakeState.CREATED_INITIATION  # untouched by the failure
 
 
@@ -256,16 +257,16 @@ def test_two_devices_with_injected_keys_exchange_the_reference_handshake() -> No
     packet = bytes.fromhex("45000014000000004011000a0a0100010a090001")  # 20-byte IPv4
 
     [initiation] = initiator.send_packet(packet, 10.0)
-    assert initiation == device.SendDatagram(ref["initiation"], at_r)
+    assert initiation == actions.SendDatagram(ref["initiation"], at_r)
     [response] = responder.receive_datagram(initiation.data, at_i, 10.0)
-    assert response == device.SendDatagram(ref["response"], at_i)
+    assert response == actions.SendDatagram(ref["response"], at_i)
     [data] = initiator.receive_datagram(response.data, at_r, 10.0)
     padded = packet + bytes(12)
     expected = struct.pack("<B3xIQ", 4, R_INDEX, 0) + ChaCha20Poly1305(
         ref["initiator_send"]
     ).encrypt(bytes(12), padded, None)
-    assert data == device.SendDatagram(expected, at_r)
-    assert responder.receive_datagram(data.data, at_i, 10.0) == [device.DeliverPacket(packet)]
+    assert data == actions.SendDatagram(expected, at_r)
+    assert responder.receive_datagram(data.data, at_i, 10.0) == [actions.DeliverPacket(packet)]
 
 
 def test_tai64n_is_big_endian_label_plus_seconds_and_whitened_nanoseconds() -> None:
@@ -302,8 +303,8 @@ def test_a_replayed_or_older_initiation_is_refused() -> None:
     first = _initiation_at(WALL + 10, hs_i)
     noise.consume_initiation(first, responder, lambda key: hs_r, now=0.0)
     for message, reason in [
-        (first, "stale_timestamp"),
-        (_initiation_at(WALL + 5, hs_i), "stale_timestamp"),
+        (first, Drop.STALE_TIMESTAMP),
+        (_initiation_at(WALL + 5, hs_i), Drop.STALE_TIMESTAMP),
     ]:
         with pytest.raises(noise.HandshakeError) as err:
             noise.consume_initiation(message, responder, lambda key: hs_r, now=100.0)
@@ -318,7 +319,7 @@ def test_initiations_faster_than_fifty_per_second_are_refused_as_a_flood() -> No
         noise.consume_initiation(
             _initiation_at(WALL + 2, hs_i), responder, lambda k: hs_r, now=10.01
         )
-    assert err.value.reason == "flood"
+    assert err.value.reason == Drop.FLOOD
     noise.consume_initiation(_initiation_at(WALL + 3, hs_i), responder, lambda k: hs_r, now=10.03)
 
 
@@ -327,7 +328,7 @@ def test_an_initiation_from_an_unknown_key_or_with_a_bad_tag_is_refused() -> Non
     message = _initiation_at(WALL, hs_i)
     with pytest.raises(noise.HandshakeError) as err:
         noise.consume_initiation(message, responder, lambda key: None, now=0.0)
-    assert err.value.reason == "no_peer"
+    assert err.value.reason == Drop.NO_PEER
     tampered = messages.Initiation(
         message.sender,
         message.ephemeral,
@@ -336,7 +337,7 @@ def test_an_initiation_from_an_unknown_key_or_with_a_bad_tag_is_refused() -> Non
     )
     with pytest.raises(noise.HandshakeError) as err:
         noise.consume_initiation(tampered, responder, lambda key: hs_r, now=0.0)
-    assert err.value.reason == "bad_aead"
+    assert err.value.reason == Drop.BAD_AEAD
     assert hs_r.state is noise.HandshakeState.ZEROED
 
 
@@ -345,4 +346,4 @@ def test_a_low_order_ephemeral_is_refused() -> None:
     message = messages.Initiation(1, bytes(32), bytes(48), bytes(28))
     with pytest.raises(noise.HandshakeError) as err:
         noise.consume_initiation(message, responder, lambda key: hs_r, now=0.0)
-    assert err.value.reason == "bad_dh"
+    assert err.value.reason == Drop.BAD_DH

@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from podwire.agent.engine import replay
+from podwire.agent.engine import constants, replay
 
 W = replay.WINDOW_SIZE
 TOTAL = replay.TOTAL_BITS
-LIMIT = replay.REJECT_AFTER_MESSAGES
+LIMIT = constants.REJECT_AFTER_MESSAGES
 
 # (counter, accepted?) in order, all against one window.
 CASES = [

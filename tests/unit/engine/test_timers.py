@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from podwire.agent.engine import messages, timers
+from podwire.agent.engine import constants, timers
+from podwire.agent.engine.counters import Drop
 
 A4, B4 = "10.0.1.1", "10.0.2.1"
-INIT, DATA = messages.MESSAGE_INITIATION, messages.MESSAGE_TRANSPORT
+INIT, DATA = constants.MESSAGE_INITIATION, constants.MESSAGE_TRANSPORT
 
 
 def _session(wire: Any, packets: Any) -> float:
@@ -105,7 +106,7 @@ def test_keys_older_than_reject_after_time_are_never_used(wire: Any, packets: An
     wire.advance(1)
     # Arriving after reject-after-time, it is refused by b...
     assert wire.b.device.receive_datagram(late.data, wire.a.endpoint, wire.clock.monotonic()) == []
-    assert wire.b.device.counters.key_expired == 1
+    assert wire.b.device.counters.drops[Drop.KEY_EXPIRED] == 1
     # ...and a no longer encrypts with the expired key: it only tries to handshake.
     sent_before = len(wire.sent_by("a", DATA))
     wire.send(wire.a, packets.ipv4(A4, B4, b"later"))
@@ -142,7 +143,7 @@ def test_handshake_retransmission_with_jitter_then_giving_up(wire: Any, packets:
     assert all(5.0 <= gap <= 5.0 + 1 / 3 + 0.02 for gap in gaps), gaps
     assert len({round(gap, 2) for gap in gaps}) > 3  # jittered, not in lockstep
     assert times[-1] >= config.rekey_attempt_time
-    assert wire.a.device.counters.staged_given_up == 1
+    assert wire.a.device.counters.drops[Drop.STAGED_GIVEN_UP] == 1
 
     # The queued packet is gone for good: a later session carries only new traffic.
     wire.up = True

@@ -1,0 +1,252 @@
+"""The receive path: a datagram from UDP to a packet for TUN, and the handshake messages we
+consume.
+
+Whatever a peer sends is dispatched on its type and length first; a handshake message must
+then pass mac1 (and under load mac2 and the rate limit) before any Diffie-Hellman; a transport
+message must name a live keypair, authenticate and not be a replay. Only then does the peer
+roam to the datagram's source and do its timers hear of it. A decrypted packet is delivered
+only if its source address is one of the peer's allowed-ips.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from cryptography.exceptions import InvalidTag
+
+from podwire.agent.engine import constants, cookie, messages, noise, peer, send, timers
+from podwire.agent.engine.actions import Action, DeliverPacket, Endpoint
+from podwire.agent.engine.counters import Drop
+
+if TYPE_CHECKING:
+    from podwire.agent.engine import device
+
+_TYPE = messages.TYPE
+_HEADER = messages.TRANSPORT_HEADER
+_HEADER_LEN = constants.TRANSPORT_HEADER_LEN
+_NONCE = struct.Struct("<4xQ")
+_TRANSPORT = constants.MESSAGE_TRANSPORT
+
+
+def receive_datagram(dev: device.Device, data: bytes, source: Endpoint, now: float) -> list[Action]:
+    """A datagram from the UDP socket. Never raises."""
+    try:
+        if len(data) < 4:
+            dev.counters.drops[Drop.SHORT] += 1
+            return []
+        kind = _TYPE.unpack_from(data)[0]
+        if kind == _TRANSPORT:
+            return _receive_transport(dev, data, source, now)
+        if kind == constants.MESSAGE_INITIATION:
+            return _receive_initiation(dev, data, source, now)
+        if kind == constants.MESSAGE_RESPONSE:
+            return _receive_response(dev, data, source, now)
+        if kind == constants.MESSAGE_COOKIE_REPLY:
+            return _receive_cookie_reply(dev, data, now)
+        dev.counters.drops[Drop.UNKNOWN_TYPE] += 1
+        return []
+    except Exception:
+        # A bug, not a peer's fault; counted so tests and logs see it, never fatal.
+        dev.counters.drops[Drop.INTERNAL_ERROR] += 1
+        return []
+
+
+def _receive_transport(
+    dev: device.Device, data: bytes, source: Endpoint, now: float
+) -> list[Action]:
+    n = len(data)
+    if n < constants.TRANSPORT_MIN_LEN:
+        dev.counters.drops[Drop.BAD_LENGTH] += 1
+        return []
+    _, receiver, counter = _HEADER.unpack_from(data)
+    entry = dev.index.keypair(receiver)
+    if entry is None:
+        dev.counters.drops[Drop.UNKNOWN_RECEIVER] += 1
+        return []
+    keypair, p = entry
+    config = dev.timer_config
+    if (
+        not keypair.receiving_valid
+        or now - keypair.created >= config.reject_after_time
+        or counter >= config.reject_after_messages
+    ):
+        dev.counters.drops[Drop.KEY_EXPIRED] += 1
+        return []
+    try:
+        plain = keypair.receiving.decrypt(
+            _NONCE.pack(counter), memoryview(data)[_HEADER_LEN:], None
+        )
+    except InvalidTag:
+        dev.counters.drops[Drop.BAD_AEAD] += 1
+        return []
+    if not keypair.replay.validate(counter, config.reject_after_messages):
+        dev.counters.drops[Drop.REPLAYED] += 1
+        return []
+
+    # Authenticated: the peer roams to wherever this came from.
+    p.endpoint = source
+    p.rx_bytes += n
+    dev.counters.transport_received += 1
+    actions: list[Action] = []
+    if p.next is keypair:
+        _confirm_next(dev, p, keypair, now, actions)
+    current = p.current
+    if (
+        current is not None
+        and not p.timers.sent_lastminute_handshake
+        and current.sending_valid
+        and timers.should_rekey_after_receive(current, now, config)
+    ):
+        p.timers.sent_lastminute_handshake = True
+        send.send_initiation(dev, p, now, actions, retry=False)
+    p.timers.on_any_authenticated_packet_received(now)
+    p.timers.on_any_authenticated_packet_traversal(now)
+    if not plain:
+        dev.counters.keepalives_received += 1
+        return actions
+    p.timers.on_data_received(now)
+    packet = _check_inner_packet(dev, plain, p)
+    if packet is not None:
+        dev.counters.packets_delivered += 1
+        actions.append(DeliverPacket(packet))
+    return actions
+
+
+def _check_inner_packet(dev: device.Device, plain: bytes, p: peer.Peer) -> bytes | None:
+    """The packet without padding if it is IP and its source is one of the peer's."""
+    n = len(plain)
+    version = plain[0] >> 4
+    if version == 4 and n >= 20:
+        length = (plain[2] << 8) | plain[3]
+        routed = dev.allowed_ips.lookup_v4(int.from_bytes(plain[12:16], "big"))
+    elif version == 6 and n >= 40:
+        length = 40 + ((plain[4] << 8) | plain[5])
+        routed = dev.allowed_ips.lookup_v6(int.from_bytes(plain[8:24], "big"))
+    else:
+        dev.counters.drops[Drop.BAD_IP_PACKET] += 1
+        return None
+    if length > n or (version == 4 and length < 20):
+        dev.counters.drops[Drop.BAD_IP_PACKET] += 1
+        return None
+    if routed is not p:
+        dev.counters.drops[Drop.BAD_SOURCE_ADDRESS] += 1
+        return None
+    return plain if length == n else plain[:length]
+
+
+def _confirm_next(
+    dev: device.Device, p: peer.Peer, keypair: noise.Keypair, now: float, actions: list[Action]
+) -> None:
+    """The initiator used our responder keypair: it becomes current; send what waited."""
+    _, dropped = p.received_with_keypair(keypair)
+    if dropped is not None:
+        dev.index.drop_keypairs([dropped])
+    p.timers.on_handshake_complete(now)
+    p.last_handshake_wall = dev.wall_clock()
+    dev.counters.handshakes_completed += 1
+    send.send_staged(dev, p, now, actions)
+
+
+def _macs_ok(
+    dev: device.Device, data: bytes, source: Endpoint, now: float, actions: list[Action]
+) -> bool:
+    """mac1 always; under load, mac2 (else answer with a cookie) and the rate limit."""
+    check = dev.checker.check(data, source, check_mac2=dev.under_load, now=now, rng=dev.rng)
+    if check is cookie.MacCheck.INVALID:
+        dev.counters.drops[Drop.BAD_MAC1] += 1
+        return False
+    if not dev.under_load:
+        return True
+    if check is cookie.MacCheck.VALID_MAC1:
+        dev.counters.drops[Drop.BAD_MAC2_NEEDS_COOKIE] += 1
+        send.send_cookie_reply(dev, data, source, now, actions)
+        return False
+    if not dev.ratelimiter.allow(source[0], now):
+        dev.counters.drops[Drop.RATE_LIMITED] += 1
+        return False
+    return True
+
+
+def _receive_initiation(
+    dev: device.Device, data: bytes, source: Endpoint, now: float
+) -> list[Action]:
+    if len(data) != constants.INITIATION_LEN:
+        dev.counters.drops[Drop.BAD_LENGTH] += 1
+        return []
+    actions: list[Action] = []
+    if not _macs_ok(dev, data, source, now, actions):
+        return actions
+    identity = dev.identity
+    if identity is None:
+        dev.counters.drops[Drop.NO_IDENTITY] += 1
+        return actions
+    message = messages.parse_initiation(data)
+    try:
+        handshake = noise.consume_initiation(message, identity, dev.find_handshake, now=now)
+    except noise.HandshakeError as exc:
+        dev.counters.drops[exc.reason] += 1
+        return actions
+    p = dev.peers[handshake.remote_static]
+    dev.counters.initiations_received += 1
+    p.rx_bytes += len(data)
+    p.endpoint = source
+    dev.index.forget_handshake(p)
+    send.send_response(dev, p, now, actions)
+    p.timers.on_any_authenticated_packet_received(now)
+    p.timers.on_any_authenticated_packet_traversal(now)
+    return actions
+
+
+def _receive_response(
+    dev: device.Device, data: bytes, source: Endpoint, now: float
+) -> list[Action]:
+    if len(data) != constants.RESPONSE_LEN:
+        dev.counters.drops[Drop.BAD_LENGTH] += 1
+        return []
+    actions: list[Action] = []
+    if not _macs_ok(dev, data, source, now, actions):
+        return actions
+    identity = dev.identity
+    if identity is None:
+        dev.counters.drops[Drop.NO_IDENTITY] += 1
+        return actions
+    message = messages.parse_response(data)
+    p = dev.index.handshake(message.receiver)
+    if p is None:
+        dev.counters.drops[Drop.UNKNOWN_RECEIVER] += 1
+        return actions
+    try:
+        noise.consume_response(message, p.handshake, identity)
+    except noise.HandshakeError as exc:
+        dev.counters.drops[exc.reason] += 1
+        return actions
+    dev.counters.responses_received += 1
+    p.rx_bytes += len(data)
+    p.endpoint = source
+    dev.begin_session(p, now)
+    p.timers.on_handshake_complete(now)
+    p.last_handshake_wall = dev.wall_clock()
+    dev.counters.handshakes_completed += 1
+    p.timers.on_any_authenticated_packet_received(now)
+    p.timers.on_any_authenticated_packet_traversal(now)
+    # Confirms the session to the responder: queued data if any, else a keepalive.
+    send.send_keepalive(dev, p, now, actions)
+    return actions
+
+
+def _receive_cookie_reply(dev: device.Device, data: bytes, now: float) -> list[Action]:
+    if len(data) != constants.COOKIE_REPLY_LEN:
+        dev.counters.drops[Drop.BAD_LENGTH] += 1
+        return []
+    reply = messages.parse_cookie_reply(data)
+    p = dev.index.peer_of(reply.receiver)
+    if p is None:
+        dev.counters.drops[Drop.UNKNOWN_RECEIVER] += 1
+        return []
+    if not p.cookie.consume_reply(reply, now=now):
+        dev.counters.drops[Drop.BAD_COOKIE_REPLY] += 1
+        return []
+    # The retransmit timer resends the initiation, now with mac2.
+    dev.counters.cookie_replies_received += 1
+    return []

@@ -1,0 +1,182 @@
+"""The send path: a packet from TUN to an encrypted datagram, and the handshake messages we send.
+
+A packet is routed by its destination through allowed-ips and staged on its peer; staged
+packets go out as soon as the peer has a current keypair young enough to send with, and the
+first that lacks one starts a handshake instead (at most one initiation per rekey-timeout).
+Each function appends to the caller's list of actions; the timer hooks are called where the
+paper's rules say.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from podwire.agent.engine import constants, messages, noise, peer, timers
+from podwire.agent.engine.actions import Action, Endpoint, SendDatagram
+from podwire.agent.engine.counters import Drop
+
+if TYPE_CHECKING:
+    from podwire.agent.engine import device
+
+_HEADER = messages.TRANSPORT_HEADER
+_NONCE = struct.Struct("<4xQ")
+_TRANSPORT = constants.MESSAGE_TRANSPORT
+_PADDING = constants.PADDING_MULTIPLE
+
+
+def send_packet(dev: device.Device, packet: bytes, now: float) -> list[Action]:
+    """An IP packet read from TUN: encrypt it for the peer that routes its destination."""
+    n = len(packet)
+    version = packet[0] >> 4 if n else 0
+    if version == 4 and n >= 20:
+        target = dev.allowed_ips.lookup_v4(int.from_bytes(packet[16:20], "big"))
+    elif version == 6 and n >= 40:
+        target = dev.allowed_ips.lookup_v6(int.from_bytes(packet[24:40], "big"))
+    else:
+        dev.counters.drops[Drop.BAD_IP_PACKET] += 1
+        return []
+    if target is None:
+        dev.counters.drops[Drop.NO_ROUTE] += 1
+        return []
+    if target.endpoint is None:
+        dev.counters.drops[Drop.NO_ENDPOINT] += 1
+        return []
+    if not target.stage(bytes(packet)):
+        dev.counters.drops[Drop.STAGED_OVERFLOW] += 1
+    actions: list[Action] = []
+    send_staged(dev, target, now, actions)
+    return actions
+
+
+def send_staged(dev: device.Device, p: peer.Peer, now: float, actions: list[Action]) -> None:
+    """Encrypt what waits for the peer, or start a handshake if no key may send it."""
+    keypair = p.current
+    config = dev.timer_config
+    if (
+        keypair is None
+        or not keypair.sending_valid
+        or not timers.can_send_with(keypair, now, config)
+    ):
+        send_initiation(dev, p, now, actions, retry=False)
+        return
+    staged = p.staged
+    while staged:
+        if keypair.send_counter >= config.reject_after_messages:
+            keypair.sending_valid = False
+            send_initiation(dev, p, now, actions, retry=False)
+            return
+        _encrypt(dev, p, keypair, staged.popleft(), now, actions)
+    if timers.should_rekey_after_send(keypair, now, config):
+        send_initiation(dev, p, now, actions, retry=False)
+
+
+def send_keepalive(dev: device.Device, p: peer.Peer, now: float, actions: list[Action]) -> None:
+    """An empty transport message, unless data already waits to go (it serves as well)."""
+    if not p.staged:
+        p.staged.append(b"")
+    send_staged(dev, p, now, actions)
+
+
+def _encrypt(
+    dev: device.Device,
+    p: peer.Peer,
+    keypair: noise.Keypair,
+    packet: bytes,
+    now: float,
+    actions: list[Action],
+) -> None:
+    n = len(packet)
+    pad = -n % _PADDING
+    if pad:
+        if n + pad > dev.mtu:
+            pad = max(0, dev.mtu - n)
+        packet += bytes(pad)
+    counter = keypair.send_counter
+    keypair.send_counter = counter + 1
+    data = _HEADER.pack(_TRANSPORT, keypair.remote_index, counter) + keypair.sending.encrypt(
+        _NONCE.pack(counter), packet, None
+    )
+    t = p.timers
+    t.on_any_authenticated_packet_traversal(now)
+    t.on_any_authenticated_packet_sent(now)
+    if n:
+        dev.counters.transport_sent += 1
+        t.on_data_sent(now)
+    else:
+        dev.counters.keepalives_sent += 1
+    _emit(dev, p, data, actions)
+
+
+def _emit(dev: device.Device, p: peer.Peer, data: bytes, actions: list[Action]) -> None:
+    endpoint = p.endpoint
+    if endpoint is None:
+        dev.counters.drops[Drop.NO_ENDPOINT] += 1
+        return
+    p.tx_bytes += len(data)
+    actions.append(SendDatagram(data, endpoint))
+
+
+def send_initiation(
+    dev: device.Device, p: peer.Peer, now: float, actions: list[Action], *, retry: bool
+) -> None:
+    """Start a handshake; `retry` when the retransmit timer asks, so its attempts add up."""
+    if not retry:
+        p.timers.handshake_attempts = 0
+    last = p.last_sent_handshake
+    if last is not None and now - last < dev.timer_config.rekey_timeout:
+        return  # one initiation per rekey-timeout at most
+    identity = dev.identity
+    if identity is None:
+        dev.counters.drops[Drop.NO_IDENTITY] += 1
+        return
+    p.last_sent_handshake = now
+    dev.index.forget_handshake(p)
+    index = dev.index.new_index()
+    try:
+        message = noise.create_initiation(
+            p.handshake,
+            identity,
+            ephemeral_private=dev.rng(constants.KEY_LEN),
+            sender_index=index,
+            wall_time=dev.wall_clock(),
+        )
+    except noise.HandshakeError as exc:
+        dev.counters.drops[exc.reason] += 1
+        return
+    dev.index.announce_handshake(p, index)
+    data = p.cookie.stamp(message.pack(), now=now)
+    p.timers.on_any_authenticated_packet_traversal(now)
+    p.timers.on_any_authenticated_packet_sent(now)
+    dev.counters.initiations_sent += 1
+    _emit(dev, p, data, actions)
+    p.timers.on_handshake_initiated(now)
+
+
+def send_response(dev: device.Device, p: peer.Peer, now: float, actions: list[Action]) -> None:
+    """Answer the initiation just consumed; the responder's keypair is derived at once."""
+    index = dev.index.new_index()
+    try:
+        message = noise.create_response(
+            p.handshake, ephemeral_private=dev.rng(constants.KEY_LEN), sender_index=index
+        )
+    except noise.HandshakeError as exc:
+        dev.counters.drops[exc.reason] += 1
+        return
+    data = p.cookie.stamp(message.pack(), now=now)
+    dev.begin_session(p, now)
+    p.timers.on_any_authenticated_packet_traversal(now)
+    p.timers.on_any_authenticated_packet_sent(now)
+    p.last_sent_handshake = now
+    dev.counters.responses_sent += 1
+    _emit(dev, p, data, actions)
+
+
+def send_cookie_reply(
+    dev: device.Device, data: bytes, source: Endpoint, now: float, actions: list[Action]
+) -> None:
+    """Under load, answer a handshake message that lacks a valid mac2 with a cookie."""
+    sender = messages.TYPE.unpack_from(data, 4)[0]
+    reply = dev.checker.create_reply(data, sender, source, now=now, rng=dev.rng)
+    dev.counters.cookie_replies_sent += 1
+    actions.append(SendDatagram(reply.pack(), source))
