@@ -14,7 +14,6 @@ from typing import Generic, TypeVar
 
 PeerT = TypeVar("PeerT")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def parse_prefix(prefix: str | Network) -> Network:
@@ -98,26 +97,15 @@ class AllowedIPs(Generic[PeerT]):
         """The peer's prefixes in the order they were inserted (for UAPI get)."""
         return list(self._by_peer.get(peer, ()))
 
-    def lookup(self, address: bytes | Address) -> PeerT | None:
-        """The peer whose longest prefix contains the address (4 or 16 bytes, or an address)."""
-        if isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
-            address = address.packed
-        if len(address) == 4:
-            return self._v4.lookup(int.from_bytes(address, "big"))
-        if len(address) == 16:
-            return self._v6.lookup(int.from_bytes(address, "big"))
-        return None
+    # Lookups take the address as an integer, as the datapath reads it from a packet's header.
 
     def lookup_v4(self, value: int) -> PeerT | None:
+        """The peer whose longest IPv4 prefix contains the address."""
         return self._v4.lookup(value)
 
     def lookup_v6(self, value: int) -> PeerT | None:
+        """The peer whose longest IPv6 prefix contains the address."""
         return self._v6.lookup(value)
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._by_peer.values())
-
-    def clear(self) -> None:
-        self._v4 = _Family(32)
-        self._v6 = _Family(128)
-        self._by_peer = {}

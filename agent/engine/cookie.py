@@ -18,9 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from podwire.agent.engine import constants, messages, noise
-
-Endpoint = tuple[str, int]
-
+from podwire.agent.engine.actions import Endpoint
 
 # HChaCha20 (draft-irtf-cfrg-xchacha section 2.2): the ChaCha20 block function without the
 # final addition, keeping words 0-3 and 12-15. It turns a 24-byte nonce into a subkey for the

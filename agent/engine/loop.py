@@ -284,5 +284,5 @@ class Engine:
             self._last_counters = counts
 
 
-def _endpoint(endpoint: tuple[str, int] | None) -> str | None:
+def _endpoint(endpoint: actions_mod.Endpoint | None) -> str | None:
     return None if endpoint is None else uapi.format_endpoint(endpoint)

@@ -12,8 +12,7 @@ import collections
 from collections.abc import Callable, Iterator
 
 from podwire.agent.engine import constants, cookie, noise, timers
-
-Endpoint = tuple[str, int]
+from podwire.agent.engine.actions import Endpoint
 
 # Implementation constant: packets held while a handshake is in progress (the kernel's).
 MAX_STAGED_PACKETS = 128

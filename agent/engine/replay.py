@@ -53,8 +53,3 @@ class ReplayWindow:
             return False
         blocks[slot] = block | bit
         return True
-
-    @property
-    def greatest(self) -> int | None:
-        """The greatest counter accepted so far."""
-        return self._top - 1 if self._top else None

@@ -20,6 +20,7 @@ import re
 from typing import TYPE_CHECKING
 
 from podwire.agent.engine import constants
+from podwire.agent.engine.actions import Endpoint
 
 if TYPE_CHECKING:
     from podwire.agent.engine import device as device_mod
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 PROTOCOL_VERSION = 1
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Endpoint = tuple[str, int]
 
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _DECIMAL = re.compile(r"[0-9]{1,20}")

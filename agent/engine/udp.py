@@ -15,7 +15,7 @@ import contextlib
 import errno
 import socket
 
-Endpoint = tuple[str, int]
+from podwire.agent.engine.actions import Endpoint
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_SNDBUFFORCE = 32
