@@ -1,30 +1,34 @@
-"""`podwire`: the command line for operators of a node and of the sandbox."""
+"""`podwire`: the command line for the operator of a node.
+
+Its own commands speak to the node's agent over the local API. Other parts of podwire add
+theirs as plugins, through the `podwire.cli` entry point group: each entry point names a
+function that adds its subcommand to the parser and sets the `handler` that runs it. The
+sandbox does so for `podwire sandbox`; this module never imports it, so an image without the
+sandbox still has a whole `podwire status`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 DEFAULT_SOCKET = "/var/run/podwire/agent.sock"
+PLUGIN_GROUP = "podwire.cli"
+
+# A plugin's entry point: adds its subcommand, with a `handler(args) -> exit code` default.
+Plugin = Callable[["argparse._SubParsersAction[Any]"], None]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(plugins: Iterable[Plugin] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="podwire", description="podwire: WireGuard for pod traffic")
     sub = p.add_subparsers(dest="command", required=True)
-    sb = sub.add_parser("sandbox", help="a whole podwire cluster on this machine")
-    sbsub = sb.add_subparsers(dest="action", required=True)
-    up = sbsub.add_parser("up", help="start the sandbox")
-    up.add_argument("--nodes", type=int, default=3)
-    up.add_argument("--datapath", choices=["auto", "userspace", "kernel"], default="auto")
-    sbsub.add_parser("down", help="remove everything the sandbox made")
-    st = sbsub.add_parser("status", help="nodes, peers, handshakes, which pod reaches which")
-    st.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    vf = sbsub.add_parser("verify", help="prove from an underlay capture that traffic is encrypted")
-    vf.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    for register in discover_plugins() if plugins is None else plugins:
+        register(sub)
     for name, text in (
         ("status", "this node's agent: key, datapath, sync"),
         ("peers", "the peers on the device"),
@@ -32,7 +36,21 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=text)
         c.add_argument("-o", "--output", choices=["table", "json"], default="table")
         c.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's API socket")
+        c.set_defaults(handler=_agent_command)
     return p
+
+
+def discover_plugins() -> list[Plugin]:
+    """The `register` functions of the installed `podwire.cli` plugins (the sandbox's, in a
+    development install). One whose module is not installed is left out: the node's commands
+    must work without it."""
+    found = []
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            found.append(ep.load())
+        except ImportError:
+            continue
+    return found
 
 
 def _stub(socket_path: str) -> Any:
@@ -110,43 +128,7 @@ def _agent_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("status", "peers"):
-        return _agent_command(args)
-    if args.command == "sandbox":
-        return _sandbox_command(args)
-    return 0
-
-
-def _sandbox_command(args: argparse.Namespace) -> int:
-    # Imported here: the sandbox pulls in the control plane's tooling, which a node's
-    # `podwire status` never needs.
-    from podwire.sandbox import cluster, verify
-    from podwire.sandbox import status as status_mod
-
-    sandbox = cluster.Sandbox()
-    try:
-        if args.action == "up":
-            sandbox.up(nodes=args.nodes, datapath=args.datapath)
-        elif args.action == "down":
-            sandbox.down()
-        elif args.action == "verify":
-            as_json = args.output == "json"
-            report = verify.verify(sandbox.load(), out=sys.stderr if as_json else sys.stdout)
-            if as_json:
-                print(json.dumps(report.to_dict(), indent=2, default=str))
-            return 0 if report.passed else 1
-        else:
-            status = sandbox.status()
-            status_mod.render(status, as_json=args.output == "json")
-            if "kubeconfig" not in status:
-                return 1
-    except (cluster.SandboxError, verify.VerifyError) as e:
-        print(f"podwire sandbox {args.action}: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"podwire sandbox {args.action}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return int(args.handler(args))
 
 
 if __name__ == "__main__":

@@ -94,14 +94,10 @@ def run_once(
         env = {"PODWIRE_ENGINE": engine} if engine else {}
         env["WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD"] = "1"
         started = time.monotonic()
-        cluster._ensure_proxy(node)
-        node.agent = factory.spawn(
-            node.ns, [str(topology.BIN / "podwire-agent")], log_path=node.workdir / "agent.log",
-            env={**cluster.agent_env(node), **env},
-        )  # fmt: skip
+        agent = cluster.start_agent(node, env=env)
         deadline = started + 600
         while not programmed(node.ns, node.device, n):
-            if time.monotonic() > deadline or node.agent.poll() is not None:
+            if time.monotonic() > deadline or not agent.alive():
                 raise SystemExit(
                     f"{tag}: the device never reached {n} peers; see {node.workdir / 'agent.log'}"
                 )
@@ -125,7 +121,7 @@ def run_once(
             time.sleep(0.05)
         one_change = time.monotonic() - t_pub
         del t_obj
-        mem = rss_mb(node.agent.pid)
+        mem = rss_mb(agent.pid)
         cp.kubectl("delete", "node", name, "--wait=false")
         cp.kubectl("delete", "wgnode", name, "--wait=false")
         cp.kubectl("delete", "wgnode", node.name, "--wait=false", check=False)

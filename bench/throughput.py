@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 
-from podwire.sandbox import netns, tools
+from podwire.sandbox import netns, supervisor, tools
 
 ENGINE = str(pathlib.Path(sys.executable).parent / "podwire-engine")
 ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
@@ -36,7 +36,7 @@ def _iperf(
 ) -> float:
     server = f.spawn(b, ["iperf3", "-s", "-1", "-B", server_ip])
     try:
-        netns.wait_until(
+        supervisor.wait_until(
             lambda: b.run("ss", "-ltn", check=False).stdout.count(":5201") > 0,
             timeout=10,
             what="iperf3",
@@ -45,7 +45,7 @@ def _iperf(
         out = a.run(*args, timeout=seconds + 30)
         return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
     finally:
-        netns.stop_process(server)
+        supervisor.stop(server)
 
 
 def measure(
@@ -64,7 +64,7 @@ def measure(
             binary = ENGINE if kind == "engine" else tools.path("wireguard-go")
             f.spawn(ns, [binary, "-f", dev], log_path=workdir / f"{dev}.log", env=ENV)
             sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")
-            netns.wait_until(
+            supervisor.wait_until(
                 lambda s=sock, n=ns, d=dev: s.exists() and n.link_exists(d), timeout=20, what=dev
             )
             keyfile = workdir / f"{dev}.key"

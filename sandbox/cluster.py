@@ -4,14 +4,13 @@
 chart has any), makes one network namespace per node on a shared underlay bridge and two pod
 namespaces behind each node (sandbox.topology), and starts one agent per node in its
 namespace, each with its apiserver relay. Everything it starts runs detached; every namespace,
-process and file it makes is written down in the state file (sandbox.state) as it is made, so
-that `down`, from any later process, removes exactly that, and a failed `up` removes what it
-had made before it says which step failed.
+process and file it makes is written into one record (sandbox.record), saved in the sandbox
+directory as it is made, so that `down`, from any later process, removes exactly that, and a
+failed `up` removes what it had made before it says which step failed.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -27,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from podwire.sandbox import controlplane, netns, state, tools, topology
+from podwire.sandbox import controlplane, netns, record, supervisor, tools, topology
 from podwire.sandbox import status as status_mod
 
 STANDARD_DIR = "/run/podwire-sandbox"
@@ -39,7 +38,6 @@ def default_dir() -> pathlib.Path:
 
 
 PREFIX = "pws"
-UAPI_DIR = pathlib.Path("/var/run/wireguard")
 READY_TIMEOUT = 120.0
 REACHABLE_TIMEOUT = 60.0
 RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
@@ -74,8 +72,8 @@ class Sandbox:
     def control_plane_dir(self) -> pathlib.Path:
         return self.directory / "controlplane"
 
-    def load(self) -> state.State:
-        st = state.State.load(self.directory)
+    def load(self) -> record.Record:
+        st = record.Record.load(self.directory)
         if st is None:
             raise SandboxError(f"no sandbox in {self.directory}: `podwire sandbox up` makes one")
         return st
@@ -84,11 +82,11 @@ class Sandbox:
 
     def up(
         self, *, nodes: int = 3, datapath: str = "auto", out: TextIO = sys.stdout
-    ) -> state.State:
+    ) -> record.Record:
         if not 1 <= nodes <= MAX_NODES:
             raise SandboxError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
         with self._locked():
-            existing = state.State.load(self.directory)
+            existing = record.Record.load(self.directory)
             if existing is not None and any(p.alive() for p in existing.processes):
                 raise SandboxError(
                     f"a sandbox is already running in {self.directory} (kubeconfig "
@@ -120,7 +118,7 @@ class Sandbox:
 
     def down(self, *, out: TextIO = sys.stdout) -> None:
         with self._locked():
-            st = state.State.load(self.directory)
+            st = record.Record.load(self.directory)
             progress = Progress(out)
             if st is not None:
                 _remove(st, progress)
@@ -129,38 +127,20 @@ class Sandbox:
 
     # -- operations on a running sandbox, for the e2e tests and scripts ------------------------
 
-    def cluster(self, st: state.State | None = None) -> topology.Cluster:
-        """The running sandbox's topology, rebuilt from its state in this process."""
-        st = st or self.load()
-        factory = netns.NetnsFactory(
-            prefix=st.prefix,
-            namespaces=[netns.Netns(n) for n in st.namespaces],
-            _tag=st.tag,
-            _count=st.counter,
-        )
-        cp = controlplane.ControlPlane.load(self.control_plane_dir)
-        if cp is None:
+    def control_plane(self, st: record.Record) -> controlplane.ControlPlane:
+        """The running sandbox's control plane, for kubectl."""
+        cp = controlplane.ControlPlane(self.control_plane_dir, apiserver_port=st.apiserver_port)
+        if not st.apiserver_port or not cp.kubeconfig.exists():
             raise SandboxError(f"the sandbox's control plane state is gone from {self.directory}")
-        c = topology.Cluster(
-            factory,
-            cp,
-            self.directory / "nodes",
-            underlay=netns.Netns(st.underlay_netns),
-            bridge=st.bridge,
-        )
-        for n in st.nodes:
-            node = topology.Node(
-                n.name,
-                n.index,
-                netns.Netns(n.netns),
-                n.underlay_ip,
-                n.pod_cidr,
-                n.device,
-                pathlib.Path(n.workdir),
-            )
-            node.pods = [topology.Pod(p.name, netns.Netns(p.netns), p.ip, p.node) for p in n.pods]
-            c.nodes[n.name] = node
-        return c
+        return cp
+
+    def cluster(self, st: record.Record | None = None) -> topology.Cluster:
+        """The running sandbox's topology, on its record, in this process."""
+        st = st or self.load()
+        cp = self.control_plane(st)
+        if not st.underlay_netns:
+            raise SandboxError(f"the sandbox in {self.directory} has no underlay")
+        return topology.Cluster(netns.NetnsFactory(record=st), cp, self.directory / "nodes")
 
     def restart(self, role: str, node: str = "", *, stop_only: bool = False) -> None:
         """Stops a process by its recorded PID and (unless stop_only) starts it again as it was."""
@@ -169,9 +149,9 @@ class Sandbox:
         if not procs:
             raise SandboxError(f"no {role} process{' for ' + node if node else ''} is recorded")
         for p in procs:
-            state.stop(p)
+            supervisor.stop(p)
             if not stop_only:
-                _replace(st, p, state.respawn(p))
+                st.replace(p, record.relaunch(p))
         st.save()
 
     def start_again(self, role: str, node: str = "") -> None:
@@ -179,18 +159,18 @@ class Sandbox:
         st = self.load()
         for p in st.find(role, node):
             if not p.alive():
-                _replace(st, p, state.respawn(p))
+                st.replace(p, record.relaunch(p))
         st.save()
         if role == "kube-apiserver":
-            cp = self.cluster(st).cp
-            netns.wait_until(
+            cp = self.control_plane(st)
+            supervisor.wait_until(
                 lambda: cp.kubectl("get", "--raw", "/readyz", check=False).returncode == 0,
                 timeout=90,
                 interval=0.2,
                 what="kube-apiserver ready again",
             )
 
-    def engine(self, node: str) -> state.Process | None:
+    def engine(self, node: str) -> record.Process | None:
         """The podwire-engine serving node's device now (the agent starts it), recorded."""
         st = self.load()
         found = find_engine(st.node(node))
@@ -200,46 +180,42 @@ class Sandbox:
         st.save()
         return found
 
-    def add_node(self, name: str, *, out: TextIO = sys.stdout) -> state.Node:
+    def add_node(self, name: str, *, out: TextIO = sys.stdout) -> record.Node:
         st = self.load()
         c = self.cluster(st)
         index = max((n.index for n in st.nodes), default=0) + 1
         node = c.add_node(name, index=index)
-        st.counter = c.factory.count
-        st.namespaces = [ns.name for ns in c.factory.namespaces]
-        st.nodes.append(_node_record(node))
-        st.save()
-        _start_node_processes(st, c, node, datapath=st.datapath)
-        st.save()
-        return st.node(name)
+        _start_node_processes(c, node, datapath=st.datapath)
+        return node
 
     def remove_node(self, name: str) -> None:
         """Deletes the Node object, then its agent, engine and relay, then its namespaces."""
         st = self.load()
         c = self.cluster(st)
-        node = c.nodes[name]
+        node = st.node(name)
         c.delete_node(name)
-        engine = find_engine(st.node(name))
+        engine = find_engine(node)
         for p in [
             *st.find("agent", name),
             *([engine] if engine else []),
             *st.find("apiproxy", name),
         ]:
-            state.stop(p)
+            supervisor.stop(p)
         st.processes = [p for p in st.processes if p.node != name]
         c.remove_node_network(node)
-        _remove_uapi_socket(st.node(name).device)
-        st.nodes = [n for n in st.nodes if n.name != name]
-        st.namespaces = [ns.name for ns in c.factory.namespaces]
+        socket = str(topology.UAPI_DIR / f"{node.device}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket)
+        st.files = [f for f in st.files if f != socket]
         st.save()
 
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        st = state.State.load(self.directory)
+        st = record.Record.load(self.directory)
         if st is None:
             return {"running": False, "directory": str(self.directory)}
-        return status_mod.collect(st, self.cluster(st).cp)
+        return status_mod.collect(st, self.control_plane(st))
 
 
 # -- up, step by step --------------------------------------------------------------------------
@@ -269,15 +245,17 @@ class _Up:
         self.n = nodes
         self.datapath = datapath
         self.directory = sandbox.directory
-        self.factory = netns.NetnsFactory(prefix=PREFIX)
+        self.st = record.Record(prefix=PREFIX, directory=str(sandbox.directory), datapath=datapath)
+        self.factory = netns.NetnsFactory(record=self.st)
         self.cp = controlplane.ControlPlane(sandbox.control_plane_dir)
-        self.st: state.State | None = None
+        self.st.kubeconfig = str(self.cp.kubeconfig)
         self.cluster: topology.Cluster | None = None
 
-    def run(self) -> state.State:
+    def run(self) -> record.Record:
         step = "sandbox directory"
         try:
             (self.directory / "nodes").mkdir(parents=True, mode=0o700, exist_ok=True)
+            self.st.save()
             step = "underlay"
             self._underlay()
             step = "datapath"
@@ -299,57 +277,30 @@ class _Up:
             what = "interrupted during" if isinstance(e, KeyboardInterrupt) else "failed:"
             self.progress.step(f"{what} step '{step}'; removing what it made ...")
             self._checkpoint()
-            if self.st is not None:
-                _remove(self.st, self.progress)
-            else:
-                self.factory.close()
-                self.cp.stop()
+            _remove(self.st, self.progress)
             shutil.rmtree(self.directory, ignore_errors=True)
             if isinstance(e, KeyboardInterrupt):
                 raise
             raise SandboxError(
                 f"step '{step}' failed: {e}\neverything it had made is removed"
             ) from e
-        assert self.st is not None
         self._guide()
         return self.st
 
     def _checkpoint(self) -> None:
         """Writes down what exists so far: a later `down` finds it even if this process dies."""
-        if self.st is None:
-            return
-        self.st.namespaces = [ns.name for ns in self.factory.namespaces]
-        self.st.counter = self.factory.count
-        if self.cluster is not None:
-            known = {n.name for n in self.st.nodes}
-            for node in self.cluster.nodes.values():
-                if node.name not in known:
-                    self.st.nodes.append(_node_record(node))
         self.st.save()
 
     def _underlay(self) -> None:
         self.progress.step("underlay: a namespace with the bridge the nodes share")
         self.cluster = topology.Cluster(self.factory, self.cp, self.directory / "nodes")
-        assert self.cluster is not None
-        self.st = state.State(
-            directory=str(self.directory),
-            datapath=self.datapath,
-            kubeconfig=str(self.cp.kubeconfig),
-            apiserver_url="",
-            apiserver_port=0,
-            prefix=self.factory.prefix,
-            tag=self.factory.tag,
-            counter=0,
-            underlay_netns=self.cluster.underlay.name,
-            bridge=self.cluster.bridge,
-        )
         self._checkpoint()
 
     def _check_datapath(self) -> None:
         """Settles `auto` here, once, so that every agent (and every restart of one) runs the
         same datapath: an agent restarted with `auto` next to its engine's TUN device would
         otherwise try the kernel's first."""
-        assert self.cluster is not None and self.st is not None
+        assert self.cluster is not None
         probe = self.factory.unique("k")
         made = self.cluster.underlay.ip("link", "add", probe, "type", "wireguard", check=False)
         kernel = made.returncode == 0
@@ -369,20 +320,11 @@ class _Up:
         self.st.datapath = self.datapath
 
     def _control_plane(self) -> None:
-        assert self.st is not None
         self.progress.step("control plane: starting etcd and kube-apiserver ...")
-        self.cp.start()
-        for role in ("etcd", "kube-apiserver"):
-            pid = self.cp.pids[role]
-            started = state.start_time(pid)
-            if started is None:
-                raise SandboxError(f"{role} exited right after starting")
-            self.st.processes.append(
-                state.Process(
-                    role, pid, started, state.cmdline(pid),
-                    str(self.cp.workdir / f"{role}.log"), cwd=str(self.cp.workdir),
-                )
-            )  # fmt: skip
+        try:
+            self.cp.start()
+        finally:  # what started is recorded, even when the other did not
+            self.st.processes.extend(self.cp.processes.values())
         self.st.apiserver_url = self.cp.url
         self.st.apiserver_port = self.cp.apiserver_port
         self._checkpoint()
@@ -407,14 +349,12 @@ class _Up:
         self._checkpoint()
 
     def _agents(self) -> None:
-        assert self.cluster is not None and self.st is not None
+        assert self.cluster is not None
         self.progress.step(f"starting {self.n} agents ({self.datapath} datapath) and relays")
         for node in self.cluster.nodes.values():
-            _start_node_processes(self.st, self.cluster, node, datapath=self.datapath)
-            self._checkpoint()
+            _start_node_processes(self.cluster, node, datapath=self.datapath)
 
     def _wait_ready(self) -> None:
-        assert self.st is not None
         names = [n.name for n in self.st.nodes]
         self.progress.step(f"waiting for {len(names)} WireguardNodes to be Ready ...")
         _wait_progress(
@@ -432,7 +372,6 @@ class _Up:
         self._checkpoint()
 
     def _agents_alive(self) -> None:
-        assert self.st is not None
         for p in self.st.processes:
             if p.role == "agent" and not p.alive():
                 raise SandboxError(
@@ -444,7 +383,6 @@ class _Up:
         return sum(1 for n in names if status_mod.is_ready(items.get(n, {})))
 
     def _wait_reachable(self) -> None:
-        assert self.st is not None
         st = self.st
         pairs = len(st.pods()) * (len(st.pods()) - 1)
         self.progress.step(f"waiting for every pod to reach every other ({pairs} pairs) ...")
@@ -455,7 +393,6 @@ class _Up:
         _wait_progress(self.progress, count, pairs, "pairs reachable", REACHABLE_TIMEOUT)
 
     def _guide(self) -> None:
-        assert self.st is not None
         say = self.progress.say
         self.progress.step(f"sandbox up: {self.n} nodes, {len(self.st.pods())} pods")
         say("")
@@ -475,56 +412,24 @@ class _Up:
             say(f"(with PODWIRE_SANDBOX_DIR={self.sandbox.directory} set for the podwire commands)")
 
 
-def _start_node_processes(
-    st: state.State, c: topology.Cluster, node: topology.Node, *, datapath: str
-) -> None:
-    argv, log = c.proxy_command(node)
-    log.write_text("")
-    st.processes.append(state.spawn("apiproxy", argv, log=log, node=node.name))
-    st.save()
-    topology.wait_for_proxy(log)
-    passed = {k: v for k, v in os.environ.items() if k.startswith("PODWIRE_")}
-    passed.pop("PODWIRE_SANDBOX_DIR", None)
-    env = {**passed, **c.agent_env(node, datapath=datapath)}
-    account = _agent_kubeconfig(pathlib.Path(st.directory))
-    if account.exists():
-        env["KUBECONFIG"] = str(account)
-    argv, log = c.agent_command(node)
-    st.processes.append(
-        state.spawn("agent", argv, log=log, node=node.name, netns=node.ns.name, env=env)
-    )
-    st.files.append(str(UAPI_DIR / f"{node.device}.sock"))
+def _start_node_processes(c: topology.Cluster, node: record.Node, *, datapath: str) -> None:
+    """The node's relay and agent; the agent authenticates as the chart's account when the
+    chart gave one."""
+    account = _agent_kubeconfig(pathlib.Path(c.record.directory))
+    env = {"KUBECONFIG": str(account)} if account.exists() else {}
+    c.start_proxy(node)
+    c.start_agent(node, datapath=datapath, env=env)
 
 
-def _node_record(node: topology.Node) -> state.Node:
-    return state.Node(
-        node.name,
-        node.index,
-        node.ns.name,
-        node.underlay_ip,
-        node.pod_cidr,
-        node.device,
-        str(node.workdir),
-        [state.Pod(p.name, p.ns.name, p.ip, p.node) for p in node.pods],
-    )
-
-
-def _replace(st: state.State, old: state.Process, new: state.Process) -> None:
-    st.processes = [new if p is old else p for p in st.processes]
-
-
-def find_engine(node: state.Node) -> state.Process | None:
+def find_engine(node: record.Node) -> record.Process | None:
     """The engine process in node's namespace: started by its agent, so not by us directly."""
-    proc = subprocess.run(
-        ["ip", "netns", "pids", node.netns], capture_output=True, text=True, check=False
-    )
-    for pid in (int(p) for p in proc.stdout.split() if p.isdigit()):
-        argv = state.cmdline(pid)
+    for pid in netns.pids(node.netns):
+        argv = supervisor.cmdline(pid)
         if any("podwire-engine" in a or "wireguard-go" in a for a in argv[:3]):
-            started = state.start_time(pid)
+            started = supervisor.start_time(pid)
             if started is not None:
-                log = str(pathlib.Path(node.workdir) / f"{node.device}-engine.log")
-                return state.Process(
+                log = str(node.workdir / f"{node.device}-engine.log")
+                return record.Process(
                     "engine", pid, started, argv, log, node.name, node.netns,
                     {"WG_PROCESS_FOREGROUND": "1"},
                 )  # fmt: skip
@@ -534,7 +439,7 @@ def find_engine(node: state.Node) -> state.Process | None:
 # -- down --------------------------------------------------------------------------------------
 
 
-def _remove(st: state.State, progress: Progress) -> None:
+def _remove(st: record.Record, progress: Progress) -> None:
     """Ends the recorded processes, deletes the recorded namespaces and files; reports leftovers."""
     for n in st.nodes:  # engines the agents started since the state was written
         engine = find_engine(n)
@@ -546,22 +451,18 @@ def _remove(st: state.State, progress: Progress) -> None:
     if live:
         progress.step(f"stopping {len(live)} processes ...")
     for role in order:
-        batch = [p for p in live if p.role == role]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(state.stop, batch))
+        supervisor.stop_all(p for p in live if p.role == role)
     names = list(dict.fromkeys([*st.namespaces, *_unrecorded_namespaces(st)]))
     if names:
         progress.step(f"deleting {len(names)} namespaces (their links go with them) ...")
     for name in reversed(names):
         if not _netns_exists(name):
             continue
-        strangers = subprocess.run(
-            ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
-        ).stdout.split()
+        strangers = netns.pids(name)
         if strangers:
             progress.say(
                 f"  note: {name} still holds processes the sandbox did not start "
-                f"({', '.join(strangers)}); its links live until they exit"
+                f"({', '.join(map(str, strangers))}); its links live until they exit"
             )
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
     for f in st.files:
@@ -569,7 +470,7 @@ def _remove(st: state.State, progress: Progress) -> None:
             os.unlink(f)
 
 
-def _unrecorded_namespaces(st: state.State) -> list[str]:
+def _unrecorded_namespaces(st: record.Record) -> list[str]:
     """Namespaces named with this sandbox's tag that a dying `up` made but could not record."""
     pattern = re.compile(rf"^{re.escape(st.prefix)}[a-z]+{re.escape(st.tag)}\d+$")
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
@@ -589,11 +490,6 @@ def _netns_exists(name: str) -> bool:
     return pathlib.Path("/var/run/netns", name).exists()
 
 
-def _remove_uapi_socket(device: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (UAPI_DIR / f"{device}.sock").unlink()
-
-
 def _wait_progress(
     progress: Progress,
     count: Callable[[], int],
@@ -603,20 +499,23 @@ def _wait_progress(
     *,
     check: Callable[[], None] | None = None,
 ) -> None:
-    deadline = time.monotonic() + timeout
+    """Waits for count() to reach total, saying each new count; check() may end the wait."""
     last = -1
-    while True:
+
+    def reached() -> bool:
+        nonlocal last
         if check is not None:
             check()
         n = count()
         if n != last:
             progress.step(f"  {n}/{total} {what}")
             last = n
-        if n >= total:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {n} of {total} {what} after {timeout:.0f}s")
-        time.sleep(0.5)
+        return n >= total
+
+    try:
+        supervisor.wait_until(reached, timeout=timeout, interval=0.5, what=what)
+    except TimeoutError:
+        raise TimeoutError(f"only {last} of {total} {what} after {timeout:.0f}s") from None
 
 
 def _agent_kubeconfig(directory: pathlib.Path) -> pathlib.Path:

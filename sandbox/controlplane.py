@@ -8,20 +8,18 @@ service-account tokens with its own key, and authorizes with RBAC, as a real clu
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import pathlib
-import signal
 import socket
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from podwire.sandbox import certs, tools
+from podwire.sandbox import certs, record, supervisor, tools
 
 CHART_CRDS = tools.REPO / "deploy" / "helm" / "podwire" / "crds"
 SERVICE_CIDR = "10.96.0.0/16"  # only a setting of the apiserver; nothing is routed to it
@@ -46,8 +44,7 @@ class ControlPlane:
     # How often the apiserver compacts etcd's history; watches from before it get 410 Gone.
     compaction_interval: str = "5m"
     extra_args: list[str] = field(default_factory=list)
-    pids: dict[str, int] = field(default_factory=dict)
-    _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    processes: dict[str, record.Process] = field(default_factory=dict)  # by role
 
     @property
     def kubeconfig(self) -> pathlib.Path:
@@ -66,16 +63,13 @@ class ControlPlane:
         except BaseException:
             self.stop()
             raise
-        self._save_state()
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        with open(self.workdir / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.workdir,
-            )  # fmt: skip
-        self._procs[name] = proc
-        self.pids[name] = proc.pid
+        log = self.workdir / f"{name}.log"
+        try:
+            self.processes[name] = record.launch(name, args, log=log, cwd=str(self.workdir))
+        except OSError as e:
+            raise ControlPlaneError(f"{e}\n{_tail(log)}") from None
 
     def _start_etcd(self) -> None:
         self.etcd_port = self.etcd_port or free_port()
@@ -175,20 +169,22 @@ class ControlPlane:
         with os.fdopen(fd, "w") as f:
             json.dump(config, f, indent=2)
 
-    def _wait(self, name: str, ready: object) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        proc = self._procs[name]
-        while not ready():  # type: ignore[operator]
-            if proc.poll() is not None:
-                raise ControlPlaneError(
-                    f"{name} exited with {proc.returncode} while starting: see {self.workdir / (name + '.log')}"
-                    f"\n{_tail(self.workdir / (name + '.log'))}"
-                )
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(
-                    f"{name} was not ready after {START_TIMEOUT:.0f}s: see {self.workdir / (name + '.log')}"
-                )
-            time.sleep(0.2)
+    def _wait(self, name: str, ready: Callable[[], bool]) -> None:
+        proc, log = self.processes[name], self.workdir / f"{name}.log"
+
+        def started() -> bool:
+            if ready():
+                return True
+            if not proc.alive():
+                raise ControlPlaneError(f"{name} exited while starting: see {log}\n{_tail(log)}")
+            return False
+
+        try:
+            supervisor.wait_until(started, timeout=START_TIMEOUT, interval=0.2, what=name)
+        except TimeoutError:
+            raise ControlPlaneError(
+                f"{name} was not ready after {START_TIMEOUT:.0f}s: see {log}"
+            ) from None
 
     def kubectl(
         self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None
@@ -234,59 +230,11 @@ class ControlPlane:
         return path
 
     def stop(self) -> None:
-        """Ends the apiserver, then etcd, by the PIDs this control plane started."""
+        """Ends the apiserver, then etcd: the processes this control plane started."""
         for name in ("kube-apiserver", "etcd"):
-            pid = self.pids.pop(name, None)
-            if pid is not None:
-                stop_pid(pid, self._procs.pop(name, None))
-        with contextlib.suppress(FileNotFoundError):
-            (self.workdir / "state.json").unlink()
-
-    def _save_state(self) -> None:
-        state = {
-            "etcd_port": self.etcd_port,
-            "apiserver_port": self.apiserver_port,
-            "pids": self.pids,
-        }
-        (self.workdir / "state.json").write_text(json.dumps(state))
-
-    @classmethod
-    def load(cls, workdir: pathlib.Path) -> ControlPlane | None:
-        """The control plane a previous process started in workdir, if its state is there."""
-        try:
-            state = json.loads((workdir / "state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return cls(workdir, state["etcd_port"], state["apiserver_port"], pids=dict(state["pids"]))
-
-    def running(self) -> bool:
-        return bool(self.pids) and all(_alive(pid) for pid in self.pids.values())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop_pid(pid: int, proc: subprocess.Popen[bytes] | None = None, *, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after grace seconds; only the PID we started."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if proc is not None:
-            if proc.poll() is not None:
-                return
-        elif not _alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if proc is not None:
-        proc.wait(5)
+            proc = self.processes.pop(name, None)
+            if proc is not None:
+                supervisor.stop(proc)
 
 
 def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:

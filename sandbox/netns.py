@@ -2,23 +2,24 @@
 
 The tests and the sandbox build their networks here, never on the machine's own interfaces:
 every address they use lives inside a namespace this module created. A NetnsFactory records
-everything it makes (namespaces, links, processes by PID) and removes all of it on close(),
-even after a failure halfway.
+everything it makes (namespaces by name in its record, processes by PID) and removes all of it
+on close(), even after a failure halfway.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from podwire.sandbox import record as record_mod
+from podwire.sandbox import supervisor
 
 IP = "ip"
+TEST_GRACE = 5.0  # a test's processes: SIGTERM, and SIGKILL after this many seconds
 
 
 class NetnsError(RuntimeError):
@@ -66,31 +67,39 @@ class Netns:
         return self.ip("link", "show", "dev", dev, check=False).returncode == 0
 
 
-@dataclass
 class NetnsFactory:
-    """Makes namespaces, veth pairs and processes, and removes every one of them on close()."""
+    """Makes namespaces, veth pairs and processes, writes each into its record, and removes
+    every one of them on close()."""
 
-    prefix: str = "pwt"
-    namespaces: list[Netns] = field(default_factory=list)
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    host_links: list[str] = field(default_factory=list)
-    _tag: str = field(default_factory=lambda: secrets.token_hex(3))
-    _count: int = 0
+    def __init__(self, prefix: str = "pwt", *, record: record_mod.Record | None = None) -> None:
+        """A new record, or (given one) a record a previous process made, to add to."""
+        self.record = record if record is not None else record_mod.Record(prefix=prefix)
+        # Children this process holds (a test's servers and captures, what it hands over to
+        # be ended with the namespaces); the record's processes are ended too.
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def prefix(self) -> str:
+        return self.record.prefix
 
     @property
     def tag(self) -> str:
         """Random, in every name this factory gives: what tells its names from another's."""
-        return self._tag
+        return self.record.tag
 
     @property
     def count(self) -> int:
-        """Names given so far; a factory rebuilt with it keeps giving new ones."""
-        return self._count
+        """Names given so far."""
+        return self.record.counter
+
+    @property
+    def namespaces(self) -> list[Netns]:
+        return [Netns(n) for n in self.record.namespaces]
 
     def unique(self, kind: str) -> str:
         """A name no other run of the tests uses at the same time; at most 15 characters."""
-        self._count += 1
-        name = f"{self.prefix}{kind}{self._tag}{self._count}"
+        self.record.counter += 1
+        name = f"{self.prefix}{kind}{self.tag}{self.record.counter}"
         if len(name) > 15:
             raise NetnsError(f"name {name!r} is longer than the kernel's 15 characters")
         return name
@@ -98,18 +107,17 @@ class NetnsFactory:
     def namespace(self, kind: str = "n") -> Netns:
         ns = Netns(self.unique(kind))
         _run([IP, "netns", "add", ns.name])
-        self.namespaces.append(ns)
+        self.record.namespaces.append(ns.name)
         ns.ip("link", "set", "lo", "up")
         return ns
 
     def delete_namespace(self, ns: Netns) -> None:
         """Ends the processes left inside ns (ours: only we start any there) and deletes it."""
-        for pid in _pids_in(ns.name):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in pids(ns.name):
+            supervisor.kill(pid)
         _run([IP, "netns", "del", ns.name])
-        if ns in self.namespaces:
-            self.namespaces.remove(ns)
+        if ns.name in self.record.namespaces:
+            self.record.namespaces.remove(ns.name)
 
     def veth(
         self,
@@ -126,22 +134,9 @@ class NetnsFactory:
         a_name = a_name or self.unique("v")
         b_name = b_name or self.unique("v")
         _run(
-            [
-                IP,
-                "link",
-                "add",
-                a_name,
-                "netns",
-                a.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                b_name,
-                "netns",
-                b.name,
-            ]
-        )
+            [IP, "link", "add", a_name, "netns", a.name, "type", "veth",
+             "peer", "name", b_name, "netns", b.name]
+        )  # fmt: skip
         for ns, dev, addr in ((a, a_name, a_addr), (b, b_name, b_addr)):
             if mtu:
                 ns.ip("link", "set", dev, "mtu", str(mtu))
@@ -166,34 +161,27 @@ class NetnsFactory:
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Starts a process (inside ns, when given) that close() ends by its PID."""
-        full = ns.exec_args(args) if ns else list(args)
-        out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(
-                full, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True,
-            )  # fmt: skip
-        finally:
-            if log_path:
-                out.close()  # type: ignore[union-attr]
+        proc = supervisor.start(args, log=log_path, netns=ns.name if ns else "", env=env)
         self.processes.append(proc)
         return proc
 
     def close(self) -> None:
-        errors: list[str] = []
         for proc in reversed(self.processes):
-            stop_process(proc)
+            supervisor.stop(proc, grace=TEST_GRACE)
         self.processes.clear()
-        for ns in reversed(self.namespaces):
+        for recorded in reversed(self.record.processes):
+            supervisor.stop(recorded, grace=TEST_GRACE)
+        self.record.processes.clear()
+        errors: list[str] = []
+        for name in reversed(self.record.namespaces):
             # A process that the namespace still holds would keep its links alive: the
             # namespace's own PIDs are ended first, then the namespace is deleted.
-            for pid in _pids_in(ns.name):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            deleted = _run([IP, "netns", "del", ns.name], check=False)
+            for pid in pids(name):
+                supervisor.kill(pid)
+            deleted = _run([IP, "netns", "del", name], check=False)
             if deleted.returncode != 0:
-                errors.append(f"{ns.name}: {deleted.stderr.strip()}")
-        self.namespaces.clear()
+                errors.append(f"{name}: {deleted.stderr.strip()}")
+        self.record.namespaces.clear()
         if errors:
             raise NetnsError("could not remove namespaces: " + "; ".join(errors))
 
@@ -204,35 +192,15 @@ class NetnsFactory:
         self.close()
 
 
-def stop_process(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after grace seconds; only this PID, which we started."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(grace)
+# The names the tests have always used; the one implementation is the supervisor's.
+stop_process = supervisor.stop
+wait_until = supervisor.wait_until
 
 
-def _pids_in(name: str) -> list[int]:
+def pids(name: str) -> list[int]:
+    """The PIDs of the processes inside the named namespace."""
     proc = _run([IP, "netns", "pids", name], check=False)
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
-
-
-def wait_until(
-    predicate: object, *, timeout: float, interval: float = 0.05, what: str = "condition"
-) -> None:
-    """Polls predicate() until it is true; raises TimeoutError naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():  # type: ignore[operator]
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def unix_socket_answers(path: str | os.PathLike[str]) -> bool:

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from podwire.sandbox import controlplane, netns, state, tools
+from podwire.sandbox import controlplane, netns, record, tools
 
 
-def collect(st: state.State, cp: controlplane.ControlPlane) -> dict[str, Any]:
+def collect(st: record.Record, cp: controlplane.ControlPlane) -> dict[str, Any]:
     """What `podwire sandbox status -o json` prints: enough for scripts to drive the sandbox."""
     procs = [
         {"role": p.role, "node": p.node, "pid": p.pid, "alive": p.alive()} for p in st.processes
@@ -76,7 +76,7 @@ def is_ready(wgnode: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
-def peers(node: state.Node, names: dict[str | None, str]) -> list[dict[str, Any]]:
+def peers(node: record.Node, names: dict[str | None, str]) -> list[dict[str, Any]]:
     """The device's peers as `wg show DEV dump` gives them, named by their WireguardNode."""
     out = subprocess.run(
         ["ip", "netns", "exec", node.netns, tools.path("wg"), "show", node.device, "dump"],
@@ -102,12 +102,12 @@ def peers(node: state.Node, names: dict[str | None, str]) -> list[dict[str, Any]
     return peers
 
 
-def connectivity(st: state.State, *, timeout: float = 2) -> list[dict[str, Any]]:
+def connectivity(st: record.Record, *, timeout: float = 2) -> list[dict[str, Any]]:
     """One ping for every ordered pair of pods, in parallel: who reaches whom."""
     pods = st.pods()
     pairs = [(a, b) for a in pods for b in pods if a is not b]
 
-    def probe(pair: tuple[state.Pod, state.Pod]) -> dict[str, Any]:
+    def probe(pair: tuple[record.Pod, record.Pod]) -> dict[str, Any]:
         a, b = pair
         ok = netns.Netns(a.netns).ping(b.ip, count=1, timeout=timeout)
         return {"from": a.name, "to": b.name, "ok": ok}

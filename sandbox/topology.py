@@ -8,85 +8,68 @@
     pod 10.244.1.10  .11     pod 10.244.2.10  .11
 
 Each node is a Node object with that InternalIP and pod CIDR, and runs one podwire-agent in its
-namespace; the apiserver on the host's loopback is reached through sandbox.apiproxy. Used by
-the agent's integration tests and by the sandbox.
+namespace; the apiserver on the host's loopback is reached through sandbox.apiproxy. Every
+namespace, node, pod and process is written into the factory's record (sandbox.record) as it
+is made. Used by the agent's integration tests and by the sandbox.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import os
 import pathlib
-import subprocess
 import sys
+from typing import Any
 
-from podwire.sandbox import controlplane, netns
+from podwire.sandbox import controlplane, netns, record, supervisor
 
 UNDERLAY = ipaddress.ip_network("192.0.2.0/24")
 POD_SUPERNET = ipaddress.ip_network("10.244.0.0/16")
 LISTEN_PORT = 51871
 BIN = pathlib.Path(sys.executable).parent
+UAPI_DIR = pathlib.Path("/var/run/wireguard")
 
-
-@dataclasses.dataclass
-class Pod:
-    name: str
-    ns: netns.Netns
-    ip: str
-    node: str
-
-
-@dataclasses.dataclass
-class Node:
-    name: str
-    index: int
-    ns: netns.Netns
-    underlay_ip: str
-    pod_cidr: str
-    device: str
-    workdir: pathlib.Path
-    pods: list[Pod] = dataclasses.field(default_factory=list)
-    agent: subprocess.Popen[bytes] | None = None
-    proxy: subprocess.Popen[bytes] | None = None
-
-    @property
-    def api_socket(self) -> pathlib.Path:
-        return self.workdir / "agent.sock"
-
-    @property
-    def key_path(self) -> pathlib.Path:
-        return self.workdir / "private.key"
+# What a cluster is made of: the record's own types, whether it is built here or loaded.
+Node = record.Node
+Pod = record.Pod
 
 
 class Cluster:
+    """Builds nodes and pods into the factory's record, and starts each node's processes."""
+
     def __init__(
-        self,
-        factory: netns.NetnsFactory,
-        cp: controlplane.ControlPlane,
-        workdir: pathlib.Path,
-        *,
-        underlay: netns.Netns | None = None,
-        bridge: str = "br0",
+        self, factory: netns.NetnsFactory, cp: controlplane.ControlPlane, workdir: pathlib.Path
     ) -> None:
-        """A new underlay, or (given `underlay`) the one a previous process made."""
+        """A new underlay, or the one in the factory's record (made by a previous process)."""
         self.factory = factory
+        self.record = factory.record
         self.cp = cp
         self.workdir = workdir
-        self.nodes: dict[str, Node] = {}
-        if underlay is None:
-            self.underlay = factory.namespace("ul")
-            self.bridge = factory.bridge(self.underlay, name=bridge)
-        else:
-            self.underlay, self.bridge = underlay, bridge
+        if not self.record.underlay_netns:
+            underlay = factory.namespace("ul")
+            self.record.underlay_netns = underlay.name
+            self.record.bridge = factory.bridge(underlay, name="br0")
+
+    @property
+    def underlay(self) -> netns.Netns:
+        return netns.Netns(self.record.underlay_netns)
+
+    @property
+    def bridge(self) -> str:
+        return self.record.bridge
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        """The record's nodes by name (a view: add and remove them with the methods below)."""
+        return {n.name: n for n in self.record.nodes}
 
     # -- nodes and pods ----------------------------------------------------------------------
 
     def add_node(
         self, name: str, *, index: int | None = None, pods: int = 2, create_object: bool = True
     ) -> Node:
-        index = index if index is not None else len(self.nodes) + 1
+        index = index if index is not None else len(self.record.nodes) + 1
         ns = self.factory.namespace("n")
         underlay_ip = str(UNDERLAY.network_address + 10 + index)
         eth, port = self.factory.unique("e"), self.factory.unique("p")
@@ -101,38 +84,35 @@ class Cluster:
         ns.ip("link", "set", "cbr0", "up")
         workdir = self.workdir / name
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        node = Node(name, index, ns, underlay_ip, str(pod_net), self.factory.unique("w"), workdir)
+        device = self.factory.unique("w")
+        node = Node(name, index, ns.name, underlay_ip, str(pod_net), device, workdir)
+        self.record.nodes.append(node)
         for k in range(pods):
             self._add_pod(node, k)
-        self.nodes[name] = node
+        self.record.checkpoint()
         if create_object:
             self.create_node_object(node)
         return node
 
     def _add_pod(self, node: Node, k: int) -> None:
         pod_ns = self.factory.namespace("p")
-        ip = str(ipaddress.ip_network(node.pod_cidr).network_address + 10 + k)
+        net = ipaddress.ip_network(node.pod_cidr)
+        gateway, ip = net.network_address + 1, str(net.network_address + 10 + k)
         inside, outside = self.factory.unique("c"), self.factory.unique("h")
         self.factory.veth(pod_ns, node.ns, a_name=inside, b_name=outside, a_addr=f"{ip}/24")
         node.ns.ip("link", "set", outside, "master", "cbr0")
-        pod_ns.ip(
-            "route",
-            "add",
-            "default",
-            "via",
-            str(ipaddress.ip_network(node.pod_cidr).network_address + 1),
-        )
-        node.pods.append(Pod(f"{node.name}-pod{k}", pod_ns, ip, node.name))
+        pod_ns.ip("route", "add", "default", "via", str(gateway))
+        node.pods.append(Pod(f"{node.name}-pod{k}", pod_ns.name, ip, node.name))
 
     def node_object(
         self, node: Node, *, internal_ip: str | None = None, pod_cidrs: list[str] | None = None
-    ) -> dict:
+    ) -> dict[str, Any]:
         addresses = [{"type": "Hostname", "address": node.name}]
         ip = node.underlay_ip if internal_ip is None else internal_ip
         if ip:
             addresses.insert(0, {"type": "InternalIP", "address": ip})
         cidrs = [node.pod_cidr] if pod_cidrs is None else pod_cidrs
-        spec: dict = {"podCIDRs": cidrs}
+        spec: dict[str, Any] = {"podCIDRs": cidrs}
         if cidrs:
             spec["podCIDR"] = cidrs[0]
         return {
@@ -143,8 +123,10 @@ class Cluster:
             "status": {"addresses": addresses},
         }
 
-    def create_node_object(self, node: Node, **kwargs: object) -> None:
-        obj = self.node_object(node, **kwargs)  # type: ignore[arg-type]
+    def create_node_object(
+        self, node: Node, *, internal_ip: str | None = None, pod_cidrs: list[str] | None = None
+    ) -> None:
+        obj = self.node_object(node, internal_ip=internal_ip, pod_cidrs=pod_cidrs)
         self.cp.kubectl("apply", "-f", "-", input=json.dumps(obj))
         # A Node's status is its own subresource: what kubelet reports, we report here.
         self.cp.kubectl(
@@ -160,24 +142,25 @@ class Cluster:
         for pod in node.pods:
             self.factory.delete_namespace(pod.ns)
         self.factory.delete_namespace(node.ns)
-        self.nodes.pop(node.name, None)
+        self.record.nodes = [n for n in self.record.nodes if n.name != node.name]
+        self.record.checkpoint()
 
-    # -- agents ------------------------------------------------------------------------------
+    # -- a node's processes --------------------------------------------------------------------
 
-    def proxy_command(self, node: Node) -> tuple[list[str], pathlib.Path]:
-        """The relay's command line (run on the host) and its log."""
+    def start_proxy(self, node: Node) -> record.Process:
+        """The node's relay to the apiserver (on the host), once it listens in the namespace."""
         port = str(self.cp.apiserver_port)
-        argv = [sys.executable, "-m", "podwire.sandbox.apiproxy", "--port", port, node.ns.name]
-        return argv, node.workdir / "apiproxy.log"
+        argv = [sys.executable, "-m", "podwire.sandbox.apiproxy", "--port", port, node.netns]
+        log = node.workdir / "apiproxy.log"
+        log.write_text("")
+        proc = self._launch(record.launch("apiproxy", argv, log=log, node=node.name))
+        wait_for_proxy(log)
+        return proc
 
     def _ensure_proxy(self, node: Node) -> None:
         """One relay per node, so that adding a node never breaks another node's watches."""
-        if node.proxy is not None and node.proxy.poll() is None:
-            return
-        argv, log = self.proxy_command(node)
-        log.write_text("")
-        node.proxy = self.factory.spawn(None, argv, log_path=log)
-        wait_for_proxy(log)
+        if not any(p.alive() for p in self.record.find("apiproxy", node.name)):
+            self.start_proxy(node)
 
     def agent_env(
         self, node: Node, *, datapath: str = "userspace", fail_closed: bool = True
@@ -196,26 +179,44 @@ class Cluster:
             "PYTHONUNBUFFERED": "1",
         }
 
-    def agent_command(self, node: Node) -> tuple[list[str], pathlib.Path]:
-        """The agent's command line (run in the node's namespace) and its log."""
-        return [str(BIN / "podwire-agent")], node.workdir / "agent.log"
-
-    def start_agent(self, node: Node, **kwargs: object) -> subprocess.Popen[bytes]:
+    def start_agent(
+        self,
+        node: Node,
+        *,
+        datapath: str = "userspace",
+        fail_closed: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> record.Process:
+        """The node's agent in its namespace (and its relay, if it has none), with env on top
+        of agent_env. The PODWIRE_ settings of this process are recorded with it, so that the
+        agent started again from its record, by another process, runs as this one does."""
         self._ensure_proxy(node)
-        env = {**os.environ, **self.agent_env(node, **kwargs)}  # type: ignore[arg-type]
-        argv, log = self.agent_command(node)
-        node.agent = self.factory.spawn(node.ns, argv, log_path=log, env=env)
-        return node.agent
+        passed = {k: v for k, v in os.environ.items() if k.startswith("PODWIRE_")}
+        passed.pop("PODWIRE_SANDBOX_DIR", None)
+        full = {**passed, **self.agent_env(node, datapath=datapath, fail_closed=fail_closed)}
+        argv, log = [str(BIN / "podwire-agent")], node.workdir / "agent.log"
+        launched = record.launch(
+            "agent", argv, log=log, node=node.name, netns=node.netns, env={**full, **(env or {})}
+        )
+        socket = str(UAPI_DIR / f"{node.device}.sock")
+        if socket not in self.record.files:
+            self.record.files.append(socket)
+        return self._launch(launched)
 
     def stop_agent(self, node: Node) -> None:
-        if node.agent is not None:
-            netns.stop_process(node.agent)
-            self.factory.processes.remove(node.agent)
-            node.agent = None
+        agents = self.record.find("agent", node.name)
+        supervisor.stop_all(agents)
+        self.record.processes = [p for p in self.record.processes if p not in agents]
+        self.record.checkpoint()
+
+    def _launch(self, proc: record.Process) -> record.Process:
+        self.record.processes.append(proc)
+        self.record.checkpoint()
+        return proc
 
 
 def wait_for_proxy(log: pathlib.Path, *, timeout: float = 15) -> None:
     """Returns once the relay writing to log listens in its namespaces."""
-    netns.wait_until(
+    supervisor.wait_until(
         lambda: "ready" in log.read_text(), timeout=timeout, what="the apiserver relay"
     )

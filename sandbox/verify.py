@@ -26,7 +26,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from podwire.sandbox import netns, state, tools, topology
+from podwire.sandbox import netns, record, supervisor, tools, topology
 
 PROBE_PORT = 7777
 CONTROL_PROTO = "static"  # not the agent's 251: its reconcile must not touch these routes
@@ -44,7 +44,7 @@ class VerifyError(RuntimeError):
 class Capture:
     """tcpdump on the underlay bridge, writing every frame to a pcap file until stop()."""
 
-    def __init__(self, st: state.State, path: pathlib.Path) -> None:
+    def __init__(self, st: record.Record, path: pathlib.Path) -> None:
         self.st = st
         self.path = path
         self.log = path.with_suffix(".log")
@@ -52,17 +52,15 @@ class Capture:
 
     def start(self) -> Capture:
         args = [tools.path("tcpdump"), "-i", self.st.bridge, "-n", "-U", "--immediate-mode", "-s", "0", "-w", str(self.path)]  # fmt: skip
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                netns.Netns(self.st.underlay_netns).exec_args(args),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        netns.wait_until(
-            lambda: "listening on" in self.log.read_text() or self.proc.poll() is not None,
+        self.log.write_text("")
+        proc = supervisor.start(args, log=self.log, netns=self.st.underlay_netns, session=False)
+        self.proc = proc
+        supervisor.wait_until(
+            lambda: "listening on" in self.log.read_text() or proc.poll() is not None,
             timeout=15,
             what="tcpdump to listen",
         )
-        if self.proc.poll() is not None:
+        if proc.poll() is not None:
             raise VerifyError(f"tcpdump did not start: {self.log.read_text().strip()}")
         return self
 
@@ -75,8 +73,8 @@ class Capture:
             sizes.append(self.path.stat().st_size if self.path.exists() else 0)
             return len(sizes) > 3 and sizes[-1] == sizes[-4]
 
-        netns.wait_until(settled, timeout=10, interval=0.1, what="the capture to settle")
-        netns.stop_process(self.proc)
+        supervisor.wait_until(settled, timeout=10, interval=0.1, what="the capture to settle")
+        supervisor.stop(self.proc)
         summary = self.log.read_text()
         dropped = re.search(r"(\d+) packets? dropped by kernel", summary)
         if dropped is None or int(dropped.group(1)):
@@ -87,8 +85,8 @@ class Capture:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            netns.stop_process(self.proc)
+        if self.proc is not None:
+            supervisor.stop(self.proc)
 
 
 def read_pcap(path: pathlib.Path) -> list[bytes]:
@@ -184,10 +182,10 @@ def _probe(*args: str) -> list[str]:
 class Traffic:
     """ICMP between every pair of pods on different nodes, TCP and UDP for each pair of nodes."""
 
-    st: state.State
+    st: record.Record
     marker: bytes
-    pairs: list[tuple[state.Pod, state.Pod]]  # ICMP both ways
-    flows: list[tuple[state.Pod, state.Pod]]  # TCP and UDP from the first to the second
+    pairs: list[tuple[record.Pod, record.Pod]]  # ICMP both ways
+    flows: list[tuple[record.Pod, record.Pod]]  # TCP and UDP from the first to the second
 
     def send(self) -> tuple[int, list[str]]:
         """Sends it all; returns the packets sent (at least) and what did not come back."""
@@ -199,7 +197,7 @@ class Traffic:
                 flows = list(pool.map(self._flow, self.flows))
         finally:
             for s in servers:
-                netns.stop_process(s)
+                supervisor.stop(s)
         failures += [f"ICMP {a.name} -> {b.name}" for (a, b), ok in pings if not ok]
         for fails in flows:
             failures += fails
@@ -208,17 +206,16 @@ class Traffic:
     def _servers(self) -> list[subprocess.Popen[bytes]]:
         procs = []
         for pod in {b.name: b for _, b in self.flows}.values():
-            proc = subprocess.Popen(
-                netns.Netns(pod.netns).exec_args(_probe("serve", str(PROBE_PORT))),
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+            proc = supervisor.start(
+                _probe("serve", str(PROBE_PORT)), netns=pod.netns, session=False, stdout_pipe=True
+            )
             procs.append(proc)
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != b"ready":
                 raise VerifyError(f"the probe server in {pod.name} did not start")
         return procs
 
-    def _flow(self, pair: tuple[state.Pod, state.Pod]) -> list[str]:
+    def _flow(self, pair: tuple[record.Pod, record.Pod]) -> list[str]:
         a, b = pair
         payload = (self.marker + b" ") * 20
         fails = []
@@ -232,16 +229,16 @@ class Traffic:
         return fails
 
 
-def _ping(a: state.Pod, b: state.Pod) -> bool:
+def _ping(a: record.Pod, b: record.Pod) -> bool:
     return netns.Netns(a.netns).ping(b.ip, count=2, timeout=5, interval=0.2)
 
 
-def cross_node_pairs(st: state.State) -> list[tuple[state.Pod, state.Pod]]:
+def cross_node_pairs(st: record.Record) -> list[tuple[record.Pod, record.Pod]]:
     pods = st.pods()
     return [(a, b) for a in pods for b in pods if a.node != b.node]
 
 
-def node_pair_flows(st: state.State) -> list[tuple[state.Pod, state.Pod]]:
+def node_pair_flows(st: record.Record) -> list[tuple[record.Pod, record.Pod]]:
     flows = []
     for i, x in enumerate(st.nodes):
         for y in st.nodes[i + 1 :]:
@@ -253,7 +250,7 @@ def node_pair_flows(st: state.State) -> list[tuple[state.Pod, state.Pod]]:
 # -- the control: one pair in clear --------------------------------------------------------------
 
 
-def _control_routes(st: state.State, a: state.Pod, b: state.Pod) -> list[tuple[str, list[str]]]:
+def _control_routes(st: record.Record, a: record.Pod, b: record.Pod) -> list[tuple[str, list[str]]]:
     na, nb = st.node(a.node), st.node(b.node)
     return [
         (na.netns, [f"{b.ip}/32", "via", nb.underlay_ip, "proto", CONTROL_PROTO]),
@@ -264,7 +261,7 @@ def _control_routes(st: state.State, a: state.Pod, b: state.Pod) -> list[tuple[s
 class Unencrypted:
     """Takes encryption away for one pair of pods, and gives it back on exit."""
 
-    def __init__(self, st: state.State, a: state.Pod, b: state.Pod) -> None:
+    def __init__(self, st: record.Record, a: record.Pod, b: record.Pod) -> None:
         self.routes = _control_routes(st, a, b)
         self.added: list[tuple[str, list[str]]] = []
 
@@ -310,7 +307,7 @@ class Report:
         return dataclasses.asdict(self) | {"passed": self.passed}
 
 
-def encrypted_run(st: state.State, workdir: pathlib.Path) -> Run:
+def encrypted_run(st: record.Record, workdir: pathlib.Path) -> Run:
     marker = b"podwire-probe-" + secrets.token_hex(6).encode()
     traffic = Traffic(st, marker, cross_node_pairs(st), node_pair_flows(st))
     with Capture(st, workdir / "encrypted.pcap") as cap:
@@ -331,7 +328,7 @@ def encrypted_run(st: state.State, workdir: pathlib.Path) -> Run:
     return Run("encrypted", sent, failures, a, not problems, verdict)
 
 
-def control_run(st: state.State, workdir: pathlib.Path) -> Run | None:
+def control_run(st: record.Record, workdir: pathlib.Path) -> Run | None:
     """One pair of pods routed around the tunnel: the capture must see them in clear."""
     pairs = [(x.pods[0], y.pods[0]) for x in st.nodes for y in st.nodes if x is not y]
     if not pairs or not pairs[0][0] or not pairs[0][1]:
@@ -360,7 +357,7 @@ def control_run(st: state.State, workdir: pathlib.Path) -> Run | None:
     return Run(name, sent, failures, a_, not problems, verdict)
 
 
-def verify(st: state.State, *, out: TextIO = sys.stdout) -> Report:
+def verify(st: record.Record, *, out: TextIO = sys.stdout) -> Report:
     if len(st.nodes) < 2:
         raise VerifyError("the proof needs pods on two nodes at least")
     workdir = pathlib.Path(st.directory) / "verify"

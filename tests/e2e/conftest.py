@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from podwire.sandbox import cluster, netns, state, tools
+from podwire.sandbox import cluster, record, supervisor, tools
 
 PODWIRE = str(pathlib.Path(sys.executable).parent / "podwire")
 
@@ -45,7 +45,7 @@ class Sandbox:
         return cluster.Sandbox(self.directory)
 
     @property
-    def state(self) -> state.State:
+    def state(self) -> record.Record:
         return self.api.load()
 
     def kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -55,13 +55,13 @@ class Sandbox:
         out = self.kubectl("get", "wgnodes", "-o", "json").stdout
         return {i["metadata"]["name"]: i for i in json.loads(out)["items"]}
 
-    def pod(self, node: str, k: int = 0) -> state.Pod:
+    def pod(self, node: str, k: int = 0) -> record.Pod:
         return self.state.node(node).pods[k]
 
     def peers(self, node: str) -> dict[str, dict]:
         """`wg show DEV dump` of node's device, by peer public key."""
         n = self.state.node(node)
-        out = netns.Netns(n.netns).run(tools.path("wg"), "show", n.device, "dump").stdout
+        out = n.ns.run(tools.path("wg"), "show", n.device, "dump").stdout
         peers = {}
         for line in out.strip().splitlines()[1:]:
             f = line.split("\t")
@@ -83,8 +83,8 @@ def _require_root() -> None:
         pytest.skip("needs root: the sandbox makes network namespaces")
 
 
-def recorded(directory: pathlib.Path) -> tuple[list[str], list[state.Process], list[str]]:
-    st = state.State.load(directory)
+def recorded(directory: pathlib.Path) -> tuple[list[str], list[record.Process], list[str]]:
+    st = record.Record.load(directory)
     if st is None:
         return [], [], []
     engines = [e for n in st.nodes if (e := cluster.find_engine(n)) is not None]
@@ -92,7 +92,7 @@ def recorded(directory: pathlib.Path) -> tuple[list[str], list[state.Process], l
 
 
 def assert_nothing_left(
-    directory: pathlib.Path, made: tuple[list[str], list[state.Process], list[str]]
+    directory: pathlib.Path, made: tuple[list[str], list[record.Process], list[str]]
 ) -> None:
     namespaces, processes, files = made
     assert not directory.exists(), f"{directory} is still there"
@@ -116,7 +116,7 @@ def _processes_referring_to(directory: pathlib.Path) -> list[int]:
             named = needle in (d / "cmdline").read_bytes() or needle in (d / "environ").read_bytes()
         except OSError:
             continue
-        if named and state.start_time(int(d.name)) is not None:  # zombies hold nothing
+        if named and supervisor.start_time(int(d.name)) is not None:  # zombies hold nothing
             pids.append(int(d.name))
     return pids
 
@@ -142,9 +142,9 @@ def sandbox(tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[
 
 
 def _merge(
-    a: tuple[list[str], list[state.Process], list[str]],
-    b: tuple[list[str], list[state.Process], list[str]],
-) -> tuple[list[str], list[state.Process], list[str]]:
+    a: tuple[list[str], list[record.Process], list[str]],
+    b: tuple[list[str], list[record.Process], list[str]],
+) -> tuple[list[str], list[record.Process], list[str]]:
     pids = {p.pid for p in b[1]}
     return (
         list(dict.fromkeys([*a[0], *b[0]])),
@@ -157,13 +157,11 @@ class PingStream:
     """`ping` from one pod to another at a fixed rate, counted at the end."""
 
     def __init__(
-        self, src: state.Pod, dst: state.Pod, *, count: int, interval: float = 0.01
+        self, src: record.Pod, dst: record.Pod, *, count: int, interval: float = 0.01
     ) -> None:
         self.src, self.dst, self.count = src, dst, count
         args = ["ping", "-n", "-q", "-i", str(interval), "-c", str(count), "-W", "1", dst.ip]
-        self.proc = subprocess.Popen(
-            netns.Netns(src.netns).exec_args(args), stdout=subprocess.PIPE, text=True
-        )
+        self.proc = subprocess.Popen(src.ns.exec_args(args), stdout=subprocess.PIPE, text=True)
 
     def done(self) -> bool:
         return self.proc.poll() is not None
@@ -198,7 +196,7 @@ def ping_stream() -> Iterator[Callable[..., PingStream]]:
     """Starts ping streams between pods; any still running at the end is ended."""
     streams: list[PingStream] = []
 
-    def start(src: state.Pod, dst: state.Pod, **kwargs: Any) -> PingStream:
+    def start(src: record.Pod, dst: record.Pod, **kwargs: Any) -> PingStream:
         streams.append(PingStream(src, dst, **kwargs))
         return streams[-1]
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from podwire.sandbox import netns, status, topology, verify
+from podwire.sandbox import status, supervisor, topology, verify
 
 PODWIRE = str(pathlib.Path(sys.executable).parent / "podwire")
 NODES = ("node1", "node2", "node3")
@@ -56,21 +56,21 @@ def test_a_node_joins_and_one_leaves_under_traffic(sandbox: Any, ping_stream: An
     stream = ping_stream(n1, n2, count=2000)  # 20 s at 100 packets a second
 
     sandbox.api.add_node("node4")
-    netns.wait_until(lambda: _ready(sandbox, "node4"), timeout=60, what="node4 Ready")
+    supervisor.wait_until(lambda: _ready(sandbox, "node4"), timeout=60, what="node4 Ready")
     everyone = ("node1", "node2", "node3", "node4")
-    netns.wait_until(
+    supervisor.wait_until(
         lambda: all(len(sandbox.peers(n)) == 3 for n in everyone),
         timeout=30,
         what="node4 a peer of every node, and every node of node4",
     )
     n4 = sandbox.pod("node4")
     for src in (n1, sandbox.pod("node3", 1)):
-        assert netns.Netns(src.netns).ping(n4.ip, count=2, timeout=10), f"{src.name} -> {n4.name}"
-    assert netns.Netns(n4.netns).ping(n2.ip, count=2, timeout=10)
+        assert src.ns.ping(n4.ip, count=2, timeout=10), f"{src.name} -> {n4.name}"
+    assert n4.ns.ping(n2.ip, count=2, timeout=10)
 
     gone = sandbox.state.node("node3")
     sandbox.api.remove_node("node3")
-    netns.wait_until(
+    supervisor.wait_until(
         lambda: all(len(sandbox.peers(n)) == 2 for n in ("node1", "node2", "node4")),
         timeout=30,
         what="node3 removed as a peer everywhere",
@@ -78,7 +78,7 @@ def test_a_node_joins_and_one_leaves_under_traffic(sandbox: Any, ping_stream: An
     assert not any(pathlib.Path("/var/run/netns", p.netns).exists() for p in gone.pods)
     assert not pathlib.Path("/var/run/netns", gone.netns).exists()
     # Its pod range now falls to the fail-closed route: dropped, not sent in clear.
-    assert not netns.Netns(n1.netns).ping(gone.pods[0].ip, count=1, timeout=1)
+    assert not n1.ns.ping(gone.pods[0].ip, count=1, timeout=1)
 
     assert not stream.done(), "the stream ended before the joins and leaves: make it longer"
     _no_loss(stream)
@@ -104,7 +104,7 @@ def test_rolling_agent_restart_loses_no_packet(sandbox: Any, ping_stream: Any) -
         before = sandbox.state.find("agent", node)[0].pid
         sandbox.api.restart("agent", node)
         assert sandbox.state.find("agent", node)[0].pid != before
-        netns.wait_until(
+        supervisor.wait_until(
             lambda node=node: _agent_synced(sandbox, node, peers=2),
             timeout=30,
             what=f"the new agent of {node} synced",
@@ -151,7 +151,7 @@ def test_apiserver_away_for_30s_traffic_flows_and_agents_resync_without_churn(
     sandbox.api.restart("kube-apiserver", stop_only=True)
     away = time.monotonic()
     assert sandbox.api.cluster().cp.kubectl("get", "wgnodes", check=False).returncode != 0
-    netns.wait_until(
+    supervisor.wait_until(
         lambda: all("watch_failed" in sandbox.agent_log(n)[logs[n] :] for n in NODES),
         timeout=30,
         what="every agent to notice the apiserver is gone",
@@ -164,12 +164,12 @@ def test_apiserver_away_for_30s_traffic_flows_and_agents_resync_without_churn(
 
     # Back: every agent lists and watches again (the apiserver counts their watches). The
     # agents retry with a backoff of up to 30 s (with jitter), so this may take that long.
-    netns.wait_until(
+    supervisor.wait_until(
         lambda: _watches(sandbox) == watches, timeout=90, interval=1, what="the agents' watches"
     )
     print(f"apiserver back; every agent watching again {time.monotonic() - returned:.1f}s later")
     for node in NODES:
-        netns.wait_until(
+        supervisor.wait_until(
             lambda node=node: _agent_synced(sandbox, node, peers=2),
             timeout=30,
             what=f"{node} reconciled",
@@ -210,10 +210,10 @@ def test_engine_killed_nothing_leaks_and_traffic_recovers(
             new = sandbox.api.engine("node2")
             return new is not None and new.pid != engine.pid
 
-        netns.wait_until(restarted, timeout=15, what="the agent to start the engine again")
+        supervisor.wait_until(restarted, timeout=15, what="the agent to start the engine again")
         back = time.monotonic() - killed
-        netns.wait_until(
-            lambda: netns.Netns(here.netns).ping(there.ip, count=1, timeout=1),
+        supervisor.wait_until(
+            lambda: here.ns.ping(there.ip, count=1, timeout=1),
             timeout=5,
             what="node2's pods to reach node1's again",
         )
@@ -222,8 +222,8 @@ def test_engine_killed_nothing_leaks_and_traffic_recovers(
         # side keeps its session with the dead engine until it has heard nothing back for 15 s
         # (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT), unless the restored device shakes hands first.
         src, dst = sandbox.pod("node3"), sandbox.pod("node2")
-        netns.wait_until(
-            lambda: netns.Netns(src.netns).ping(dst.ip, count=1, timeout=1),
+        supervisor.wait_until(
+            lambda: src.ns.ping(dst.ip, count=1, timeout=1),
             timeout=30,
             what="node3's pods to reach node2's",
         )

@@ -7,10 +7,8 @@ if the ClusterRole missed a verb the agent needs, they would never become Ready.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -108,14 +106,7 @@ def test_agents_with_the_charts_rbac_and_nothing_more(
     kubeconfig = cluster.cp.kubeconfig_for_token(token, tmp_path / "agent.kubeconfig")
     nodes = [cluster.add_node(f"node{i}") for i in (1, 2)]
     for node in nodes:
-        cluster._ensure_proxy(node)
-        env = {**os.environ, **cluster.agent_env(node), "KUBECONFIG": str(kubeconfig)}
-        node.agent = cluster.factory.spawn(
-            node.ns,
-            [str(pathlib.Path(sys.executable).parent / "podwire-agent")],
-            log_path=node.workdir / "agent.log",
-            env=env,
-        )
+        cluster.start_agent(node, env={"KUBECONFIG": str(kubeconfig)})
 
     def ready(name: str) -> bool:
         out = cluster.cp.kubectl("get", "wgnode", name, "-o", "json", check=False)

@@ -1,5 +1,5 @@
-"""The sandbox's parsing, without root: the capture's frames (what `verify` judges by), the state
-file (what `down` removes by) and the command line."""
+"""The sandbox's parsing, without root: the capture's frames (what `verify` judges by), the
+record's file (what `down` removes by) and the command line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from podwire.agent import cli
-from podwire.sandbox import state, verify
+from podwire.sandbox import record, supervisor, verify
 
 POD_A, POD_B = "10.244.1.10", "10.244.2.11"
 NODE_A, NODE_B = "192.0.2.11", "192.0.2.12"
@@ -96,49 +96,91 @@ def test_an_empty_capture_has_no_frames(tmp_path: pathlib.Path) -> None:
     assert verify.read_pcap(path) == []
 
 
-def _state(tmp_path: pathlib.Path) -> state.State:
-    st = state.State(
+def _record(tmp_path: pathlib.Path) -> record.Record:
+    st = record.Record(
         directory=str(tmp_path), datapath="userspace", kubeconfig="k", apiserver_url="u",
         apiserver_port=1, prefix="pws", tag="abc123", counter=7, underlay_netns="pwsulabc1231",
         bridge="br0", namespaces=["pwsulabc1231", "pwsnabc1232"],
     )  # fmt: skip
     st.nodes.append(
-        state.Node(
-            "node1", 1, "pwsnabc1232", NODE_A, "10.244.1.0/24", "pwswabc1233", str(tmp_path),
-            [state.Pod("node1-pod0", "pwspabc1234", POD_A, "node1")],
+        record.Node(
+            "node1", 1, "pwsnabc1232", NODE_A, "10.244.1.0/24", "pwswabc1233", tmp_path / "node1",
+            [record.Pod("node1-pod0", "pwspabc1234", POD_A, "node1")],
         )
     )  # fmt: skip
     me = os.getpid()
-    started = state.start_time(me)
+    started = supervisor.start_time(me)
     assert started is not None
-    st.processes.append(state.Process("agent", me, started, ["a"], "log", node="node1"))
-    st.processes.append(state.Process("etcd", me, started + 1, ["e"], "log"))  # a reused PID
+    st.processes.append(record.Process("agent", me, started, ["a"], "log", node="node1"))
+    st.processes.append(record.Process("etcd", me, started + 1, ["e"], "log"))  # a reused PID
     return st
 
 
-def test_the_state_file_round_trips(tmp_path: pathlib.Path) -> None:
-    st = _state(tmp_path)
+def test_the_record_round_trips_through_its_file(tmp_path: pathlib.Path) -> None:
+    st = _record(tmp_path)
     st.save()
     assert not list(tmp_path.glob("*.tmp"))
-    loaded = state.State.load(tmp_path)
+    loaded = record.Record.load(tmp_path)
     assert loaded == st
     assert loaded.node("node1").pods[0].ip == POD_A
+    assert loaded.node("node1").api_socket == tmp_path / "node1" / "agent.sock"
+    assert loaded.node("node1").ns.name == "pwsnabc1232"
     assert [p.ip for p in loaded.pods()] == [POD_A]
     assert [p.role for p in loaded.find("agent", "node1")] == ["agent"]
     with pytest.raises(KeyError):
         loaded.node("node9")
-    assert state.State.load(tmp_path / "nowhere") is None
+    assert record.Record.load(tmp_path / "nowhere") is None
+
+
+def test_a_tests_record_is_never_written(tmp_path: pathlib.Path) -> None:
+    st = record.Record()  # no directory: a test's cluster, in memory
+    st.checkpoint()
+    assert not list(tmp_path.iterdir()) and not pathlib.Path(record.STATE_FILE).exists()
 
 
 def test_a_pid_is_ours_only_with_the_start_time_we_recorded(tmp_path: pathlib.Path) -> None:
-    agent, etcd = _state(tmp_path).processes
+    agent, etcd = _record(tmp_path).processes
     assert agent.alive()
     assert not etcd.alive()  # same PID, another start time: not the process we started
 
 
+def test_a_pid_that_is_no_longer_ours_is_never_signalled(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, reused = _record(tmp_path).processes
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    supervisor.stop(reused, grace=0.1)
+    supervisor.kill(2**22 + 12345)
+    assert sent == []
+
+
+def test_stop_ends_a_child_with_sigterm_and_reaps_it() -> None:
+    proc = supervisor.start(["sleep", "30"])
+    started = supervisor.identify(proc.pid)
+    assert started is not None and supervisor.alive(started)
+    supervisor.stop(started, grace=5)
+    assert not supervisor.alive(started)
+    assert proc.poll() == -15  # SIGTERM, reaped through its Popen
+
+
+def test_stop_kills_a_child_that_ignores_sigterm_after_the_grace() -> None:
+    proc = supervisor.start(["sh", "-c", "trap '' TERM; echo ready; sleep 30"], stdout_pipe=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    supervisor.stop(proc, grace=0.3)
+    assert proc.returncode == -9
+
+
+def test_wait_until_names_what_it_waited_for() -> None:
+    with pytest.raises(TimeoutError, match="the moon"):
+        supervisor.wait_until(lambda: False, timeout=0.1, interval=0.01, what="the moon")
+    calls = iter([False, False, True])
+    supervisor.wait_until(lambda: next(calls), timeout=5, interval=0.01)
+
+
 def test_start_time_is_stable_for_a_process_and_none_without_one() -> None:
-    assert state.start_time(os.getpid()) == state.start_time(os.getpid()) is not None
-    assert state.start_time(2**22 + 12345) is None  # above pid_max: no such process
+    assert supervisor.start_time(os.getpid()) == supervisor.start_time(os.getpid()) is not None
+    assert supervisor.start_time(2**22 + 12345) is None  # above pid_max: no such process
 
 
 @pytest.mark.parametrize(
