@@ -159,7 +159,9 @@ class Cluster:
 
     def _ensure_proxy(self, node: Node) -> None:
         """One relay per node, so that adding a node never breaks another node's watches."""
-        if not any(p.alive() for p in self.record.find("apiproxy", node.name)):
+        relays = self.record.find("apiproxy", node.name)
+        if not any(p.alive() for p in relays):
+            self.record.processes = [p for p in self.record.processes if p not in relays]
             self.start_proxy(node)
 
     def agent_env(
