@@ -1,11 +1,10 @@
 """The timer state machine of paper section 6, as plain per-peer state.
 
 Nothing here sleeps or reads a clock: hooks take `now` (monotonic seconds) and set or cancel
-deadlines; the device's tick asks `pop_expired(now)` which timers fired and acts on them. The
-hooks are named for the event that calls them and the expiries for the timer that fired, so
-the device's send and receive paths read like the paper's rules. The specification's numbers
-in force are a `ProtocolTimers`: the specification's, from `constants`, unless a test shortens
-them.
+deadlines; the device's tick (in `expiry`) asks `pop_expired(now)` which timers fired and acts
+on them. The hooks are named for the event that calls them and the expiries for the timer that
+fired, so the device's send and receive paths read like the paper's rules. The numbers in force
+are a `ProtocolTimers`: the specification's (from `constants`) unless a test shortens them.
 """
 
 from __future__ import annotations
