@@ -20,6 +20,8 @@ from podwire.agent.engine.counters import Drop
 TYPE = struct.Struct("<I")
 # type, receiver index, counter
 TRANSPORT_HEADER = struct.Struct("<IIQ")
+# A transport message's AEAD nonce: 32 zero bits, then the counter, little-endian.
+TRANSPORT_NONCE = struct.Struct("<4xQ")
 _INITIATION = struct.Struct("<II32s48s28s16s16s")
 _RESPONSE = struct.Struct("<III32s16s16s16s")
 _COOKIE_REPLY = struct.Struct("<II24s32s")

@@ -10,7 +10,6 @@ only if its source address is one of the peer's allowed-ips.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 _TYPE = messages.TYPE
 _HEADER = messages.TRANSPORT_HEADER
 _HEADER_LEN = constants.TRANSPORT_HEADER_LEN
-_NONCE = struct.Struct("<4xQ")
+_NONCE = messages.TRANSPORT_NONCE
 _TRANSPORT = constants.MESSAGE_TRANSPORT
 
 

@@ -9,7 +9,6 @@ paper's rules say.
 
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING
 
 from podwire.agent.engine import constants, messages, noise, peer, timers
@@ -20,7 +19,7 @@ if TYPE_CHECKING:
     from podwire.agent.engine import device
 
 _HEADER = messages.TRANSPORT_HEADER
-_NONCE = struct.Struct("<4xQ")
+_NONCE = messages.TRANSPORT_NONCE
 _TRANSPORT = constants.MESSAGE_TRANSPORT
 _PADDING = constants.PADDING_MULTIPLE
 
