@@ -26,7 +26,7 @@ BACKOFF_MAX: Final = 16.0
 
 def backoff(failures: int) -> float:
     """Seconds to wait after `failures` failed passes in a row (1 or more)."""
-    return min(BACKOFF_MIN * 2 ** (failures - 1), BACKOFF_MAX)
+    return min(BACKOFF_MIN * 2.0 ** max(failures - 1, 0), BACKOFF_MAX)
 
 
 class Controller:
