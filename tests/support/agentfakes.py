@@ -28,7 +28,7 @@ class FakeBackend:
 
     datapath = "userspace"
 
-    def __init__(self, *, log: list[str] | None = None) -> None:
+    def __init__(self, *, log: list[str] | None = None, routes: FakeRoutes | None = None) -> None:
         self.exists = False
         self.private_key: bytes | None = None
         self.listen_port = 0
@@ -40,6 +40,8 @@ class FakeBackend:
         self.reads = 0
         # What was done, in order; pass FakeRoutes' log to see the two interleaved.
         self.log: list[str] = [] if log is None else log
+        # The routing table whose routes through the device vanish with it, as the kernel's do.
+        self.routes = routes
 
     def lose(self) -> None:
         """The device vanishes with its peers, as when the engine dies."""
@@ -47,6 +49,8 @@ class FakeBackend:
         self.table = wgdevice.PeerTable()
         self.private_key = None
         self.generation += 1
+        if self.routes is not None:
+            self.routes.routes.clear()  # the fail-closed routes do not go through the device
 
     @property
     def peers(self) -> dict[str, wgdevice.Peer]:
@@ -94,9 +98,7 @@ class FakeBackend:
 
     def greeted(self) -> list[str]:
         """Peers sent a keepalive at once (persistent keepalive switched on), in order."""
-        return [
-            c.public_key for req in self.applied for c in req if c.persistent_keepalive == 1
-        ]
+        return [c.public_key for req in self.applied for c in req if c.persistent_keepalive == 1]
 
     def features(self) -> tuple[str, ...]:
         return ()
@@ -250,9 +252,7 @@ class FakeApi:
         )
 
 
-def node(
-    name: str, address: str | None, cidrs: Sequence[str], *, uid: str | None = None
-) -> Obj:
+def node(name: str, address: str | None, cidrs: Sequence[str], *, uid: str | None = None) -> Obj:
     """A Node as the control plane writes it: InternalIP and pod CIDRs."""
     status = {"addresses": [{"type": "InternalIP", "address": address}]} if address else {}
     return {
@@ -340,7 +340,7 @@ class AgentHarness:
         self.wgnodes = MemorySource("wgnodes", on_change=self.wakeup.set)
         self.api.on_write = self.wgnodes.put
         self.routes = FakeRoutes()
-        self.backend = FakeBackend(log=self.routes.log)
+        self.backend = FakeBackend(log=self.routes.log, routes=self.routes)
         self.clock = clock_mod.FakeClock()
         self.underlay: list[str | None] = []  # the addresses the backend was opened for
         self.agent = app.assemble(
