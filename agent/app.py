@@ -82,8 +82,12 @@ class Agent:
                 return False, f"{name}: {h.message}"
         return True, "ready"
 
-    def start(self, stop: threading.Event) -> bool:
-        """Brings the agent up in the design's order; False if `stop` was set meanwhile."""
+    def start(self, stop: threading.Event, *, loop: bool = True) -> bool:
+        """Brings the agent up in the design's order; False if `stop` was set meanwhile.
+
+        With loop=False the control loop's thread is not started: the unit tests turn it
+        by hand (`controller.step`).
+        """
         self.datapath.start()  # first of all: pod traffic with no peer is dropped
         if self.http is not None:
             self.http.start()  # probes answer while the agent waits for its Node
@@ -99,7 +103,8 @@ class Agent:
             "device_ready", datapath=self.datapath.kind, public_key=self.keys.public_key
         )
         self.watches.start()
-        self.controller.start()
+        if loop:
+            self.controller.start()
         if self.local_api is not None:
             self.local_api.start()
         self.started = True

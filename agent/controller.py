@@ -88,7 +88,8 @@ class Controller:
     def step(self, *, woke: bool) -> bool:
         """One turn of the loop; True when a reconcile pass ran."""
         with self._lock:
-            if self.watchdog.check():
+            if self.watchdog.check():  # a new device: the next pass owes nothing to old failures
+                self.reconciler.outcome.failures_in_a_row = 0
                 self._retry_at, woke = 0.0, True
             if not self.publisher.published:
                 self.publisher.publish()

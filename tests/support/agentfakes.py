@@ -368,12 +368,8 @@ class AgentHarness:
         return node(self.NODE, self.ADDRESS, [self.CIDR])
 
     def start(self) -> None:
-        """What `Agent.start` does, in its order, without the controller's thread."""
-        self.agent.datapath.start()
-        self.agent.keys.start()
-        self.agent.datapath.bring_up(self.ADDRESS)
-        self.agent.watches.start()
-        self.agent.started = True
+        """The agent started as in the cluster, without the control loop's thread."""
+        assert self.agent.start(threading.Event(), loop=False)
 
     def list(self, *others: OtherNode) -> None:
         """Both sources list: the own Node and WireguardNode (if published) and `others`."""
