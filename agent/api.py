@@ -11,14 +11,14 @@ import contextlib
 import os
 import pathlib
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from podwire.agent import controller as controller_mod
-from podwire.agent import events as events_mod
+from podwire.agent import app, component
+from podwire.api import wgnode
 from podwire.api.podwire.v1 import agent_pb2, agent_pb2_grpc
 
 DATAPATHS = {"kernel": agent_pb2.DATAPATH_KERNEL, "userspace": agent_pb2.DATAPATH_USERSPACE}
@@ -32,67 +32,77 @@ def _ts(wall: float | None) -> timestamp_pb2.Timestamp | None:
     return t
 
 
+def _condition(c: wgnode.Condition) -> agent_pb2.Condition:
+    when = timestamp_pb2.Timestamp()
+    if c.last_transition_time:
+        when.FromJsonString(c.last_transition_time)
+    return agent_pb2.Condition(
+        type=c.type,
+        status=c.status == "True",
+        reason=c.reason,
+        message=c.message,
+        last_transition_time=when,
+    )
+
+
 class Servicer(agent_pb2_grpc.AgentServicer):
-    def __init__(
-        self,
-        ctl: controller_mod.Controller,
-        *,
-        peer_stats: Callable[[], list[Any]],
-        broadcaster: events_mod.Broadcaster,
-        rotate: Callable[[], tuple[str, float]],
-    ) -> None:
-        self.ctl = ctl
-        self.peer_stats = peer_stats
-        self.broadcaster = broadcaster
-        self.rotate = rotate
+    def __init__(self, agent: app.Agent) -> None:
+        self.agent = agent
 
     def GetStatus(self, request: Any, context: Any) -> agent_pb2.Status:
-        st = self.ctl.state
+        a = self.agent
+        out = a.reconciler.outcome
         return agent_pb2.Status(
-            node_name=st.node,
-            public_key=st.public_key,
-            listen_port=self.ctl.cfg.listen_port,
-            datapath=DATAPATHS.get(st.datapath, agent_pb2.DATAPATH_UNSPECIFIED),
-            device=self.ctl.cfg.device,
-            features=list(st.features),
-            nodes_synced=st.nodes_synced,
-            wgnodes_synced=st.wgnodes_synced,
-            last_reconcile=_ts(st.last_reconcile_wall),
-            last_reconcile_error=st.last_reconcile_error,
-            peer_count=len(st.peers),
+            node_name=a.cfg.node_name,
+            public_key=a.keys.public_key,
+            listen_port=a.cfg.listen_port,
+            datapath=DATAPATHS.get(a.datapath.kind, agent_pb2.DATAPATH_UNSPECIFIED),
+            device=a.cfg.device,
+            features=list(a.datapath.features),
+            nodes_synced=a.watches.nodes.synced,
+            wgnodes_synced=a.watches.wgnodes.synced,
+            last_reconcile=_ts(out.last_wall),
+            last_reconcile_error=out.last_error,
+            peer_count=len(out.peers),
+            mtu=a.datapath.mtu,
+            key_rotated_at=_ts(a.keys.rotated_wall),
+            conditions=[_condition(c) for c in a.publisher.current_conditions()],
+            components=[
+                agent_pb2.ComponentHealth(name=name, ok=h.ok, message=h.message)
+                for name, h in a.health()
+            ],
         )
 
     def ListPeers(self, request: Any, context: Any) -> agent_pb2.ListPeersResponse:
-        names = {p.public_key: p.node for p in self.ctl.state.peers}
+        names = {p.public_key: p.node for p in self.agent.reconciler.outcome.peers}
         try:
-            stats = self.peer_stats()
+            peers = self.agent.datapath.require().read().peers
         except Exception as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"the device could not be read: {e}")
-        out = []
-        for s in stats:
-            out.append(
-                agent_pb2.Peer(
-                    node_name=names.get(s.public_key, ""),
-                    public_key=s.public_key,
-                    endpoint=str(s.endpoint) if s.endpoint else "",
-                    allowed_ips=[str(n) for n in s.allowed_ips],
-                    last_handshake=_ts(s.last_handshake),
-                    rx_bytes=s.rx_bytes,
-                    tx_bytes=s.tx_bytes,
-                    persistent_keepalive_interval=getattr(s, "persistent_keepalive_interval", 0),
-                )
+        out = [
+            agent_pb2.Peer(
+                node_name=names.get(p.public_key, ""),
+                public_key=p.public_key,
+                endpoint=str(p.endpoint) if p.endpoint else "",
+                allowed_ips=[str(n) for n in p.allowed_ips],
+                last_handshake=_ts(p.last_handshake),
+                rx_bytes=p.rx_bytes,
+                tx_bytes=p.tx_bytes,
+                persistent_keepalive_interval=p.persistent_keepalive,
             )
+            for p in peers
+        ]
         return agent_pb2.ListPeersResponse(peers=out)
 
     def RotateKey(self, request: Any, context: Any) -> agent_pb2.RotateKeyResponse:
         try:
-            public_key, wall = self.rotate()
+            public_key, wall = self.agent.controller.rotate_key()
         except Exception as e:
             context.abort(grpc.StatusCode.INTERNAL, f"key rotation failed: {e}")
         return agent_pb2.RotateKeyResponse(public_key=public_key, rotated_at=_ts(wall))
 
     def WatchEvents(self, request: Any, context: Any) -> Iterator[agent_pb2.Event]:
-        q = self.broadcaster.subscribe()
+        q = self.agent.broadcaster.subscribe()
         try:
             while context.is_active():
                 try:
@@ -107,22 +117,42 @@ class Servicer(agent_pb2_grpc.AgentServicer):
                     node_name=ev.node,
                 )
         finally:
-            self.broadcaster.unsubscribe(q)
+            self.agent.broadcaster.unsubscribe(q)
 
 
-def serve(servicer: Servicer, socket_path: pathlib.Path) -> grpc.Server:
-    """Binds the unix socket (folder 0700, socket 0600) and starts serving."""
-    socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(socket_path.parent, 0o700)
-    with contextlib.suppress(FileNotFoundError):
-        socket_path.unlink()  # left by an agent that did not stop cleanly
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
-    agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
-    old = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{socket_path}")
-        server.start()
-    finally:
-        os.umask(old)
-    os.chmod(socket_path, 0o600)
-    return server
+class ApiServer:
+    """The local gRPC API on its unix socket (folder 0700, socket 0600), as a component."""
+
+    name = "api"
+
+    def __init__(self, agent: app.Agent, socket_path: pathlib.Path) -> None:
+        self.agent = agent
+        self.socket_path = socket_path
+        self._server: grpc.Server | None = None
+
+    def start(self) -> None:
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by an agent that did not stop cleanly
+        server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+        agent_pb2_grpc.add_AgentServicer_to_server(Servicer(self.agent), server)
+        old = os.umask(0o177)
+        try:
+            server.add_insecure_port(f"unix:{path}")
+            server.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(1)
+        self.socket_path.unlink(missing_ok=True)
+
+    def health(self) -> component.Health:
+        if self._server is None:
+            return component.degraded("not serving")
+        return component.ok(f"serving on {self.socket_path}")

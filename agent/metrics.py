@@ -1,9 +1,10 @@
 """/healthz, /readyz and /metrics over HTTP, for kubelet probes and Prometheus.
 
 They serve from the agent's first moments: /healthz says the process serves (a liveness probe
-must not kill an agent that waits for its Node); /readyz says why it is not ready yet, until
-the device holds what synced watches asked for and the last reconcile succeeded. /metrics: gauges and counters read from the controller's state and
-the device's peer statistics at scrape time, so nothing is double-booked.
+must not kill an agent that waits for its Node); /readyz says ready once every component is
+healthy, and otherwise which one is not and why, with one line per component below. /metrics:
+gauges and counters read from the components and the device at scrape time, so nothing is
+double-booked.
 """
 
 from __future__ import annotations
@@ -11,56 +12,62 @@ from __future__ import annotations
 import http.server
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from podwire.agent import controller as controller_mod
-
-ControllerRef = Callable[[], "controller_mod.Controller | None"]
+from podwire.agent import app, component
 
 
 class AgentCollector(Collector):
-    def __init__(self, ctl: ControllerRef, peer_stats: Callable[[], list[Any]]) -> None:
-        self.ctl = ctl
-        self.peer_stats = peer_stats
+    def __init__(self, agent: app.Agent) -> None:
+        self.agent = agent
 
     def collect(self) -> Iterator[Any]:
-        ctl = self.ctl()
-        if ctl is None:  # still starting: nothing to count yet
-            return
-        st = ctl.state
+        a = self.agent
+        out = a.reconciler.outcome
         yield GaugeMetricFamily(
-            "podwire_peers", "Peers programmed on the device", value=len(st.peers)
+            "podwire_peers", "Peers programmed on the device", value=len(out.peers)
         )
         yield GaugeMetricFamily(
             "podwire_peers_refused",
             "Nodes refused as peers",
-            value=len({r.node for r in st.refusals}),
+            value=len({r.node for r in out.refusals}),
         )
-        yield CounterMetricFamily("podwire_reconciles", "Reconcile passes", value=st.reconciles)
+        yield CounterMetricFamily("podwire_reconciles", "Reconcile passes", value=out.passes)
         yield CounterMetricFamily(
-            "podwire_reconcile_errors", "Reconcile passes that failed", value=st.reconcile_errors
+            "podwire_reconcile_errors", "Reconcile passes that failed", value=out.errors
         )
         yield GaugeMetricFamily(
             "podwire_reconcile_duration_seconds",
             "Duration of the last reconcile pass",
-            value=st.last_reconcile_seconds,
+            value=out.last_seconds,
         )
         yield CounterMetricFamily(
             "podwire_watch_restarts",
             "Watches restarted (relists, reconnects)",
-            value=st.watch_restarts,
+            value=a.watches.restarts,
         )
         yield CounterMetricFamily(
             "podwire_device_restarts",
             "Times the device was found gone or replaced and brought back",
-            value=st.device_restarts,
+            value=a.watchdog.restarts,
         )
-        names = {p.public_key: p.node for p in st.peers}
+        healthy = GaugeMetricFamily(
+            "podwire_component_healthy",
+            "1 when the agent's component is healthy, as /readyz reports it",
+            labels=["component"],
+        )
+        for name, h in a.health():
+            healthy.add_metric([name], 1 if h.ok else 0)
+        yield healthy
+        yield from self._peers(a)
+
+    def _peers(self, a: app.Agent) -> Iterator[Any]:
+        names = {p.public_key: p.node for p in a.reconciler.outcome.peers}
         age = GaugeMetricFamily(
             "podwire_peer_handshake_age_seconds",
             "Seconds since the last handshake",
@@ -71,49 +78,69 @@ class AgentCollector(Collector):
         )
         tx = CounterMetricFamily("podwire_peer_tx_bytes", "Bytes sent to the peer", labels=["peer"])
         try:
-            stats = self.peer_stats()
-        except Exception:
-            stats = []
+            peers = a.datapath.require().read().peers
+        except Exception:  # no device yet, or it is being brought back: no peer figures
+            peers = ()
         now = time.time()
-        for s in stats:
-            peer = names.get(s.public_key, s.public_key)
-            if s.last_handshake:
-                age.add_metric([peer], now - s.last_handshake)
-            rx.add_metric([peer], s.rx_bytes)
-            tx.add_metric([peer], s.tx_bytes)
+        for p in peers:
+            peer = names.get(p.public_key, p.public_key)
+            if p.last_handshake:
+                age.add_metric([peer], now - p.last_handshake)
+            rx.add_metric([peer], p.rx_bytes)
+            tx.add_metric([peer], p.tx_bytes)
         yield age
         yield rx
         yield tx
 
 
-def serve(
-    ctl: ControllerRef,
-    peer_stats: Callable[[], list[Any]],
-    *,
-    port: int,
-    host: str = "0.0.0.0",
-    starting: Callable[[], str] = lambda: "starting",
-) -> http.server.ThreadingHTTPServer:
-    """Serves in a thread. ctl() is None while the agent starts; starting() then says why."""
-    registry = prometheus_client.CollectorRegistry()
-    registry.register(AgentCollector(ctl, peer_stats))
+class HttpServer:
+    """The probes' and Prometheus' HTTP server, as a component."""
 
+    name = "http"
+
+    def __init__(self, agent: app.Agent, *, port: int, host: str = "0.0.0.0") -> None:
+        self.agent = agent
+        self.port = port
+        self.host = host
+        self._server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        registry = prometheus_client.CollectorRegistry()
+        registry.register(AgentCollector(self.agent))
+        self._server = http.server.ThreadingHTTPServer(
+            (self.host, self.port), _handler(self.agent, registry)
+        )
+        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def health(self) -> component.Health:
+        if self._server is None:
+            return component.degraded("not serving")
+        return component.ok(f"serving on {self.host}:{self.port}")
+
+
+def readiness(agent: app.Agent) -> tuple[int, str]:
+    """The /readyz answer: the verdict, then one line per component."""
+    ready, reason = agent.ready()
+    lines = ["ready" if ready else f"not ready: {reason}"]
+    lines += [f"{name}: {'ok' if h.ok else 'not ok'}: {h.message}" for name, h in agent.health()]
+    return (200 if ready else 503), "\n".join(lines) + "\n"
+
+
+def _handler(
+    agent: app.Agent, registry: prometheus_client.CollectorRegistry
+) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 self._reply(200, b"ok\n")
             elif self.path == "/readyz":
-                current = ctl()
-                if current is None:
-                    self._reply(503, f"not ready: {starting()}\n".encode())
-                    return
-                st = current.state
-                ready = st.programmed and not st.last_reconcile_error
-                reason = st.last_reconcile_error or "waiting for the watches to sync"
-                self._reply(
-                    200 if ready else 503,
-                    b"ready\n" if ready else f"not ready: {reason}\n".encode(),
-                )
+                code, text = readiness(agent)
+                self._reply(code, text.encode())
             elif self.path == "/metrics":
                 self._reply(
                     200,
@@ -133,6 +160,4 @@ def serve(
         def log_message(self, format: str, *args: Any) -> None:
             pass  # probes every few seconds would drown the agent's own log
 
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
-    return server
+    return Handler

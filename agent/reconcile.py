@@ -20,12 +20,10 @@ import dataclasses
 import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final, NamedTuple, TypeAlias, TypeVar
+from typing import Any, Final, TypeVar
 
+from podwire.agent import wgdevice
 from podwire.api import wgnode
-
-IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Refusal reasons: CamelCase, so they can be an Event's and a condition's reason as they are.
 DUPLICATE_PUBLIC_KEY: Final = "DuplicatePublicKey"
@@ -36,44 +34,6 @@ INVALID_POD_CIDR: Final = "InvalidPodCIDR"
 INVALID_PUBLIC_KEY: Final = "InvalidPublicKey"
 INVALID_WIREGUARD_NODE: Final = "InvalidWireguardNode"
 
-# WireGuard's overhead on the underlay: outer IP header, UDP 8, WireGuard data header 16
-# (type, receiver index, counter), Poly1305 tag 16.
-OVERHEAD_IPV4: Final = 20 + 8 + 16 + 16
-OVERHEAD_IPV6: Final = 40 + 8 + 16 + 16
-_MIN_INNER_MTU: Final = 576
-
-
-class Endpoint(NamedTuple):
-    """Where a peer's WireGuard listens: a normalized IP address and a UDP port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def make_endpoint(address: str | IPAddress, port: int) -> Endpoint:
-    """An Endpoint whose host is normalized, so the desired and the read-back ones compare."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if not 0 < port <= 65535:
-        raise ValueError(f"port {port} is not in 1..65535")
-    return Endpoint(str(ip), port)
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """Parse `1.2.3.4:51871` or `[fd00::1]:51871` (the form `wg` and the UAPI print)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{text!r} is not an endpoint (address:port)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1].split("%", 1)[0]  # a scope id is the kernel's business, not ours
-    elif ":" in host:
-        raise ValueError(f"{text!r}: an IPv6 endpoint needs brackets, as in [fd00::1]:51871")
-    return make_endpoint(host, int(port))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DesiredPeer:
@@ -81,17 +41,8 @@ class DesiredPeer:
 
     node: str
     public_key: str
-    endpoint: Endpoint
-    allowed_ips: tuple[IPNetwork, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ActualPeer:
-    """A peer as read back from the device (allowed_ips in any order)."""
-
-    public_key: str
-    endpoint: Endpoint | None
-    allowed_ips: tuple[IPNetwork, ...] = ()
+    endpoint: wgdevice.Endpoint
+    allowed_ips: tuple[wgdevice.IPNetwork, ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,8 +84,8 @@ class Plan:
 class RoutePlan:
     """Routes through the device to add and remove, by destination."""
 
-    add: tuple[IPNetwork, ...] = ()
-    remove: tuple[IPNetwork, ...] = ()
+    add: tuple[wgdevice.IPNetwork, ...] = ()
+    remove: tuple[wgdevice.IPNetwork, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -196,7 +147,7 @@ def desired_peers(
             DesiredPeer(
                 node=name,
                 public_key=spec.public_key,
-                endpoint=make_endpoint(address, spec.listen_port),
+                endpoint=wgdevice.make_endpoint(address, spec.listen_port),
                 allowed_ips=_sorted_networks(info.pod_cidrs),
             )
         )
@@ -207,7 +158,7 @@ def desired_peers(
 
 
 def plan_peers(
-    desired: Iterable[DesiredPeer], actual: Iterable[ActualPeer], *, synced: bool
+    desired: Iterable[DesiredPeer], actual: Iterable[wgdevice.Peer], *, synced: bool
 ) -> Plan:
     """The smallest change from the device's `actual` peers to `desired`, keyed by public key.
 
@@ -235,97 +186,43 @@ def plan_peers(
     )
 
 
-class PeerTable:
-    """A device's peers as last read back or written, with WireGuard's own semantics.
+def plan_changes(plan: Plan) -> list[wgdevice.PeerChange]:
+    """What a Plan means for a device, as peer changes in the order to apply them.
 
-    An allowed-ip belongs to one peer at a time: giving it to a peer takes it from the peer
-    that had it, and removing a peer removes its allowed-ips. The agent keeps one of these as
-    its view of the device between full read-backs, so a pass at thousands of peers costs what
-    changed, not a read of the whole device; FakeBackend is one too.
+    Removals first, so an allowed-ip that moves from a leaving peer lands last; an update sends
+    only what changed; an added peer gets its allowed-ips in full.
     """
-
-    def __init__(self, peers: Iterable[ActualPeer] = ()) -> None:
-        self._peers: dict[str, ActualPeer] = {}
-        self._owner: dict[IPNetwork, str] = {}
-        for peer in peers:
-            self.set(peer.public_key, peer.endpoint, peer.allowed_ips, replace_allowed_ips=True)
-
-    def __len__(self) -> int:
-        return len(self._peers)
-
-    def __contains__(self, public_key: object) -> bool:
-        return public_key in self._peers
-
-    def get(self, public_key: str) -> ActualPeer | None:
-        return self._peers.get(public_key)
-
-    def peers(self) -> list[ActualPeer]:
-        return list(self._peers.values())
-
-    def remove(self, public_key: str) -> None:
-        peer = self._peers.pop(public_key, None)
-        for net in peer.allowed_ips if peer else ():
-            if self._owner.get(net) == public_key:
-                del self._owner[net]
-
-    def set(
-        self,
-        public_key: str,
-        endpoint: Endpoint | None,
-        allowed_ips: Iterable[IPNetwork],
-        *,
-        replace_allowed_ips: bool,
-        update_only: bool = False,
-    ) -> None:
-        """One peer set as a UAPI or netlink request sets it (endpoint None: unchanged)."""
-        current = self._peers.get(public_key)
-        if current is None:
-            if update_only:
-                return
-            current = ActualPeer(public_key, None, ())
-        given = tuple(dict.fromkeys(allowed_ips))
-        kept: tuple[IPNetwork, ...] = current.allowed_ips
-        if replace_allowed_ips:
-            for net in kept:
-                if self._owner.get(net) == public_key:
-                    del self._owner[net]
-            kept = ()
-        for net in given:
-            owner = self._owner.get(net)
-            if owner is not None and owner != public_key:
-                other = self._peers[owner]
-                self._peers[owner] = dataclasses.replace(
-                    other, allowed_ips=tuple(n for n in other.allowed_ips if n != net)
-                )
-            self._owner[net] = public_key
-        self._peers[public_key] = ActualPeer(
-            public_key, endpoint or current.endpoint, tuple(dict.fromkeys((*kept, *given)))
-        )
-
-    def apply(self, plan: Plan) -> None:
-        """What applying plan does to the device (removals first, as the backends do)."""
-        for key in plan.remove:
-            self.remove(key)
-        for update in plan.update:
-            peer = update.peer
-            self.set(
+    changes = [wgdevice.PeerChange(key, remove=True) for key in plan.remove]
+    for update in plan.update:
+        peer = update.peer
+        changes.append(
+            wgdevice.PeerChange(
                 peer.public_key,
-                peer.endpoint if update.endpoint_changed else None,
-                peer.allowed_ips if update.allowed_ips_changed else (),
+                endpoint=peer.endpoint if update.endpoint_changed else None,
+                allowed_ips=peer.allowed_ips if update.allowed_ips_changed else (),
                 replace_allowed_ips=update.allowed_ips_changed,
                 update_only=True,
             )
-        for peer in plan.add:
-            self.set(peer.public_key, peer.endpoint, peer.allowed_ips, replace_allowed_ips=True)
+        )
+    changes.extend(
+        wgdevice.PeerChange(
+            peer.public_key,
+            endpoint=peer.endpoint,
+            allowed_ips=peer.allowed_ips,
+            replace_allowed_ips=True,
+        )
+        for peer in plan.add
+    )
+    return changes
 
 
-def desired_routes(peers: Iterable[DesiredPeer]) -> tuple[IPNetwork, ...]:
+def desired_routes(peers: Iterable[DesiredPeer]) -> tuple[wgdevice.IPNetwork, ...]:
     """Each programmed peer's allowed-ips, routed through the device."""
     return _sorted_networks(net for peer in peers for net in peer.allowed_ips)
 
 
 def plan_routes(
-    desired: Iterable[DesiredPeer], actual: Iterable[IPNetwork], *, synced: bool
+    desired: Iterable[DesiredPeer], actual: Iterable[wgdevice.IPNetwork], *, synced: bool
 ) -> RoutePlan:
     """Routes through the device to add and (once synced) remove.
 
@@ -340,28 +237,11 @@ def plan_routes(
     )
 
 
-def mtu_for(underlay_mtu: int, ipv6_underlay: bool, *, override: int = 0) -> int:
-    """The device's MTU: `override` if set, else the underlay's minus WireGuard's overhead.
-
-    Packets are padded to a multiple of 16 only up to the MTU, so no more headroom is needed.
-    """
-    if override:
-        return override
-    overhead = OVERHEAD_IPV6 if ipv6_underlay else OVERHEAD_IPV4
-    mtu = underlay_mtu - overhead
-    if mtu < _MIN_INNER_MTU:
-        raise ValueError(
-            f"underlay MTU {underlay_mtu} leaves {mtu} bytes for pods after WireGuard's"
-            f" {overhead}; set the MTU explicitly or raise the underlay's"
-        )
-    return mtu
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _NodeInfo:
     name: str
-    internal_ips: tuple[IPAddress, ...]  # in the Node's order: the first is its primary
-    pod_cidrs: tuple[IPNetwork, ...]
+    internal_ips: tuple[wgdevice.IPAddress, ...]  # in the Node's order: the first is its primary
+    pod_cidrs: tuple[wgdevice.IPNetwork, ...]
     bad_cidrs: tuple[str, ...]
 
 
@@ -370,7 +250,23 @@ def _node_info(node: Mapping[str, Any]) -> _NodeInfo | None:
     name = _path(node, "metadata", "name")
     if not isinstance(name, str) or not name:
         return None
-    ips: list[IPAddress] = []
+    raw = _path(node, "spec", "podCIDRs")
+    if raw is None:
+        single = _path(node, "spec", "podCIDR")  # the pre-dual-stack field
+        raw = [single] if single else None
+    cidrs: list[wgdevice.IPNetwork] = []
+    bad: list[str] = []
+    for text in raw if isinstance(raw, list) else ():
+        try:
+            cidrs.append(ipaddress.ip_network(str(text), strict=True))
+        except ValueError:
+            bad.append(str(text))
+    return _NodeInfo(name, internal_ips(node), tuple(cidrs), tuple(bad))
+
+
+def internal_ips(node: Mapping[str, Any]) -> tuple[wgdevice.IPAddress, ...]:
+    """A Node's valid InternalIPs in its own order: the first is its primary (the underlay)."""
+    ips: list[wgdevice.IPAddress] = []
     addresses = _path(node, "status", "addresses")
     for entry in addresses if isinstance(addresses, list) else ():
         if isinstance(entry, Mapping) and entry.get("type") == "InternalIP":
@@ -378,18 +274,7 @@ def _node_info(node: Mapping[str, Any]) -> _NodeInfo | None:
                 ips.append(ipaddress.ip_address(str(entry.get("address"))))
             except ValueError:
                 continue
-    raw = _path(node, "spec", "podCIDRs")
-    if raw is None:
-        single = _path(node, "spec", "podCIDR")  # the pre-dual-stack field
-        raw = [single] if single else None
-    cidrs: list[IPNetwork] = []
-    bad: list[str] = []
-    for text in raw if isinstance(raw, list) else ():
-        try:
-            cidrs.append(ipaddress.ip_network(str(text), strict=True))
-        except ValueError:
-            bad.append(str(text))
-    return _NodeInfo(name, tuple(ips), tuple(cidrs), tuple(bad))
+    return tuple(ips)
 
 
 def _node_refusals(info: _NodeInfo, overlaps: Sequence[str]) -> list[Refusal]:
@@ -465,7 +350,7 @@ def _overlaps(infos: Iterable[_NodeInfo]) -> dict[str, list[str]]:
         key=lambda item: _network_order(item[0]),
     )
     found: dict[str, set[str]] = defaultdict(set)
-    stack: list[tuple[IPNetwork, str]] = []
+    stack: list[tuple[wgdevice.IPNetwork, str]] = []
     for net, name in owned:
         while stack and (
             stack[-1][0].version != net.version
@@ -480,7 +365,7 @@ def _overlaps(infos: Iterable[_NodeInfo]) -> dict[str, list[str]]:
     return {name: sorted(lines) for name, lines in found.items()}
 
 
-def _pick_address(ips: Sequence[IPAddress], family: int | None) -> IPAddress:
+def _pick_address(ips: Sequence[wgdevice.IPAddress], family: int | None) -> wgdevice.IPAddress:
     # Dual stack: talk to a peer in our own primary family, which our underlay surely routes.
     return next((ip for ip in ips if ip.version == family), ips[0])
 
@@ -507,7 +392,7 @@ def _path(obj: object, *keys: str) -> object:
     return obj
 
 
-_P = TypeVar("_P", DesiredPeer, ActualPeer)
+_P = TypeVar("_P", DesiredPeer, wgdevice.Peer)
 
 
 def _by_key(peers: Iterable[_P]) -> dict[str, _P]:
@@ -523,9 +408,9 @@ def _peer_order(peer: DesiredPeer) -> tuple[str, str]:
     return (peer.node, peer.public_key)
 
 
-def _network_order(net: IPNetwork) -> tuple[int, int, int]:
+def _network_order(net: wgdevice.IPNetwork) -> tuple[int, int, int]:
     return (net.version, int(net.network_address), net.prefixlen)
 
 
-def _sorted_networks(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+def _sorted_networks(nets: Iterable[wgdevice.IPNetwork]) -> tuple[wgdevice.IPNetwork, ...]:
     return tuple(sorted(set(nets), key=_network_order))

@@ -33,12 +33,20 @@ ROTATE_ANNOTATION: Final = "podwire.io/rotate-key-requested-at"
 
 DEFAULT_LISTEN_PORT: Final = 51871
 
-# Condition types, as they appear in status.conditions.
+# Condition types, as they appear in status.conditions:
+# - KeyPublished: spec holds the key the node's device uses.
+# - PeersProgrammed: the device holds every peer and route that synced watches ask for.
+# - PeersRefused: some nodes are not programmed (a duplicate key, an overlapping pod CIDR, ...);
+#   the message names them, an Event on each says why.
+# - Encrypted: no pod traffic to the cluster's pod CIDRs leaves this node in clear: the device
+#   is up and the fail-closed backstop drops what has no peer.
+# - Ready: KeyPublished and PeersProgrammed.
 READY: Final = "Ready"
 KEY_PUBLISHED: Final = "KeyPublished"
 PEERS_PROGRAMMED: Final = "PeersProgrammed"
+PEERS_REFUSED: Final = "PeersRefused"
 ENCRYPTED: Final = "Encrypted"
-CONDITION_TYPES: Final = (READY, KEY_PUBLISHED, PEERS_PROGRAMMED, ENCRYPTED)
+CONDITION_TYPES: Final = (READY, KEY_PUBLISHED, PEERS_PROGRAMMED, PEERS_REFUSED, ENCRYPTED)
 
 ConditionStatus: TypeAlias = Literal["True", "False", "Unknown"]
 CONDITION_STATUSES: Final = ("True", "False", "Unknown")

@@ -1,4 +1,4 @@
-"""netlink.py in a throwaway namespace: routes, the fail-closed route, MTU, kernel WireGuard, offloads.
+"""agent/netlink/ in a throwaway namespace: routes, the fail-closed route, MTU, kernel WireGuard, offloads.
 
 ns node                                     ns peer
 veth pwdummy (stands for the WireGuard link)
@@ -15,7 +15,10 @@ import subprocess
 
 import pytest
 
-from podwire.agent import datapath, netlink, reconcile
+from podwire.agent import config, reconcile
+from podwire.agent.datapath import routes as dp_routes
+from podwire.agent.datapath import select, userspace
+from podwire.agent.netlink import core, links, offloads, routes, underlay, wireguard
 from podwire.sandbox import netns as netns_mod
 
 CLUSTER = (ipaddress.ip_network("10.244.0.0/16"), ipaddress.ip_network("fd00:244::/56"))
@@ -40,6 +43,16 @@ def _stand_in(ns: netns_mod.Netns) -> None:
         ns.ip("link", "set", dev, "up")
 
 
+def _config(tmp_path: pathlib.Path, datapath: config.Datapath) -> config.Config:
+    return config.Config(
+        node_name="n",
+        key_path=tmp_path / "private.key",
+        datapath=datapath,
+        device="pwkwg",
+        cluster_pod_cidrs=CLUSTER,
+    )
+
+
 def _tx_packets(ns: netns_mod.Netns, dev: str) -> int:
     out = ns.ip("-s", "-j", "link", "show", "dev", dev).stdout
     return int(json.loads(out)[0]["stats64"]["tx"]["packets"])
@@ -51,15 +64,15 @@ def test_routes_are_added_listed_and_removed_by_protocol(
     node, _, _ = _node(netns)
     _stand_in(node)
     node.ip("route", "add", "10.250.0.0/24", "dev", "pwdummy")  # someone else's: not ours
-    routes = datapath.Routes("pwdummy", netns=node.name)
+    table = dp_routes.Routes("pwdummy", netns=node.name)
     nets = (ipaddress.ip_network("10.244.2.0/24"), ipaddress.ip_network("fd00:244:0:2::/64"))
-    routes.apply(reconcile.RoutePlan(add=nets))
-    routes.apply(reconcile.RoutePlan(add=nets))  # idempotent
-    assert sorted(routes.list_routes(), key=str) == sorted(nets, key=str)
+    table.apply(reconcile.RoutePlan(add=nets))
+    table.apply(reconcile.RoutePlan(add=nets))  # idempotent
+    assert sorted(table.list_routes(), key=str) == sorted(nets, key=str)
     assert "proto 251" in node.ip("route", "show", "10.244.2.0/24").stdout
-    routes.apply(reconcile.RoutePlan(remove=nets[:1]))
-    assert routes.list_routes() == [nets[1]]
-    netlink.apply_routes("pwdummy", [], [nets[0]], netns=node.name)  # gone already is fine
+    table.apply(reconcile.RoutePlan(remove=nets[:1]))
+    assert table.list_routes() == [nets[1]]
+    routes.apply_routes("pwdummy", [], [nets[0]], netns=node.name)  # gone already is fine
     assert "10.250.0.0/24" in node.ip("route").stdout
 
 
@@ -74,10 +87,10 @@ def test_fail_closed_route_drops_what_no_peer_covers(
     node.ping("10.244.5.1", count=1, timeout=1)
     assert _tx_packets(node, veth) > before, "the check must see packets leave without it"
 
-    routes = datapath.Routes("pwdummy", netns=node.name)
-    routes.install_fail_closed(CLUSTER)
-    routes.install_fail_closed(CLUSTER)  # idempotent
-    assert sorted(routes.list_fail_closed(), key=str) == sorted(CLUSTER, key=str)
+    table = dp_routes.Routes("pwdummy", netns=node.name)
+    table.install_fail_closed(CLUSTER)
+    table.install_fail_closed(CLUSTER)  # idempotent
+    assert sorted(table.list_fail_closed(), key=str) == sorted(CLUSTER, key=str)
     # The counter also sees ARP and router solicitations; a capture of the pod range does not.
     pcap, log = tmp_path / "underlay.pcap", tmp_path / "tcpdump.log"
     capture = netns.spawn(
@@ -96,59 +109,61 @@ def test_fail_closed_route_drops_what_no_peer_covers(
 
     # A peer's route is more specific and wins over the fail-closed one.
     _stand_in(node)
-    netlink.apply_routes("pwdummy", [ipaddress.ip_network("10.244.5.0/24")], [], netns=node.name)
+    routes.apply_routes("pwdummy", [ipaddress.ip_network("10.244.5.0/24")], [], netns=node.name)
     got = node.ip("route", "get", "10.244.5.1").stdout
     assert "dev pwdummy" in got
     assert "unreachable" in node.ip("route", "get", "10.244.6.1", check=False).stderr + (
         node.ip("route", "show", "10.244.0.0/16").stdout
     )
 
-    routes.remove_fail_closed(CLUSTER)
-    assert routes.list_fail_closed() == []
+    table.remove_fail_closed(CLUSTER)
+    assert table.list_fail_closed() == []
 
 
 def test_mtu_comes_from_the_underlay(netns: netns_mod.NetnsFactory) -> None:
     node, _, veth = _node(netns, mtu=1420)
-    assert netlink.underlay(netns=node.name) == netlink.Underlay(veth, 1420, False)
-    assert netlink.underlay(address="192.0.2.1", netns=node.name).device == veth
-    assert netlink.underlay(address="fd00:2::1", netns=node.name).ipv6
+    assert underlay.find(netns=node.name) == underlay.Underlay(veth, 1420, False)
+    assert underlay.find(address="192.0.2.1", netns=node.name).device == veth
+    assert underlay.find(address="fd00:2::1", netns=node.name).ipv6
     _stand_in(node)
-    netlink.set_mtu("pwdummy", 1360, netns=node.name)
-    netlink.set_link_up("pwdummy", netns=node.name)
-    assert netlink.link_mtu("pwdummy", netns=node.name) == 1360
-    with pytest.raises(netlink.NetlinkError) as info:
-        netlink.set_mtu("nosuchdev", 1360, netns=node.name)
+    links.set_mtu("pwdummy", 1360, netns=node.name)
+    links.set_link_up("pwdummy", netns=node.name)
+    assert links.link_mtu("pwdummy", netns=node.name) == 1360
+    with pytest.raises(core.NetlinkError) as info:
+        links.set_mtu("nosuchdev", 1360, netns=node.name)
     assert info.value.errno != 0
 
 
-def test_no_kernel_wireguard_is_a_typed_signal_for_auto(netns: netns_mod.NetnsFactory) -> None:
+def test_no_kernel_wireguard_is_a_typed_signal_for_auto(
+    netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
+) -> None:
     node, _, _ = _node(netns)
-    if netlink.link_exists("pwkwg", netns=node.name):
+    if links.link_exists("pwkwg", netns=node.name):
         pytest.fail("the namespace is new; it cannot hold pwkwg")
     try:
-        netlink.create_kernel_device("pwkwg", netns=node.name)
-    except netlink.KernelWireguardUnavailable as exc:
+        wireguard.create_device("pwkwg", netns=node.name)
+    except core.KernelWireguardUnavailable as exc:
         assert exc.errno != 0
     else:
-        netlink.delete_link("pwkwg", netns=node.name)
+        links.delete_link("pwkwg", netns=node.name)
         pytest.skip("this kernel has WireGuard; the kernel tier tests that path")
-    backend = datapath.select_backend("auto", "pwkwg", netns=node.name)
-    assert isinstance(backend, datapath.UserspaceBackend)
-    with pytest.raises(netlink.KernelWireguardUnavailable):
-        datapath.select_backend("kernel", "pwkwg", netns=node.name)
-    assert not netlink.link_exists("pwkwg", netns=node.name)
+    backend = select.open_backend(_config(tmp_path, "auto"), netns=node.name)
+    assert isinstance(backend, userspace.UserspaceBackend)
+    with pytest.raises(core.KernelWireguardUnavailable):
+        select.open_backend(_config(tmp_path, "kernel"), netns=node.name)
+    assert not links.link_exists("pwkwg", netns=node.name)
 
 
 def test_feature_detection_reports_without_failing(netns: netns_mod.NetnsFactory) -> None:
     node, _, veth = _node(netns)
     _stand_in(node)
-    report = netlink.apply_features("pwdummy", underlay_device=veth, netns=node.name)
+    report = offloads.apply_features("pwdummy", underlay_device=veth, netns=node.name)
     names = set(report.applied) | {name for name, _ in report.skipped}
     assert names == {"gro", "big_tcp", "udp_gro_forwarding"}
     if "gro" in report.applied:
         details = json.loads(node.ip("-d", "-j", "link", "show", "pwdummy").stdout)[0]
         assert details["gro_max_size"] > 65536
-    off = netlink.apply_features(
+    off = offloads.apply_features(
         "pwdummy", gro=False, big_tcp=False, udp_gro_forwarding=False, netns=node.name
     )
     assert off.applied == () and all(why == "turned off" for _, why in off.skipped)

@@ -14,7 +14,10 @@ import random
 
 import pytest
 
-from podwire.agent import datapath, keys, netlink, reconcile
+from podwire.agent import keys, reconcile, wgdevice
+from podwire.agent.datapath import routes as routes_mod
+from podwire.agent.datapath import supervisor, userspace
+from podwire.agent.netlink import links
 from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import tools
 
@@ -23,8 +26,8 @@ PORT = 51871
 
 def _backend(
     factory: netns_mod.NetnsFactory, ns: netns_mod.Netns, dev: str, log: pathlib.Path
-) -> datapath.UserspaceBackend:
-    return datapath.UserspaceBackend(
+) -> userspace.UserspaceBackend:
+    return userspace.UserspaceBackend(
         dev,
         engine_command=[tools.path("wireguard-go")],
         engine_env={"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"},
@@ -44,75 +47,77 @@ def test_two_wireguard_go_devices_programmed_only_through_the_backend(
         a.name: ("192.0.2.1", "10.244.1.0/24", keys.PrivateKey.generate()),
         b.name: ("192.0.2.2", "10.244.2.0/24", keys.PrivateKey.generate()),
     }
-    backends: dict[str, datapath.UserspaceBackend] = {}
+    backends: dict[str, userspace.UserspaceBackend] = {}
     for ns in (a, b):
         dev = netns.unique("w")
         backend = _backend(netns, ns, dev, tmp_path / f"{dev}.log")
         backend.ensure_device()
-        assert backend.process is not None
-        netns.processes.append(backend.process)  # the fixture ends it by PID
+        assert backend.engine.process is not None
+        netns.processes.append(backend.engine.process)  # the fixture ends it by PID
         key = nodes[ns.name][2]
         backend.set_private_key(key.raw)
         backend.set_listen_port(PORT)
-        assert backend.public_key() == key.public_key_b64()
+        assert backend.read().public_key == key.public_key_b64()
         cidr = ipaddress.ip_network(nodes[ns.name][1])
-        netlink.add_address(dev, f"{cidr.network_address + 1}/32", netns=ns.name)
+        links.add_address(dev, f"{cidr.network_address + 1}/32", netns=ns.name)
         backends[ns.name] = backend
     # MTU from the 1400-byte IPv4 underlay.
-    assert netlink.link_mtu(backends[a.name].device, netns=a.name) == 1400 - 60
+    assert links.link_mtu(backends[a.name].device, netns=a.name) == 1400 - 60
 
     def peer_of(other: netns_mod.Netns) -> reconcile.DesiredPeer:
         host, cidr, key = nodes[other.name]
         return reconcile.DesiredPeer(
             other.name,
             key.public_key_b64(),
-            reconcile.Endpoint(host, PORT),
+            wgdevice.Endpoint(host, PORT),
             (ipaddress.ip_network(cidr),),
         )
 
     for ns, other in ((a, b), (b, a)):
         backend = backends[ns.name]
         desired = [peer_of(other)]
-        backend.apply(reconcile.plan_peers(desired, backend.read_peers(), synced=True))
-        assert reconcile.plan_peers(desired, backend.read_peers(), synced=True).empty
-        routes = datapath.Routes(backend.device, netns=ns.name)
+        backend.apply(
+            reconcile.plan_changes(reconcile.plan_peers(desired, backend.read().peers, synced=True))
+        )
+        assert reconcile.plan_peers(desired, backend.read().peers, synced=True).empty
+        routes = routes_mod.Routes(backend.device, netns=ns.name)
         routes.apply(reconcile.plan_routes(desired, routes.list_routes(), synced=True))
         assert routes.list_routes() == list(desired[0].allowed_ips)
 
     assert a.ping("10.244.2.1", count=3, timeout=10), "no answer across the tunnel"
-    (stats,) = backends[a.name].peer_stats()
+    (stats,) = backends[a.name].read().peers
     assert stats.public_key == nodes[b.name][2].public_key_b64()
     assert stats.last_handshake is not None and stats.rx_bytes > 0 and stats.tx_bytes > 0
-    assert stats.endpoint == reconcile.Endpoint("192.0.2.2", PORT)
+    assert stats.endpoint == wgdevice.Endpoint("192.0.2.2", PORT)
 
     # A second backend (an agent restarted) finds the live engine and starts none.
     again = _backend(netns, a, backends[a.name].device, tmp_path / "again.log")
     again.ensure_device()
-    assert again.process is None
-    assert [p.public_key for p in again.read_peers()] == [stats.public_key]
+    assert again.engine.process is None
+    assert [p.public_key for p in again.read().peers] == [stats.public_key]
 
     # Removing the peer takes its allowed-ips with it: the tunnel stops carrying.
-    again.apply(reconcile.plan_peers([], again.read_peers(), synced=True))
-    assert again.read_peers() == []
+    again.apply(reconcile.plan_changes(reconcile.plan_peers([], again.read().peers, synced=True)))
+    assert again.read().peers == ()
     assert not a.ping("10.244.2.1", count=1, timeout=2)
 
 
 def _engine(kind: str) -> tuple[list[str], dict[str, str]]:
     if kind == "wireguard-go":
         return [tools.path("wireguard-go")], {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
-    return list(datapath.default_engine_command()), {}
+    return list(supervisor.default_command()), {}
 
 
 @pytest.mark.parametrize("kind", ["podwire-engine", "wireguard-go"])
 def test_the_agents_record_of_the_device_matches_what_the_device_reads_back(
     netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path, kind: str
 ) -> None:
-    """The controller diffs against a PeerTable between read-backs: it must end where a real
+    """The reconciler diffs against a PeerTable between read-backs: it must end where a real
     device ends, across adds, endpoint changes, allowed-ips moving between peers, removals."""
     ns = netns.namespace("t")
     dev = netns.unique("w")
     command, env = _engine(kind)
-    backend = datapath.UserspaceBackend(
+    backend = userspace.UserspaceBackend(
         dev,
         engine_command=command,
         engine_env=env,
@@ -121,27 +126,28 @@ def test_the_agents_record_of_the_device_matches_what_the_device_reads_back(
         mtu=1420,  # no underlay in this namespace
     )
     backend.ensure_device()
-    assert backend.process is not None
-    netns.processes.append(backend.process)
+    assert backend.engine.process is not None
+    netns.processes.append(backend.engine.process)
     rng = random.Random(4)
     peer_keys = [keys.PrivateKey.generate().public_key_b64() for _ in range(12)]
     nets = [ipaddress.ip_network(f"10.244.{n}.0/24") for n in range(30)]
-    table = reconcile.PeerTable(backend.read_peers())
+    table = wgdevice.PeerTable(backend.read().peers)
     for round_ in range(25):
         free = rng.sample(nets, len(nets))
         desired = []
         for i in rng.sample(range(len(peer_keys)), rng.randint(0, 8)):
             take, free = free[: rng.randint(0, 3)], free[3:]
-            endpoint = reconcile.Endpoint(f"192.0.2.{rng.randint(1, 3)}", PORT)
+            endpoint = wgdevice.Endpoint(f"192.0.2.{rng.randint(1, 3)}", PORT)
             desired.append(reconcile.DesiredPeer(f"n{i}", peer_keys[i], endpoint, tuple(take)))
         plan = reconcile.plan_peers(desired, table.peers(), synced=round_ % 5 != 4)
-        backend.apply(plan)
-        table.apply(plan)
-        got = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in backend.read_peers()}
+        changes = reconcile.plan_changes(plan)
+        backend.apply(changes)
+        table.apply(changes)
+        got = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in backend.read().peers}
         want = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in table.peers()}
         assert got == want, f"round {round_}: the record and {kind} disagree"
     # A device that is replaced is noticed by its identity, cheaply.
     before = backend.identity()
     assert before is not None
-    netns_mod.stop_process(backend.process)
+    netns_mod.stop_process(backend.engine.process)
     netns_mod.wait_until(lambda: backend.identity() is None, timeout=10, what="the device gone")

@@ -2,7 +2,7 @@
 
 Run by tests/kernel/test_datapath.py through the VM's command server; prints one JSON line of
 what it saw, which the host test asserts on. The kernel side is what `podwire-agent` builds with
-PODWIRE_DATAPATH=auto: config.load -> datapath.select -> KernelBackend and Routes, programmed
+PODWIRE_DATAPATH=auto: config.load -> select.open_backend -> KernelBackend and Routes, programmed
 with plans from reconcile, exactly as tests/integration/datapath drives the userspace backend.
 
 ns k (the agent, kernel WireGuard)              ns u (the peer: wireguard-go or podwire-engine)
@@ -23,7 +23,11 @@ import time
 
 from pyroute2 import config as pr_config
 
-from podwire.agent import config, datapath, keys, netlink, reconcile
+from podwire.agent import config, keys, reconcile, wgdevice
+from podwire.agent.datapath import backend as backend_mod
+from podwire.agent.datapath import routes as routes_mod
+from podwire.agent.datapath import select, supervisor, userspace
+from podwire.agent.netlink import links
 from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import tools
 
@@ -37,15 +41,17 @@ K_CIDR, U_CIDR = ipaddress.ip_network("10.244.1.0/24"), ipaddress.ip_network("10
 CLUSTER = "10.244.0.0/16"
 
 
-def _desired(name: str, key: keys.PrivateKey, host: str, cidr: reconcile.IPNetwork) -> list:
+def _desired(name: str, key: keys.PrivateKey, host: str, cidr: wgdevice.IPNetwork) -> list:
     return [
-        reconcile.DesiredPeer(name, key.public_key_b64(), reconcile.Endpoint(host, PORT), (cidr,))
+        reconcile.DesiredPeer(name, key.public_key_b64(), wgdevice.Endpoint(host, PORT), (cidr,))
     ]
 
 
-def _program(backend: datapath.Backend, routes: datapath.Routes, desired: list) -> None:
+def _program(backend: backend_mod.Backend, routes: routes_mod.Routes, desired: list) -> None:
     """One reconcile pass, as the agent's controller makes it."""
-    backend.apply(reconcile.plan_peers(desired, backend.read_peers(), synced=True))
+    backend.apply(
+        reconcile.plan_changes(reconcile.plan_peers(desired, backend.read().peers, synced=True))
+    )
     routes.apply(reconcile.plan_routes(desired, routes.list_routes(), synced=True))
 
 
@@ -68,15 +74,15 @@ def main(peer_kind: str) -> dict:
         env = {"NODE_NAME": "k", "PODWIRE_DATAPATH": "auto", "PODWIRE_DEVICE": k_dev,
                "PODWIRE_CLUSTER_POD_CIDRS": CLUSTER, "PODWIRE_LISTEN_PORT": str(PORT)}  # fmt: skip
         cfg = config.load(environ=env)
-        backend, routes = datapath.select(cfg, netns=k.name)
+        backend, routes = _select(cfg, k.name)
         facts["backend"] = type(backend).__name__
         facts["datapath"] = backend.datapath
         routes.install_fail_closed(cfg.cluster_pod_cidrs)
         backend.ensure_device()
         backend.set_private_key(k_key.raw)
         backend.set_listen_port(cfg.listen_port)
-        netlink.add_address(k_dev, f"{K_CIDR.network_address + 1}/32", netns=k.name)
-        facts["public_key_read_back"] = backend.public_key() == k_key.public_key_b64()
+        links.add_address(k_dev, f"{K_CIDR.network_address + 1}/32", netns=k.name)
+        facts["public_key_read_back"] = backend.read().public_key == k_key.public_key_b64()
         link = _link(k, k_dev)
         facts["link_kind"] = link.get("linkinfo", {}).get("info_kind")
         facts["mtu"] = link["mtu"]
@@ -87,8 +93,8 @@ def main(peer_kind: str) -> dict:
             command = [tools.path("wireguard-go")]
             engine_env = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
         else:
-            command, engine_env = list(datapath.default_engine_command()), {}
-        peer = datapath.UserspaceBackend(
+            command, engine_env = list(supervisor.default_command()), {}
+        peer = userspace.UserspaceBackend(
             u_dev, engine_command=command, engine_env=engine_env, netns=u.name,
             engine_log=logs / "peer.log", start_timeout=240,
         )  # fmt: skip
@@ -101,23 +107,23 @@ def main(peer_kind: str) -> dict:
             log = (logs / "peer.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{peer_kind} did not start: {exc}\n{log}") from exc
         facts["peer_start_seconds"] = round(time.monotonic() - started, 1)
-        assert peer.process is not None
-        f.processes.append(peer.process)  # ended by PID with the namespaces
+        assert peer.engine.process is not None
+        f.processes.append(peer.engine.process)  # ended by PID with the namespaces
         peer.set_private_key(u_key.raw)
         peer.set_listen_port(PORT)
-        netlink.add_address(u_dev, f"{U_CIDR.network_address + 1}/32", netns=u.name)
+        links.add_address(u_dev, f"{U_CIDR.network_address + 1}/32", netns=u.name)
 
         to_u = _desired("u", u_key, "192.0.2.2", U_CIDR)
         _program(backend, routes, to_u)
         _program(
-            peer, datapath.Routes(u_dev, netns=u.name), _desired("k", k_key, "192.0.2.1", K_CIDR)
+            peer, routes_mod.Routes(u_dev, netns=u.name), _desired("k", k_key, "192.0.2.1", K_CIDR)
         )
         facts["routes"] = [str(n) for n in routes.list_routes()]
         facts["route_show"] = k.ip("route", "show", "proto", "251").stdout
         facts["fail_closed"] = [str(n) for n in routes.list_fail_closed()]
         # Converged: a second pass has nothing to do.
         facts["second_plan_empty"] = reconcile.plan_peers(
-            to_u, backend.read_peers(), synced=True
+            to_u, backend.read().peers, synced=True
         ).empty
 
         started = time.monotonic()
@@ -131,31 +137,36 @@ def main(peer_kind: str) -> dict:
             {"public_key": s.public_key, "endpoint": str(s.endpoint),
              "allowed_ips": [str(n) for n in s.allowed_ips], "last_handshake": s.last_handshake,
              "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes}
-            for s in backend.peer_stats()
+            for s in backend.read().peers
         ]  # fmt: skip
         facts["peer_public_key"] = u_key.public_key_b64()
         facts["now"] = time.time()
 
         # An agent restarted: auto finds the same link and its peers, and traffic goes on.
-        index = netlink.link_index(k_dev, netns=k.name)
-        again, again_routes = datapath.select(cfg, netns=k.name)
+        index = links.link_index(k_dev, netns=k.name)
+        again, again_routes = _select(cfg, k.name)
         again.ensure_device()
-        facts["restart_same_link"] = netlink.link_index(k_dev, netns=k.name) == index
-        facts["restart_peers"] = [p.public_key for p in again.read_peers()]
+        facts["restart_same_link"] = links.link_index(k_dev, netns=k.name) == index
+        facts["restart_peers"] = [p.public_key for p in again.read().peers]
         facts["restart_plan_empty"] = reconcile.plan_peers(
-            to_u, again.read_peers(), synced=True
+            to_u, again.read().peers, synced=True
         ).empty
         facts["restart_ping"] = k.ping("10.244.2.1", count=2, timeout=30)
 
         # The peer gone (its Node deleted): peer and route removed, the pod range fails closed.
         _program(again, again_routes, [])
-        facts["removed_peers"] = [p.public_key for p in again.read_peers()]
+        facts["removed_peers"] = [p.public_key for p in again.read().peers]
         facts["removed_routes"] = [str(n) for n in again_routes.list_routes()]
         facts["removed_ping"] = k.ping("10.244.2.1", count=1, timeout=3)
         unreachable = k.run("ping", "-c", "1", "-W", "2", "10.244.2.1", check=False)
         facts["removed_ping_error"] = unreachable.stdout + unreachable.stderr
         facts["peer_log"] = (logs / "peer.log").read_text(errors="replace")[-3000:]
     return facts
+
+
+def _select(cfg: config.Config, netns: str) -> tuple[backend_mod.Backend, routes_mod.Routes]:
+    """What the agent's datapath component opens for this config, in the node's namespace."""
+    return select.open_backend(cfg, netns=netns), routes_mod.Routes(cfg.device, netns=netns)
 
 
 if __name__ == "__main__":

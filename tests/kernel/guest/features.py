@@ -2,7 +2,7 @@
 
 Run by tests/kernel/test_features.py; prints one JSON line. For each case a node namespace
 with a veth underlay gets the device `podwire-agent` makes for that configuration (config.load
-from the environment -> datapath.select -> ensure_device), and the case reports what the agent
+from the environment -> select.open_backend -> ensure_device), and the case reports what the agent
 says is in force (Backend.features(), which the agent publishes in its status) next to what
 the kernel says: the device's sizes from `ip -d -j link` of an iproute2 new enough to print the
 IPv4 BIG TCP sizes (hack/kernel/fetch.sh), and the underlay's UDP GRO forwarding from
@@ -29,7 +29,11 @@ import time
 from pyroute2 import config as pr_config
 from pyroute2 import netns as pr_netns
 
-from podwire.agent import config, datapath, keys, netlink, reconcile
+from podwire.agent import config, keys, reconcile, wgdevice
+from podwire.agent.datapath import backend as backend_mod
+from podwire.agent.datapath import routes as routes_mod
+from podwire.agent.datapath import select
+from podwire.agent.netlink import links
 from podwire.sandbox import netns as netns_mod
 
 pr_config.default_communicate_timeout = 30
@@ -63,10 +67,10 @@ def _udp_gro_forwarding(ns: netns_mod.Netns, dev: str) -> str:
 
 def _agent(
     ns: netns_mod.Netns, dev: str, env: dict[str, str]
-) -> tuple[datapath.Backend, datapath.Routes]:
+) -> tuple[backend_mod.Backend, routes_mod.Routes]:
     cfg = config.load(environ={"NODE_NAME": "node", "PODWIRE_DEVICE": dev,
                                "PODWIRE_DATAPATH": "auto", "PODWIRE_CLUSTER_POD_CIDRS": "10.244.0.0/16", **env})  # fmt: skip
-    backend, routes = datapath.select(cfg, netns=ns.name)
+    backend, routes = _select(cfg, ns.name)
     backend.ensure_device()
     return backend, routes
 
@@ -84,14 +88,16 @@ def _traffic(f: netns_mod.NetnsFactory) -> dict:
         backend.set_private_key(key.raw)
         backend.set_listen_port(51820)
         net = ipaddress.ip_network(cidr)
-        netlink.add_address(dev, f"{net.network_address + 1}/32", netns=ns.name)
+        links.add_address(dev, f"{net.network_address + 1}/32", netns=ns.name)
         sides[ns.name] = (backend, routes, key, net)
     for ns, other, host in ((node, peer, "192.0.2.2"), (peer, node, "192.0.2.1")):
         backend, routes, _, _ = sides[ns.name]
         _, _, key, net = sides[other.name]
         want = [reconcile.DesiredPeer(other.name, key.public_key_b64(),
-                                      reconcile.Endpoint(host, 51820), (net,))]  # fmt: skip
-        backend.apply(reconcile.plan_peers(want, backend.read_peers(), synced=True))
+                                      wgdevice.Endpoint(host, 51820), (net,))]  # fmt: skip
+        backend.apply(
+            reconcile.plan_changes(reconcile.plan_peers(want, backend.read().peers, synced=True))
+        )
         routes.apply(reconcile.plan_routes(want, routes.list_routes(), synced=True))
     payload = os.urandom(PAYLOAD)
     listener = pr_netns.create_socket(peer.name, socket.AF_INET, socket.SOCK_STREAM)
@@ -127,7 +133,7 @@ def _traffic(f: netns_mod.NetnsFactory) -> dict:
     }
 
 
-def _report(backend: datapath.Backend, ns: netns_mod.Netns, dev: str, underlay: str) -> dict:
+def _report(backend: backend_mod.Backend, ns: netns_mod.Netns, dev: str, underlay: str) -> dict:
     return {
         "datapath": backend.datapath,
         "reported": backend.features(),
@@ -154,6 +160,11 @@ def main() -> dict:
                 facts["restarted_all_off"] = _report(again, node, dev, underlay)
         facts["traffic"] = _traffic(f)
     return facts
+
+
+def _select(cfg: config.Config, netns: str) -> tuple[backend_mod.Backend, routes_mod.Routes]:
+    """What the agent's datapath component opens for this config, in the node's namespace."""
+    return select.open_backend(cfg, netns=netns), routes_mod.Routes(cfg.device, netns=netns)
 
 
 if __name__ == "__main__":

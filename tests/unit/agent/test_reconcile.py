@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from podwire.agent import keys, reconcile
-from podwire.agent.reconcile import ActualPeer, DesiredPeer, Endpoint
+from podwire.agent import keys, reconcile, wgdevice
+from podwire.agent.reconcile import DesiredPeer
+from podwire.agent.wgdevice import Endpoint, Peer
 
 NodeFactory = Callable[..., dict[str, Any]]
 WgNodeFactory = Callable[..., dict[str, Any]]
@@ -29,7 +30,7 @@ def key_of(name: str) -> str:
     return keys.PrivateKey(seed).public_key_b64()
 
 
-def net(text: str) -> reconcile.IPNetwork:
+def net(text: str) -> wgdevice.IPNetwork:
     return ipaddress.ip_network(text)
 
 
@@ -370,9 +371,9 @@ def test_overlap_detection_matches_a_naive_pairwise_check(
 ) -> None:
     rng = random.Random(seed)
     c = Cluster(make_node, make_wgnode)
-    cidrs: dict[str, list[reconcile.IPNetwork]] = {}
+    cidrs: dict[str, list[wgdevice.IPNetwork]] = {}
     for n in range(1, 41):
-        nets: list[reconcile.IPNetwork] = []
+        nets: list[wgdevice.IPNetwork] = []
         for _ in range(rng.choice((1, 1, 2))):
             if rng.random() < 0.7:
                 prefix = rng.randint(21, 28)
@@ -401,9 +402,9 @@ def test_overlap_detection_matches_a_naive_pairwise_check(
 # ---- the plan ------------------------------------------------------------------------------
 
 
-def actual_from(peers: tuple[DesiredPeer, ...]) -> list[ActualPeer]:
+def actual_from(peers: tuple[DesiredPeer, ...]) -> list[Peer]:
     """What the device holds once these peers have been programmed (allowed-ips reordered)."""
-    return [ActualPeer(p.public_key, p.endpoint, tuple(reversed(p.allowed_ips))) for p in peers]
+    return [Peer(p.public_key, p.endpoint, tuple(reversed(p.allowed_ips))) for p in peers]
 
 
 def test_empty_device_gets_every_peer(cluster: Cluster) -> None:
@@ -489,24 +490,24 @@ def test_plans_are_sorted_and_keys_unique(cluster: Cluster) -> None:
     peer = plan.add[0]
     with pytest.raises(ValueError, match="twice"):
         reconcile.plan_peers([peer, peer], [], synced=True)
-    stale = [ActualPeer(key_of(f"old-{i}"), None) for i in range(5)]
+    stale = [Peer(key_of(f"old-{i}"), None) for i in range(5)]
     removed = reconcile.plan_peers([], stale, synced=True).remove
     assert list(removed) == sorted(removed)
 
 
 def test_applying_a_plan_then_planning_again_is_empty(cluster: Cluster) -> None:
-    device: dict[str, ActualPeer] = {
-        key_of("gone"): ActualPeer(key_of("gone"), Endpoint("10.9.9.9", 1), (net("10.9.0.0/24"),)),
-        key_of("node-b"): ActualPeer(key_of("node-b"), Endpoint("10.0.0.99", 51871), ()),
+    device: dict[str, Peer] = {
+        key_of("gone"): Peer(key_of("gone"), Endpoint("10.9.9.9", 1), (net("10.9.0.0/24"),)),
+        key_of("node-b"): Peer(key_of("node-b"), Endpoint("10.0.0.99", 51871), ()),
     }
     cluster.add(4)
     desired = cluster.desired().peers
     plan = reconcile.plan_peers(desired, device.values(), synced=True)
     for peer in plan.add:
-        device[peer.public_key] = ActualPeer(peer.public_key, peer.endpoint, peer.allowed_ips)
+        device[peer.public_key] = Peer(peer.public_key, peer.endpoint, peer.allowed_ips)
     for update in plan.update:
         p = update.peer
-        device[p.public_key] = ActualPeer(p.public_key, p.endpoint, p.allowed_ips)
+        device[p.public_key] = Peer(p.public_key, p.endpoint, p.allowed_ips)
     for key in plan.remove:
         del device[key]
     assert reconcile.plan_peers(desired, device.values(), synced=True).empty
@@ -554,13 +555,13 @@ def test_routes_of_a_refused_node_are_not_added(cluster: Cluster) -> None:
     ],
 )
 def test_parse_endpoint(text: str, endpoint: Endpoint) -> None:
-    assert reconcile.parse_endpoint(text) == endpoint
+    assert wgdevice.parse_endpoint(text) == endpoint
 
 
 @pytest.mark.parametrize("text", ["10.0.0.2", "fd00::2:51871", "host:51871", "10.0.0.2:0", ":1"])
 def test_parse_endpoint_refuses(text: str) -> None:
     with pytest.raises(ValueError):
-        reconcile.parse_endpoint(text)
+        wgdevice.parse_endpoint(text)
 
 
 @pytest.mark.parametrize(
@@ -574,12 +575,12 @@ def test_parse_endpoint_refuses(text: str) -> None:
     ],
 )
 def test_mtu_for(underlay: int, ipv6: bool, override: int, mtu: int) -> None:
-    assert reconcile.mtu_for(underlay, ipv6, override=override) == mtu
+    assert wgdevice.mtu_for(underlay, ipv6, override=override) == mtu
 
 
 def test_mtu_for_refuses_a_tiny_underlay() -> None:
     with pytest.raises(ValueError, match="set the MTU"):
-        reconcile.mtu_for(600, True)
+        wgdevice.mtu_for(600, True)
 
 
 # ---- scale ---------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ The parsing and formatting are pure functions, tested on recorded text without a
 
 from __future__ import annotations
 
-import dataclasses
 import errno as errno_mod
 import ipaddress
 import os
@@ -23,7 +22,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from podwire.agent import keys, reconcile
+from podwire.agent import keys, wgdevice
 
 SOCKET_DIR: Final = pathlib.Path("/var/run/wireguard")
 DEFAULT_TIMEOUT: Final = 5.0
@@ -42,55 +41,13 @@ class UapiError(Exception):
         self.errno = errno
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerState:
-    """A peer as the device reports it. Keys are base64, as `wg show` prints them."""
-
-    public_key: str
-    endpoint: reconcile.Endpoint | None = None
-    allowed_ips: tuple[reconcile.IPNetwork, ...] = ()
-    last_handshake: float | None = None  # unix time; None when there has been none
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    persistent_keepalive: int = 0
-    has_preshared_key: bool = False
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeviceState:
-    """The device as `get=1` reports it, without the private key itself."""
-
-    has_private_key: bool
-    public_key: str | None  # derived from the private key; None without one
-    listen_port: int
-    fwmark: int
-    peers: tuple[PeerState, ...]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PeerChange:
-    """One peer in a set request: added or changed, or with `remove` taken away.
-
-    `allowed_ips` are added to the peer's; with `replace_allowed_ips` they replace them (an
-    empty tuple then clears them). With `update_only` an unknown peer is not created.
-    """
-
-    public_key: str  # base64
-    endpoint: reconcile.Endpoint | None = None
-    allowed_ips: tuple[reconcile.IPNetwork, ...] = ()
-    replace_allowed_ips: bool = False
-    update_only: bool = False
-    remove: bool = False
-    persistent_keepalive: int | None = None
-
-
 def format_set_request(
     *,
     private_key: bytes | None = None,
     listen_port: int | None = None,
     fwmark: int | None = None,
     replace_peers: bool = False,
-    peers: Sequence[PeerChange] = (),
+    peers: Sequence[wgdevice.PeerChange] = (),
 ) -> str:
     """The text of one `set=1` request, blank line included."""
     lines = ["set=1"]
@@ -107,7 +64,7 @@ def format_set_request(
     return "\n".join(lines) + "\n\n"
 
 
-def _peer_lines(peer: PeerChange) -> list[str]:
+def _peer_lines(peer: wgdevice.PeerChange) -> list[str]:
     lines = [f"public_key={_hex(keys.decode_key(peer.public_key))}"]
     if peer.remove:
         return [*lines, "remove=true"]
@@ -123,11 +80,11 @@ def _peer_lines(peer: PeerChange) -> list[str]:
     return lines
 
 
-def parse_get_response(text: str) -> tuple[DeviceState, int]:
+def parse_get_response(text: str) -> tuple[wgdevice.Device, int]:
     """The device state and errno of a `get=1` answer (the blank line may be left off)."""
     private: bytes | None = None
     listen_port = fwmark = 0
-    peers: list[PeerState] = []
+    peers: list[wgdevice.Peer] = []
     peer: dict[str, object] | None = None
     errno = 0
     for line in text.split("\n"):
@@ -154,7 +111,7 @@ def parse_get_response(text: str) -> tuple[DeviceState, int]:
     if peer is not None:
         peers.append(_finish_peer(peer))
     has_key = private is not None and any(private)
-    state = DeviceState(
+    state = wgdevice.Device(
         has_private_key=has_key,
         public_key=keys.encode_key(keys.public_key_of(private)) if has_key and private else None,
         listen_port=listen_port,
@@ -166,7 +123,7 @@ def parse_get_response(text: str) -> tuple[DeviceState, int]:
 
 def _peer_field(peer: dict[str, object], key: str, value: str) -> None:
     if key == "endpoint":
-        peer["endpoint"] = reconcile.parse_endpoint(value)
+        peer["endpoint"] = wgdevice.parse_endpoint(value)
     elif key == "allowed_ip":
         allowed = peer["allowed_ips"]
         assert isinstance(allowed, list)
@@ -180,15 +137,15 @@ def _peer_field(peer: dict[str, object], key: str, value: str) -> None:
     # protocol_version and keys a newer engine adds are not ours to interpret.
 
 
-def _finish_peer(peer: dict[str, object]) -> PeerState:
+def _finish_peer(peer: dict[str, object]) -> wgdevice.Peer:
     sec = _int(peer.get("last_handshake_time_sec"))
     nsec = _int(peer.get("last_handshake_time_nsec"))
     endpoint = peer.get("endpoint")
     allowed = peer["allowed_ips"]
     assert isinstance(allowed, list)
-    return PeerState(
+    return wgdevice.Peer(
         public_key=str(peer["public_key"]),
-        endpoint=endpoint if isinstance(endpoint, reconcile.Endpoint) else None,
+        endpoint=endpoint if isinstance(endpoint, wgdevice.Endpoint) else None,
         allowed_ips=tuple(allowed),
         last_handshake=sec + nsec / 1e9 if sec or nsec else None,
         rx_bytes=_int(peer.get("rx_bytes")),
@@ -230,7 +187,7 @@ class UapiClient:
             return False
         return True
 
-    def get(self) -> DeviceState:
+    def get(self) -> wgdevice.Device:
         reply = self._request("get", "get=1\n\n")
         try:
             state, errno = parse_get_response(reply)
@@ -247,7 +204,7 @@ class UapiClient:
         listen_port: int | None = None,
         fwmark: int | None = None,
         replace_peers: bool = False,
-        peers: Sequence[PeerChange] = (),
+        peers: Sequence[wgdevice.PeerChange] = (),
     ) -> None:
         """One atomic-as-the-engine-makes-it set request."""
         operation = _describe(private_key is not None, listen_port, fwmark, replace_peers, peers)
@@ -266,21 +223,6 @@ class UapiClient:
         _, errno = parse_get_response(reply)
         if errno:
             raise UapiError(self.device, operation, errno)
-
-    def set_private_key(self, raw: bytes) -> None:
-        self.set(private_key=raw)
-
-    def set_listen_port(self, port: int) -> None:
-        self.set(listen_port=port)
-
-    def set_fwmark(self, mark: int) -> None:
-        self.set(fwmark=mark)
-
-    def set_peer(self, change: PeerChange) -> None:
-        self.set(peers=[change])
-
-    def remove_peer(self, public_key: str) -> None:
-        self.set(peers=[PeerChange(public_key, remove=True)])
 
     def _request(self, operation: str, text: str) -> str:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -316,7 +258,7 @@ def _describe(
     listen_port: int | None,
     fwmark: int | None,
     replace_peers: bool,
-    peers: Iterable[PeerChange],
+    peers: Iterable[wgdevice.PeerChange],
 ) -> str:
     """What a set request asks, for an error: the fields, never a key."""
     parts = []

@@ -1,0 +1,236 @@
+"""The agent assembled: one typed factory builds every component from the configuration.
+
+Start order is the design's: fail-closed first (before the agent waits for anything), the
+probes' HTTP server, the key, the node's address (its InternalIP, which the device's MTU
+derives from), the device, the watches, the control loop, and the local API. Stop is the
+reverse, and leaves the device, its peers and routes as they are, so traffic keeps flowing
+while the next agent starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+
+from podwire.agent import clock as clock_mod
+from podwire.agent import (
+    component,
+    config,
+    controller,
+    events,
+    keystore,
+    kube,
+    log,
+    publisher,
+    reconcile,
+    reconciler,
+    watchdog,
+    watches,
+)
+from podwire.agent.datapath import backend, select
+from podwire.agent.datapath import component as datapath_mod
+from podwire.agent.datapath import routes as routes_mod
+
+NODE_POLL = 2.0  # how often the agent looks for its Node while it waits for one
+
+
+@dataclasses.dataclass
+class Agent:
+    cfg: config.Config
+    apiserver: publisher.WgnodeApi
+    api_error: type[Exception]
+    clock: clock_mod.Clock
+    broadcaster: events.Broadcaster
+    keys: keystore.KeyStore
+    datapath: datapath_mod.Datapath
+    watches: watches.Watches
+    reconciler: reconciler.Reconciler
+    publisher: publisher.Publisher
+    watchdog: watchdog.Watchdog
+    controller: controller.Controller
+    # The servers that show the agent (metrics.HttpServer, api.ApiServer): they take the
+    # agent, so they are added once it is assembled.
+    http: component.Component | None = None
+    local_api: component.Component | None = None
+    phase: str = "starting"  # what start-up is doing, while it is not done
+    started: bool = False
+
+    def components(self) -> list[component.Component]:
+        parts: list[component.Component | None] = [
+            self.keys,
+            self.datapath,
+            self.http,
+            self.watches,
+            self.reconciler,
+            self.publisher,
+            self.watchdog,
+            self.controller,
+            self.local_api,
+        ]
+        return [c for c in parts if c is not None]
+
+    def health(self) -> list[tuple[str, component.Health]]:
+        return [(c.name, c.health()) for c in self.components()]
+
+    def ready(self) -> tuple[bool, str]:
+        """Ready once started and every component is healthy; else the first reason why not."""
+        if not self.started:
+            return False, self.phase
+        for name, h in self.health():
+            if not h.ok:
+                return False, f"{name}: {h.message}"
+        return True, "ready"
+
+    def start(self, stop: threading.Event, *, loop: bool = True) -> bool:
+        """Brings the agent up in the design's order; False if `stop` was set meanwhile.
+
+        With loop=False the control loop's thread is not started: the unit tests turn it
+        by hand (`controller.step`).
+        """
+        self.datapath.start()  # first of all: pod traffic with no peer is dropped
+        if self.http is not None:
+            self.http.start()  # probes answer while the agent waits for its Node
+        self.phase = "loading the key"
+        self.keys.start()
+        self.phase = f"waiting for Node {self.cfg.node_name} and its InternalIP"
+        address = self.wait_for_node_address(stop)
+        if stop.is_set():
+            return False
+        self.phase = "bringing up the device"
+        self.datapath.bring_up(address)
+        log.get("agent").info(
+            "device_ready", datapath=self.datapath.kind, public_key=self.keys.public_key
+        )
+        self.watches.start()
+        if loop:
+            self.controller.start()
+        if self.local_api is not None:
+            self.local_api.start()
+        self.started = True
+        return True
+
+    def stop(self) -> None:
+        for c in reversed(self.components()):
+            c.stop()
+
+    def wait_for_node_address(self, stop: threading.Event) -> str | None:
+        """The Node's primary InternalIP (None if it has none); waits for the Node to exist."""
+        logger = log.get("agent")
+        while not stop.is_set():
+            try:
+                node = self.apiserver.get_node(self.cfg.node_name)
+            except self.api_error as e:
+                logger.warning("node_unreadable", error=str(e))
+                node = None
+            if node is not None:
+                ips = reconcile.internal_ips(node)
+                return str(ips[0]) if ips else None
+            stop.wait(NODE_POLL)
+        return None
+
+
+def build(
+    cfg: config.Config,
+    *,
+    client: kube.Client,
+    clock: clock_mod.Clock | None = None,
+    open_backend: datapath_mod.OpenBackend | None = None,
+) -> Agent:
+    """The agent for a cluster: watches over the apiserver, the backend its config selects."""
+    wakeup = threading.Event()
+
+    def informer(kind: str) -> kube.Informer:
+        return kube.Informer(client, kind, on_change=wakeup.set, resync_period=cfg.resync_period)
+
+    return assemble(
+        cfg,
+        api=client,
+        api_error=kube.KubeError,
+        emit=client.emit_event,
+        watched=watches.Watches(informer("nodes"), informer("wgnodes")),
+        wakeup=wakeup,
+        open_backend=open_backend or _opener(cfg),
+        routes=routes_mod.Routes(cfg.device),
+        clock=clock or clock_mod.MonotonicClock(),
+    )
+
+
+def assemble(
+    cfg: config.Config,
+    *,
+    api: publisher.WgnodeApi,
+    api_error: type[Exception],
+    emit: Callable[..., object] | None,
+    watched: watches.Watches,
+    wakeup: threading.Event,
+    open_backend: datapath_mod.OpenBackend,
+    routes: datapath_mod.RoutesLike,
+    clock: clock_mod.Clock,
+) -> Agent:
+    """Every component of one agent, wired to what it needs; the unit tests pass fakes here."""
+    broadcaster = events.Broadcaster()
+    recorder = events.Recorder(broadcaster, emit=emit, wall=clock.wall)
+    keys = keystore.KeyStore(cfg.key_path)
+    datapath = datapath_mod.Datapath(
+        device=cfg.device,
+        listen_port=cfg.listen_port,
+        cluster_pod_cidrs=cfg.cluster_pod_cidrs,
+        fail_closed=cfg.fail_closed,
+        open_backend=open_backend,
+        routes=routes,
+        keys=keys,
+    )
+    rec = reconciler.Reconciler(
+        node_name=cfg.node_name,
+        resync_period=cfg.resync_period,
+        datapath=datapath,
+        watches=watched,
+        keys=keys,
+        recorder=recorder,
+        clock=clock,
+    )
+    pub = publisher.Publisher(
+        node_name=cfg.node_name,
+        listen_port=cfg.listen_port,
+        api=api,
+        api_error=api_error,
+        keys=keys,
+        watches=watched,
+        datapath=datapath,
+        reconciler=rec,
+        clock=clock,
+    )
+    dog = watchdog.Watchdog(datapath=datapath, reconciler=rec, recorder=recorder)
+    ctl = controller.Controller(
+        resync_period=cfg.resync_period,
+        keys=keys,
+        datapath=datapath,
+        reconciler=rec,
+        publisher=pub,
+        watchdog=dog,
+        recorder=recorder,
+        clock=clock,
+        wakeup=wakeup,
+    )
+    return Agent(
+        cfg=cfg,
+        apiserver=api,
+        api_error=api_error,
+        clock=clock,
+        broadcaster=broadcaster,
+        keys=keys,
+        datapath=datapath,
+        watches=watched,
+        reconciler=rec,
+        publisher=pub,
+        watchdog=dog,
+        controller=ctl,
+    )
+
+
+def _opener(cfg: config.Config) -> datapath_mod.OpenBackend:
+    def open_backend(underlay_address: str | None) -> backend.Backend:
+        return select.open_backend(cfg, underlay_address=underlay_address)
+
+    return open_backend

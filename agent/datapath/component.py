@@ -1,0 +1,101 @@
+"""The agent's datapath component: fail-closed first, then the device with the node's key.
+
+Start-up runs in two steps because the device's MTU derives from the underlay, which the
+agent knows only once its Node has an InternalIP: `start` installs the fail-closed backstop at
+once (before the agent waits for anything, so pod traffic with no peer is dropped, never sent
+in clear), and `bring_up` opens the backend for the underlay address and gives the device the
+node's key and port. `restore` does that again for a device that was lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from podwire.agent import component, keystore, reconcile, wgdevice
+from podwire.agent.datapath import backend as backend_mod
+
+
+class RoutesLike(Protocol):
+    def install_fail_closed(self, cidrs: Iterable[wgdevice.IPNetwork]) -> None: ...
+    def list_routes(self) -> list[wgdevice.IPNetwork]: ...
+    def apply(self, plan: reconcile.RoutePlan) -> None: ...
+
+
+OpenBackend = Callable[[str | None], backend_mod.Backend]  # underlay address -> backend
+
+
+class Datapath:
+    name = "datapath"
+
+    def __init__(
+        self,
+        *,
+        device: str,
+        listen_port: int,
+        cluster_pod_cidrs: Sequence[wgdevice.IPNetwork],
+        fail_closed: bool,
+        open_backend: OpenBackend,
+        routes: RoutesLike,
+        keys: keystore.KeyStore,
+    ) -> None:
+        self.device = device
+        self.listen_port = listen_port
+        self.cluster_pod_cidrs = tuple(cluster_pod_cidrs)
+        self.fail_closed = fail_closed
+        self.routes = routes
+        self._open_backend = open_backend
+        self._keys = keys
+        self.backend: backend_mod.Backend | None = None
+        self.identity: object | None = None  # of the device as last brought up
+        self.features: tuple[str, ...] = ()
+        self.mtu = 0
+        self.fail_closed_installed = False
+
+    @property
+    def kind(self) -> str:
+        """kernel or userspace; empty before the backend is chosen."""
+        return self.backend.datapath if self.backend else ""
+
+    def start(self) -> None:
+        if self.fail_closed:
+            self.routes.install_fail_closed(self.cluster_pod_cidrs)
+            self.fail_closed_installed = True
+
+    def stop(self) -> None:
+        pass  # the device, its peers and routes stay: traffic flows while the next agent starts
+
+    def bring_up(self, underlay_address: str | None) -> None:
+        """Chooses the backend for the underlay, then brings the device up with key and port."""
+        self.backend = self._open_backend(underlay_address)
+        self.restore()
+
+    def restore(self) -> None:
+        """The device exists with the node's key and port; its peers are the caller's business."""
+        b = self.require()
+        b.ensure_device()
+        b.set_private_key(self._keys.key.raw)
+        b.set_listen_port(self.listen_port)
+        self.features = tuple(b.features())
+        self.mtu = b.mtu()
+        self.identity = b.identity()
+
+    def set_private_key(self, raw: bytes) -> None:
+        self.require().set_private_key(raw)
+
+    def lost(self) -> bool:
+        """True when the device is gone or is not the one brought up (the engine restarted)."""
+        current = self.require().identity()
+        return current is None or current != self.identity
+
+    def require(self) -> backend_mod.Backend:
+        if self.backend is None:
+            raise RuntimeError("the datapath has no device yet")
+        return self.backend
+
+    def health(self) -> component.Health:
+        closed = "fail-closed in force" if self.fail_closed_installed else "fail-closed off"
+        if self.backend is None:
+            return component.degraded(f"{closed}; no device yet")
+        features = ", ".join(self.features) or "none"
+        return component.ok(f"{closed}; {self.kind} device {self.device}, features: {features}")

@@ -1,0 +1,60 @@
+"""The one place that picks the agent's backend for its configuration.
+
+`auto` means the kernel's WireGuard if a WireGuard link can be created here, else userspace;
+but a live engine already serving the device wins, so a restarted agent keeps the engine (and
+its traffic) it finds. The kernel device is created here already, so the answer is certain.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+from podwire.agent import config
+from podwire.agent.datapath import backend, kernel, link, uapi, userspace
+from podwire.agent.netlink import core, wireguard
+
+
+def open_backend(
+    cfg: config.Config,
+    *,
+    netns: str | None = None,
+    underlay_address: str | None = None,
+    engine_command: Sequence[str] | None = None,
+    engine_env: dict[str, str] | None = None,
+    socket_dir: pathlib.Path = uapi.SOCKET_DIR,
+) -> backend.Backend:
+    wanted = link.Wanted(
+        gro=cfg.features.gro,
+        big_tcp=cfg.features.big_tcp,
+        udp_gro_forwarding=cfg.features.udp_gro_forwarding,
+    )
+    command = engine_command or ((str(cfg.engine),) if cfg.engine else None)
+    user = userspace.UserspaceBackend(
+        cfg.device,
+        engine_command=command,
+        engine_env=engine_env,
+        engine_log=cfg.key_path.parent / f"{cfg.device}-engine.log",
+        netns=netns,
+        socket_dir=socket_dir,
+        mtu=cfg.mtu,
+        underlay_address=underlay_address,
+        wanted=wanted,
+    )
+    if cfg.datapath == "auto" and user.client.alive():
+        return user
+    if cfg.datapath in ("auto", "kernel"):
+        try:
+            wireguard.create_device(cfg.device, netns=netns)
+        except core.KernelWireguardUnavailable:
+            if cfg.datapath == "kernel":
+                raise
+        else:
+            return kernel.KernelBackend(
+                cfg.device,
+                netns=netns,
+                mtu=cfg.mtu,
+                underlay_address=underlay_address,
+                wanted=wanted,
+            )
+    return user

@@ -1,0 +1,79 @@
+"""A userspace WireGuard (podwire-engine, wireguard-go) as the agent's device, over UAPI.
+
+The engine is started if no live UAPI socket serves the device (see `supervisor`) and then
+configured exactly as `wg` would configure it, so `wg show` works here as on the kernel.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+from podwire.agent import wgdevice
+from podwire.agent.datapath import link, supervisor, uapi
+
+
+class UserspaceBackend:
+    datapath = "userspace"
+
+    def __init__(
+        self,
+        device: str,
+        *,
+        engine_command: Sequence[str] | None = None,
+        engine_env: dict[str, str] | None = None,
+        engine_log: pathlib.Path | None = None,
+        netns: str | None = None,
+        socket_dir: pathlib.Path = uapi.SOCKET_DIR,
+        mtu: int = 0,
+        underlay_address: str | None = None,
+        wanted: link.Wanted = link.ALL,
+        start_timeout: float = supervisor.START_TIMEOUT,
+    ) -> None:
+        self.device = device
+        self.netns = netns
+        self.client = uapi.UapiClient(device, socket_dir=socket_dir)
+        self.engine = supervisor.Engine(
+            device,
+            self.client,
+            command=tuple(engine_command or supervisor.default_command()),
+            env=dict(engine_env or {}),
+            log_path=engine_log,
+            netns=netns,
+            start_timeout=start_timeout,
+        )
+        self._link = link.Link(device, netns, mtu, underlay_address, wanted)
+
+    def ensure_device(self) -> None:
+        self.engine.ensure_running()
+        self._link.configure(kernel=False)
+
+    def identity(self) -> object | None:
+        """The link and the socket: a restarted engine has a new TUN link and a new socket."""
+        index = link.ifindex(self.device, self.netns)
+        if index is None:
+            return None
+        try:
+            st = self.client.path.stat()
+        except OSError:
+            return None
+        return (index, st.st_dev, st.st_ino)
+
+    def set_private_key(self, raw: bytes) -> None:
+        self.client.set(private_key=raw)
+
+    def set_listen_port(self, port: int) -> None:
+        self.client.set(listen_port=port)
+
+    def read(self) -> wgdevice.Device:
+        return self.client.get()
+
+    def apply(self, changes: Sequence[wgdevice.PeerChange]) -> None:
+        if changes:
+            self.client.set(peers=changes)
+
+    def features(self) -> tuple[str, ...]:
+        return self._link.applied
+
+    def mtu(self) -> int:
+        return self._link.applied_mtu

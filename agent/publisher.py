@@ -1,0 +1,220 @@
+"""The node's own WireguardNode: its spec (the public key and port) and its status.
+
+The spec is what every other node programs, so publishing it is retried until it holds; a
+conflict (409) is retried against the object as it is now. The status is what an operator reads
+in `kubectl get wgnodes`: the endpoint and pod CIDRs in use, the datapath and its features, the
+peers, when the key was rotated, and the conditions declared in `wgnode`. It is written when it
+changed, never for its own sake, so thousands of agents do not load the apiserver for nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from podwire.agent import clock as clock_mod
+from podwire.agent import component, keystore, log, reconcile, reconciler, watches, wgdevice
+from podwire.agent.datapath import component as datapath_mod
+from podwire.api import wgnode
+
+Obj = dict[str, Any]
+
+PUBLISH_RETRIES = 5
+
+
+class ApiError(Protocol):
+    status: int | None
+
+
+class WgnodeApi(Protocol):
+    """What the publisher asks of the apiserver (kube.Client in the cluster)."""
+
+    def get_node(self, name: str) -> Obj | None: ...
+    def get_wgnode(self, name: str) -> Obj | None: ...
+    def create_wgnode(self, body: Obj) -> Obj: ...
+    def replace_wgnode(self, body: Obj) -> Obj: ...
+    def patch_wgnode_status(self, name: str, patch: Obj) -> Obj: ...
+
+
+class Publisher:
+    name = "publisher"
+
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        listen_port: int,
+        api: WgnodeApi,
+        api_error: type[Exception],
+        keys: keystore.KeyStore,
+        watches: watches.Watches,
+        datapath: datapath_mod.Datapath,
+        reconciler: reconciler.Reconciler,
+        clock: clock_mod.Clock,
+    ) -> None:
+        self.node_name = node_name
+        self.listen_port = listen_port
+        self.api = api
+        self.api_error = api_error  # what api raises; its `status` is the HTTP status
+        self.keys = keys
+        self.watches = watches
+        self.datapath = datapath
+        self.reconciler = reconciler
+        self.clock = clock
+        self.published_key = ""  # the key the WireguardNode's spec holds, as far as we know
+        self.last_error = ""
+        self._status_sent: Obj | None = None
+        self.log = log.get("publisher", node=node_name)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    @property
+    def published(self) -> bool:
+        return bool(self.published_key) and self.published_key == self.keys.public_key
+
+    def publish(self) -> bool:
+        """Creates or updates the spec; False (and last_error) when it did not get through."""
+        try:
+            self._publish()
+        except self.api_error as e:
+            self.last_error = str(e)
+            self.log.warning("publish_failed", error=str(e))
+            return False
+        self.last_error = ""
+        self.published_key = self.keys.public_key
+        return True
+
+    def _publish(self) -> None:
+        name = self.node_name
+        for _ in range(PUBLISH_RETRIES):
+            node = self.api.get_node(name)
+            if node is None:
+                raise self.api_error(f"Node {name} does not exist: is NODE_NAME right?")
+            current = self.api.get_wgnode(name)
+            want = wgnode.new(
+                name, node["metadata"]["uid"], self.keys.public_key, listen_port=self.listen_port
+            )
+            try:
+                if current is None:
+                    self.api.create_wgnode(want.to_dict())
+                    self.log.info("wireguardnode_created")
+                    return
+                if _spec_holds(current, want.spec):
+                    return  # a restart changes nothing
+                self.api.replace_wgnode({**current, "spec": want.spec.to_dict()})
+                self.log.info("wireguardnode_updated")
+                return
+            except self.api_error as e:
+                if getattr(e, "status", None) != 409:
+                    raise
+                self.log.info("wireguardnode_conflict_retry")
+        raise self.api_error(
+            f"WireguardNode {name}: still conflicting after {PUBLISH_RETRIES} tries"
+        )
+
+    def write_status(self) -> None:
+        """Patches the status if it changed since the last write; failures are retried next pass."""
+        own = self.watches.wgnode(self.node_name)
+        if own is None:
+            return
+        body = self.status(own).to_dict()
+        if body == self._status_sent:
+            return
+        try:
+            self.api.patch_wgnode_status(self.node_name, {"status": body})
+            self._status_sent = body
+        except self.api_error as e:
+            self.log.warning("status_update_failed", error=str(e))
+
+    def current_conditions(self) -> tuple[wgnode.Condition, ...]:
+        """The conditions as the status would carry them now (for the local API)."""
+        own = self.watches.wgnode(self.node_name)
+        return self.status(own).conditions if own else self.conditions(())
+
+    def status(self, own: Obj) -> wgnode.Status:
+        try:
+            parsed: wgnode.WireguardNode | None = wgnode.WireguardNode.from_dict(own)
+        except wgnode.ResourceError:
+            parsed = None
+        old = parsed.status if parsed and parsed.status else wgnode.Status()
+        node = self.watches.node(self.node_name) or {}
+        addresses = reconcile.internal_ips(node)
+        rotated = self.keys.rotated_wall
+        return wgnode.Status(
+            endpoint=str(wgdevice.make_endpoint(addresses[0], self.listen_port))
+            if addresses
+            else None,
+            pod_cidrs=tuple(str(c) for c in node.get("spec", {}).get("podCIDRs", [])),
+            conditions=self.conditions(old.conditions),
+            datapath=self.datapath.kind if self.datapath.kind in wgnode.DATAPATHS else None,  # type: ignore[arg-type]
+            features=self.datapath.features,
+            peers=len(self.reconciler.outcome.peers),
+            key_rotated_at=wgnode.format_time(rotated) if rotated else old.key_rotated_at,
+            observed_generation=own.get("metadata", {}).get("generation"),
+        )
+
+    def conditions(self, old: tuple[wgnode.Condition, ...]) -> tuple[wgnode.Condition, ...]:
+        """Every condition `wgnode` declares, from what the components know now."""
+        now = wgnode.format_time(self.clock.wall())
+        out = self.reconciler.outcome
+        conds = old
+
+        def put(type: str, ok: bool, reason: str, message: str = "") -> None:
+            nonlocal conds
+            conds = wgnode.set_condition(
+                conds, type, "True" if ok else "False", reason, message=message, now=now
+            )
+
+        published = self.published
+        put(
+            wgnode.KEY_PUBLISHED,
+            published,
+            "KeyPublished" if published else "PublishPending",
+            self.last_error,
+        )
+        programmed = out.programmed and not out.last_error
+        put(
+            wgnode.PEERS_PROGRAMMED,
+            programmed,
+            "Programmed"
+            if programmed
+            else ("ReconcileFailed" if out.last_error else "WaitingForSync"),
+            out.last_error or f"{len(out.peers)} peers",
+        )
+        refused = sorted({r.node for r in out.refusals})
+        put(
+            wgnode.PEERS_REFUSED,
+            bool(refused),
+            "Refused" if refused else "NoneRefused",
+            ("refused: " + ", ".join(refused)) if refused else "",
+        )
+        encrypted, reason, message = self._encrypted()
+        put(wgnode.ENCRYPTED, encrypted, reason, message)
+        ready = published and programmed
+        put(wgnode.READY, ready, "Ready" if ready else "NotReady")
+        return conds
+
+    def _encrypted(self) -> tuple[bool, str, str]:
+        dp = self.datapath
+        if not dp.fail_closed_installed:
+            return False, "FailClosedOff", "pod traffic to a node without a peer may leave in clear"
+        if dp.backend is None:
+            return True, "FailClosed", "no device yet: pod traffic to other nodes is dropped"
+        return True, "Encrypted", f"through {dp.device}; pod traffic without a peer is dropped"
+
+    def health(self) -> component.Health:
+        if self.last_error:
+            return component.degraded(f"publishing the WireguardNode: {self.last_error}")
+        if not self.published:
+            return component.degraded("the WireguardNode is not published yet")
+        return component.ok(f"WireguardNode {self.node_name} published")
+
+
+def _spec_holds(current: Obj, spec: wgnode.Spec) -> bool:
+    have = current.get("spec", {})
+    return bool(
+        have.get("publicKey") == spec.public_key and have.get("listenPort") == spec.listen_port
+    )

@@ -1,0 +1,170 @@
+"""The reconcile pass: keep the device and its routes equal to what the cluster asks for.
+
+Level-triggered: whatever woke it, a pass computes the whole desired state from the two watches
+(`reconcile.desired_peers`) and diffs it against the device. The device is read back in full at
+start, every resync period, after any failure and whenever it was replaced; in between the pass
+diffs against its own record of what it read and wrote (a `wgdevice.PeerTable`), so one change
+at 5,000 nodes costs one change, not a read of 5,000 peers and routes. Nothing is removed until
+both watches have listed, and nothing while the apiserver is away, so the device keeps its last
+good state.
+
+A device found empty is new (first start, or restored after a loss): the peers added to it are
+greeted, so they drop the sessions they had with its predecessor now, not 15 s from now.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from podwire.agent import clock as clock_mod
+from podwire.agent import component, events, keystore, log, reconcile, watches, wgdevice
+from podwire.agent.datapath import component as datapath_mod
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the passes so far have done: read by status, /metrics and the local API."""
+
+    peers: tuple[reconcile.DesiredPeer, ...] = ()
+    refusals: tuple[reconcile.Refusal, ...] = ()
+    programmed: bool = False  # the device holds what synced watches asked for
+    last_error: str = ""
+    passes: int = 0
+    errors: int = 0  # passes that failed
+    failures_in_a_row: int = 0
+    last_wall: float = 0.0
+    last_seconds: float = 0.0
+
+
+class Reconciler:
+    name = "reconciler"
+
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        resync_period: float,
+        datapath: datapath_mod.Datapath,
+        watches: watches.Watches,
+        keys: keystore.KeyStore,
+        recorder: events.Recorder,
+        clock: clock_mod.Clock,
+    ) -> None:
+        self.node_name = node_name
+        self.resync_period = resync_period
+        self.datapath = datapath
+        self.watches = watches
+        self.keys = keys
+        self.recorder = recorder
+        self.clock = clock
+        self.outcome = Outcome()
+        self.log = log.get("reconciler", node=node_name)
+        # The device as last read back or written; None: read it back on the next pass.
+        self._table: wgdevice.PeerTable | None = None
+        self._routes: set[wgdevice.IPNetwork] | None = None
+        self._next_full_read = 0.0
+        self._greet = False
+        self._reported: set[tuple[str, str]] = set()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def forget_device(self) -> None:
+        """The record may be wrong (a failure, a replaced device): read back on the next pass."""
+        self._table = None
+        self._routes = None
+
+    def reconcile_once(self) -> bool:
+        """One pass; False when it failed (the caller retries with backoff)."""
+        started = self.clock.monotonic()
+        out = self.outcome
+        synced = self.watches.synced
+        try:
+            desired = reconcile.desired_peers(
+                self.watches.nodes.snapshot(),
+                self.watches.wgnodes.snapshot(),
+                self.node_name,
+                own_public_key=self.keys.public_key,
+            )
+            self._program_peers(desired.peers, synced=synced, now=started)
+            self._program_routes(desired.peers, synced=synced)
+            out.peers, out.refusals = desired.peers, desired.refusals
+            out.programmed = synced
+            out.last_error = ""
+            out.failures_in_a_row = 0
+            self._report_refusals(desired.refusals)
+            return True
+        except Exception as e:  # retried by the caller, with the device read back in full
+            self.forget_device()
+            out.errors += 1
+            out.failures_in_a_row += 1
+            out.last_error = str(e)
+            self.log.error("reconcile_failed", error=str(e))
+            return False
+        finally:
+            out.passes += 1
+            out.last_wall = self.clock.wall()
+            out.last_seconds = self.clock.monotonic() - started
+
+    def _program_peers(
+        self, desired: tuple[reconcile.DesiredPeer, ...], *, synced: bool, now: float
+    ) -> None:
+        backend = self.datapath.require()
+        if self._table is None or now >= self._next_full_read:
+            self._table = wgdevice.PeerTable(backend.read().peers)
+            self._greet = self._greet or len(self._table) == 0
+            self._routes = None
+            self._next_full_read = now + self.resync_period
+        table = self._table
+        plan = reconcile.plan_peers(desired, table.peers(), synced=synced)
+        if not plan.empty:  # a failed apply forgets the record: read back next pass
+            changes = reconcile.plan_changes(plan)
+            backend.apply(changes)
+            table.apply(changes)
+            self._log_plan(plan)
+            if self._greet and plan.add:
+                for request in wgdevice.greeting([p.public_key for p in plan.add]):
+                    backend.apply(request)
+        if synced:
+            self._greet = False
+
+    def _program_routes(self, desired: tuple[reconcile.DesiredPeer, ...], *, synced: bool) -> None:
+        routes = self.datapath.routes
+        if self._routes is None:
+            self._routes = set(routes.list_routes())
+        plan = reconcile.plan_routes(desired, self._routes, synced=synced)
+        if not plan.empty:
+            routes.apply(plan)
+            self._routes = (self._routes | set(plan.add)) - set(plan.remove)
+
+    def _log_plan(self, plan: reconcile.Plan) -> None:
+        for p in plan.add:
+            self.log.info("peer_added", peer=p.node, endpoint=str(p.endpoint))
+            self.recorder.record("Normal", "PeerAdded", f"peer {p.node} added", node=p.node)
+        for u in plan.update:
+            self.log.info("peer_updated", peer=u.peer.node, endpoint=str(u.peer.endpoint))
+        for key in plan.remove:
+            self.log.info("peer_removed", public_key=key)
+            self.recorder.record("Normal", "PeerRemoved", f"peer {key} removed")
+
+    def _report_refusals(self, refusals: tuple[reconcile.Refusal, ...]) -> None:
+        """An Event (and a log line) once per new refusal; the status condition while it lasts."""
+        current = {(r.node, r.reason) for r in refusals}
+        for r in refusals:
+            if (r.node, r.reason) in self._reported:
+                continue
+            self.log.warning("peer_refused", peer=r.node, reason=r.reason, message=r.message)
+            involved = self.watches.wgnode(r.node) or self.watches.node(r.node)
+            self.recorder.record("Warning", r.reason, r.message, node=r.node, involved=involved)
+        self._reported = current
+
+    def health(self) -> component.Health:
+        out = self.outcome
+        if out.last_error:
+            return component.degraded(f"last pass failed: {out.last_error}")
+        if not out.programmed:
+            return component.degraded("waiting for the watches to sync")
+        return component.ok(f"{len(out.peers)} peers programmed, {len(out.refusals)} refused")
