@@ -120,4 +120,7 @@ def test_agents_with_the_charts_rbac_and_nothing_more(
     )
     assert nodes[0].pods[0].ns.ping(nodes[1].pods[0].ip, count=2, timeout=10)
     for node in nodes:
-        assert "403" not in (node.workdir / "agent.log").read_text()
+        # A refused request is logged as "<what>: 403 <message>" (kube._error); a bare "403"
+        # also matches a timestamp's fraction, which made this check flaky.
+        text = (node.workdir / "agent.log").read_text()
+        assert ": 403 " not in text and "forbidden" not in text.lower()
