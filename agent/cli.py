@@ -108,6 +108,14 @@ def _agent_command(args: argparse.Namespace) -> int:
         print(
             f"reconciled:  {_age(msg.last_reconcile)}{' error: ' + msg.last_reconcile_error if msg.last_reconcile_error else ''}"
         )
+        print(f"mtu:         {msg.mtu or '-'}")
+        print(f"key rotated: {_age(msg.key_rotated_at)}")
+        conditions = ", ".join(f"{c.type}={c.status}" for c in msg.conditions)
+        print(f"conditions:  {conditions or '-'}")
+        print("components:")
+        rows = [["  NAME", "OK", "HEALTH"]]
+        rows += [[f"  {c.name}", "yes" if c.ok else "no", c.message] for c in msg.components]
+        print(_table(rows))
         return 0
     rows = [["NODE", "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"]]
     for p in msg.peers:

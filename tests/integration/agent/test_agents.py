@@ -93,6 +93,19 @@ def test_cli_reports_status_and_peers(three: topology.Cluster) -> None:
     assert status["node_name"] == "node1"
     assert status["datapath"] == "DATAPATH_USERSPACE"
     assert status["peer_count"] == 2
+    assert status["mtu"] > 0
+    conditions = {c["type"]: c.get("status", False) for c in status["conditions"]}
+    assert conditions["Ready"] and conditions["Encrypted"] and not conditions["PeersRefused"]
+    components = {c["name"]: c.get("ok", False) for c in status["components"]}
+    assert {"keystore", "datapath", "watches", "reconciler", "publisher"} <= set(components)
+    assert all(components.values()), status["components"]
+    text = subprocess.run(
+        [podwire, "status", "--socket", str(n1.api_socket)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "components:" in text and "reconciler" in text and "2 peers programmed" in text
     assert n1.pods[0].ns.ping(three.nodes["node2"].pods[0].ip, count=2, timeout=10)
     table = subprocess.run(
         [podwire, "peers", "--socket", str(n1.api_socket)],
