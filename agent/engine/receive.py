@@ -167,18 +167,31 @@ def _macs_ok(
     return True
 
 
+def _admit(
+    dev: device.Device, data: bytes, source: Endpoint, now: float, length: int
+) -> tuple[list[Action], noise.StaticIdentity | None]:
+    """The checks a handshake message passes before any Diffie-Hellman is spent on it.
+
+    Its length, its MACs (a cookie reply instead, under load), the source's rate, and an
+    identity of our own to answer with. None for the identity: drop it (the actions so far,
+    a cookie reply perhaps, still go out).
+    """
+    actions: list[Action] = []
+    if len(data) != length:
+        dev.counters.drops[Drop.BAD_LENGTH] += 1
+        return actions, None
+    if not _macs_ok(dev, data, source, now, actions):
+        return actions, None
+    if dev.identity is None:
+        dev.counters.drops[Drop.NO_IDENTITY] += 1
+    return actions, dev.identity
+
+
 def _receive_initiation(
     dev: device.Device, data: bytes, source: Endpoint, now: float
 ) -> list[Action]:
-    if len(data) != constants.INITIATION_LEN:
-        dev.counters.drops[Drop.BAD_LENGTH] += 1
-        return []
-    actions: list[Action] = []
-    if not _macs_ok(dev, data, source, now, actions):
-        return actions
-    identity = dev.identity
+    actions, identity = _admit(dev, data, source, now, constants.INITIATION_LEN)
     if identity is None:
-        dev.counters.drops[Drop.NO_IDENTITY] += 1
         return actions
     message = messages.parse_initiation(data)
     try:
@@ -200,15 +213,8 @@ def _receive_initiation(
 def _receive_response(
     dev: device.Device, data: bytes, source: Endpoint, now: float
 ) -> list[Action]:
-    if len(data) != constants.RESPONSE_LEN:
-        dev.counters.drops[Drop.BAD_LENGTH] += 1
-        return []
-    actions: list[Action] = []
-    if not _macs_ok(dev, data, source, now, actions):
-        return actions
-    identity = dev.identity
+    actions, identity = _admit(dev, data, source, now, constants.RESPONSE_LEN)
     if identity is None:
-        dev.counters.drops[Drop.NO_IDENTITY] += 1
         return actions
     message = messages.parse_response(data)
     p = dev.index.handshake(message.receiver)
