@@ -2,7 +2,7 @@
 
 Start order is the design's: fail-closed first (before the agent waits for anything), the
 probes' HTTP server, the key, the node's address (its InternalIP, which the device's MTU
-derives from), the device, the watches, the control loop, and the local API. Stop is the
+derives from), the device, the watches, the local API, and the control loop. Stop is the
 reverse, and leaves the device, its peers and routes as they are, so traffic keeps flowing
 while the next agent starts.
 """
@@ -65,8 +65,8 @@ class Agent:
             self.reconciler,
             self.publisher,
             self.watchdog,
-            self.controller,
             self.local_api,
+            self.controller,
         ]
         return [c for c in parts if c is not None]
 
@@ -103,10 +103,10 @@ class Agent:
             "device_ready", datapath=self.datapath.kind, public_key=self.keys.public_key
         )
         self.watches.start()
-        if loop:
-            self.controller.start()
         if self.local_api is not None:
             self.local_api.start()
+        if loop:
+            self.controller.start()
         self.started = True
         return True
 
@@ -213,7 +213,7 @@ def assemble(
         clock=clock,
         wakeup=wakeup,
     )
-    return Agent(
+    agent = Agent(
         cfg=cfg,
         apiserver=api,
         api_error=api_error,
@@ -227,6 +227,8 @@ def assemble(
         watchdog=dog,
         controller=ctl,
     )
+    pub.readiness = agent.ready  # the Ready condition says what /readyz says
+    return agent
 
 
 def _opener(cfg: config.Config) -> datapath_mod.OpenBackend:

@@ -9,6 +9,7 @@ changed, never for its own sake, so thousands of agents do not load the apiserve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from podwire.agent import clock as clock_mod
@@ -19,10 +20,6 @@ from podwire.api import wgnode
 Obj = dict[str, Any]
 
 PUBLISH_RETRIES = 5
-
-
-class ApiError(Protocol):
-    status: int | None
 
 
 class WgnodeApi(Protocol):
@@ -60,6 +57,9 @@ class Publisher:
         self.datapath = datapath
         self.reconciler = reconciler
         self.clock = clock
+        # The agent's readiness, which the Ready condition reports: set once the agent is
+        # assembled (`app.assemble`); until then, KeyPublished and PeersProgrammed.
+        self.readiness: Callable[[], tuple[bool, str]] | None = None
         self.published_key = ""  # the key the WireguardNode's spec holds, as far as we know
         self.last_error = ""
         self._status_sent: Obj | None = None
@@ -193,8 +193,8 @@ class Publisher:
         )
         encrypted, reason, message = self._encrypted()
         put(wgnode.ENCRYPTED, encrypted, reason, message)
-        ready = published and programmed
-        put(wgnode.READY, ready, "Ready" if ready else "NotReady")
+        ready, why = self.readiness() if self.readiness else (published and programmed, "")
+        put(wgnode.READY, ready, "Ready" if ready else "NotReady", "" if ready else why)
         return conds
 
     def _encrypted(self) -> tuple[bool, str, str]:
