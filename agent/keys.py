@@ -198,22 +198,40 @@ _INSPECT: Final = "check the path and the file; it is never replaced automatical
 
 
 def _load_if_present(path: pathlib.Path) -> PrivateKey | None:
+    if not _check_folder(path, missing_ok=True):
+        return None
     try:
-        # O_NONBLOCK: a FIFO planted at the path must not hang the agent.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        # O_NONBLOCK: a FIFO planted at the path must not hang the agent. O_NOFOLLOW: a
+        # symlink planted there must not make the agent use (or reveal) another file.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
-    except PermissionError:
-        raise KeyFileError(
-            path, "cannot be read (permission denied)", "run the agent as the file's owner (root)"
-        ) from None
     except OSError as exc:
-        raise KeyFileError(path, f"cannot be opened ({exc.strerror})", _INSPECT) from None
+        if exc.errno == errno.ELOOP:
+            raise KeyFileError(
+                path,
+                "is a symbolic link, which the agent never follows",
+                "replace it with the key file itself (mode 0600), or delete it and restart"
+                " the agent to generate a new key",
+            ) from None
+        raise _open_error(path, exc) from None
     try:
         _check_file(path, os.fstat(fd))
         data = _read_all(path, fd)
     finally:
         os.close(fd)
+    return _parse(path, data)
+
+
+def _open_error(path: pathlib.Path, exc: OSError) -> KeyFileError:
+    if isinstance(exc, PermissionError):
+        return KeyFileError(
+            path, "cannot be read (permission denied)", "run the agent as the file's owner (root)"
+        )
+    return KeyFileError(path, f"cannot be opened ({exc.strerror})", _INSPECT)
+
+
+def _parse(path: pathlib.Path, data: bytes) -> PrivateKey:
     try:
         return PrivateKey.from_b64(data.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -224,6 +242,49 @@ def _load_if_present(path: pathlib.Path) -> PrivateKey | None:
             "restore the key from a backup, or delete the file and restart the agent to"
             " generate a new key (peers pick up the new public key automatically)",
         ) from None
+
+
+def _check_folder(path: pathlib.Path, *, missing_ok: bool) -> bool:
+    """The key's folder is a folder of the agent's own, closed to everyone else (0700).
+
+    Whoever can write the folder can swap the key for one they know, so a folder writable by
+    group or others, or owned by someone else, is refused. One that others can only read or
+    enter (a hostPath made by the kubelet is 0755) is tightened to 0700. False: no folder.
+    """
+    folder = path.parent
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        if missing_ok:
+            return False
+        raise KeyFileError(path, f"its folder {folder} does not exist", _INSPECT) from None
+    except OSError as exc:
+        raise KeyFileError(path, f"its folder cannot be read ({exc.strerror})", _INSPECT) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyFileError(path, f"{folder} is not a folder", _INSPECT)
+    if st.st_uid != os.geteuid():
+        raise KeyFileError(
+            path,
+            f"its folder {folder} is owned by uid {st.st_uid}, not by the agent"
+            f" (uid {os.geteuid()})",
+            f"run `chown {os.geteuid()} {folder}` if that user is trusted",
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise KeyFileError(
+            path,
+            f"its folder is writable by group or others (mode {mode:04o})",
+            f"run `chmod 700 {folder}`; if the key may have been swapped, delete it and"
+            " restart the agent to generate a new key",
+        )
+    if mode & 0o077:
+        try:
+            os.chmod(folder, DIR_MODE)
+        except OSError as exc:
+            raise KeyFileError(
+                path, f"its folder cannot be closed to others ({exc.strerror})", _INSPECT
+            ) from None
+    return True
 
 
 def _check_file(path: pathlib.Path, st: os.stat_result) -> None:
@@ -268,32 +329,16 @@ def _read_all(path: pathlib.Path, fd: int) -> bytes:
 
 
 def _ensure_folder(path: pathlib.Path) -> None:
-    folder = path.parent
+    """The key's folder exists, 0700, the agent's own (see _check_folder)."""
     try:
-        folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=False)
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=False)
     except FileExistsError:
         pass
     except OSError as exc:
         raise KeyFileError(
             path, f"its folder cannot be created ({exc.strerror})", "create it (mode 0700)"
         ) from None
-    else:
-        # mkdir's mode is filtered by the umask; make sure the folder is exactly 0700.
-        os.chmod(folder, DIR_MODE)
-        return
-    try:
-        st = os.stat(folder)
-    except OSError as exc:
-        raise KeyFileError(path, f"its folder cannot be read ({exc.strerror})", _INSPECT) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise KeyFileError(path, f"{folder} is not a folder", _INSPECT)
-    # Whoever can write the folder can swap the key for one they know.
-    if stat.S_IMODE(st.st_mode) & 0o022:
-        raise KeyFileError(
-            path,
-            f"its folder is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
-            f"run `chmod 700 {folder}`",
-        )
+    _check_folder(path, missing_ok=False)  # also tightens what mkdir's umask left open
 
 
 def _link_no_replace(src: str, dst: pathlib.Path) -> None:

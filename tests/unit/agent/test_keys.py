@@ -73,11 +73,48 @@ def test_we_read_a_file_written_by_wg_genkey(key_path: pathlib.Path) -> None:
     assert keys.load_or_create(key_path).public_key_b64() == pub.stdout.strip()
 
 
-def test_existing_folder_keeps_its_mode(key_path: pathlib.Path) -> None:
+def test_an_existing_folder_readable_by_others_is_tightened_to_0700(key_path: pathlib.Path) -> None:
+    # What a hostPath of type DirectoryOrCreate makes: root's, 0755.
     key_path.parent.mkdir(parents=True, mode=0o755)
     key_path.parent.chmod(0o755)
     keys.load_or_create(key_path)
-    assert _mode(key_path.parent) == 0o755
+    assert _mode(key_path.parent) == 0o700
+    key_path.parent.chmod(0o755)
+    keys.load(key_path)  # checked at every load, not only when the key is made
+    assert _mode(key_path.parent) == 0o700
+
+
+def test_a_group_writable_folder_is_refused_at_every_load(key_path: pathlib.Path) -> None:
+    keys.load_or_create(key_path)
+    key_path.parent.chmod(0o770)
+    for load in (keys.load, keys.load_or_create):
+        with pytest.raises(keys.KeyFileError, match="chmod 700"):
+            load(key_path)
+    assert _mode(key_path.parent) == 0o770  # a key someone could swap is not "fixed" silently
+
+
+def test_a_folder_of_another_owner_is_refused(
+    key_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys.load_or_create(key_path)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
+    with pytest.raises(keys.KeyFileError, match=r"folder .* is owned by uid"):
+        keys.load(key_path)
+
+
+def test_a_key_file_behind_a_symlink_is_refused(
+    key_path: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere" / "private.key"
+    key = keys.load_or_create(elsewhere)
+    keys.load_or_create(key_path)
+    key_path.unlink()
+    key_path.symlink_to(elsewhere)
+    for load in (keys.load, keys.load_or_create):
+        with pytest.raises(keys.KeyFileError, match="symbolic link") as err:
+            load(key_path)
+        assert key.to_b64() not in str(err.value)
+    assert key_path.is_symlink()  # left for the user to look at
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o666])
