@@ -30,6 +30,10 @@ DEFAULT_DEVICE: Final = "podwire_wg0"
 DEFAULT_LISTEN_PORT: Final = wgnode.DEFAULT_LISTEN_PORT
 DEFAULT_API_SOCKET: Final = pathlib.Path("/var/run/podwire/agent.sock")
 DEFAULT_METRICS_PORT: Final = 9871
+# /healthz, /readyz and /metrics on every address of the node: Prometheus scrapes from another
+# host, and what they show (node names, public keys, counters) is no secret. Set 127.0.0.1 on a
+# node that is not scraped: the kubelet's probes reach loopback.
+DEFAULT_METRICS_ADDRESS: Final = "0.0.0.0"
 DEFAULT_RESYNC_PERIOD: Final = 300.0
 
 # The smallest MTU IPv4 hosts must accept; IPv6 pods need 1280, which the operator of an
@@ -88,6 +92,7 @@ class Config:
     features: Features = Features()
     api_socket: pathlib.Path = DEFAULT_API_SOCKET
     metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
     resync_period: float = DEFAULT_RESYNC_PERIOD
     kubeconfig: pathlib.Path | None = None  # None: the in-cluster service account
     # The userspace engine to start when the device has none: podwire-engine by default; any
@@ -114,6 +119,14 @@ class Config:
                 "mtu", f"must be 0 (automatic) or in {MIN_MTU}..{MAX_MTU}, got {self.mtu}"
             )
         _check_port("metrics_port", self.metrics_port)
+        try:
+            ipaddress.ip_address(self.metrics_address)
+        except ValueError:
+            raise ConfigError(
+                "metrics_address",
+                f"must be an IP address to listen on (0.0.0.0, 127.0.0.1, ::), got"
+                f" {self.metrics_address!r}",
+            ) from None
         if not self.resync_period > 0:
             raise ConfigError(
                 "resync_period", f"must be a positive number of seconds, got {self.resync_period}"
@@ -161,6 +174,7 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_MTU": "mtu",
     "PODWIRE_API_SOCKET": "api_socket",
     "PODWIRE_METRICS_PORT": "metrics_port",
+    "PODWIRE_METRICS_ADDRESS": "metrics_address",
     "PODWIRE_RESYNC_PERIOD": "resync_period",
     "KUBECONFIG": "kubeconfig",
     "PODWIRE_ENGINE": "engine",
@@ -337,6 +351,7 @@ _CONVERT: Final[Mapping[str, Any]] = {
     "features": _to_features,
     "api_socket": _to_path,
     "metrics_port": _to_int,
+    "metrics_address": _to_str,
     "resync_period": _to_seconds,
     "kubeconfig": _to_optional_path,
     "engine": _to_optional_path,

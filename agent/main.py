@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     client = kube.Client(kubeconfig=str(cfg.kubeconfig) if cfg.kubeconfig else None)
     agent = app.build(cfg, client=client)
-    agent.http = metrics.HttpServer(agent, port=cfg.metrics_port)
+    agent.http = metrics.HttpServer(agent, port=cfg.metrics_port, host=cfg.metrics_address)
     agent.local_api = api.ApiServer(agent, cfg.api_socket)
 
     stop = threading.Event()

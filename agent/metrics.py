@@ -10,6 +10,7 @@ double-booked.
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -93,22 +94,73 @@ class AgentCollector(Collector):
         yield tx
 
 
+REQUEST_TIMEOUT = 5.0  # a client that says nothing for this long is disconnected
+MAX_CONNECTIONS = 16  # connections served at once; more are closed at once
+
+
+class _BoundedServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, up to a bound: the probes must not starve behind idle clients."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, *, max_connections: int) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HttpServer:
     """The probes' and Prometheus' HTTP server, as a component."""
 
     name = "http"
 
-    def __init__(self, agent: app.Agent, *, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(
+        self,
+        agent: app.Agent,
+        *,
+        port: int,
+        host: str = "0.0.0.0",
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.agent = agent
         self.port = port
         self.host = host
-        self._server: http.server.ThreadingHTTPServer | None = None
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self._server: _BoundedServer | None = None
+
+    @property
+    def bound_port(self) -> int:
+        """The port it listens on (the one the kernel chose, for port 0)."""
+        return int(self._server.server_address[1]) if self._server else 0
 
     def start(self) -> None:
         registry = prometheus_client.CollectorRegistry()
         registry.register(AgentCollector(self.agent))
-        self._server = http.server.ThreadingHTTPServer(
-            (self.host, self.port), _handler(self.agent, registry)
+        self._server = _BoundedServer(
+            (self.host, self.port),
+            _handler(self.agent, registry, request_timeout=self.request_timeout),
+            max_connections=self.max_connections,
         )
         threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
 
@@ -120,7 +172,7 @@ class HttpServer:
     def health(self) -> component.Health:
         if self._server is None:
             return component.degraded("not serving")
-        return component.ok(f"serving on {self.host}:{self.port}")
+        return component.ok(f"serving on {self.host}:{self.bound_port}")
 
 
 def readiness(agent: app.Agent) -> tuple[int, str]:
@@ -132,9 +184,12 @@ def readiness(agent: app.Agent) -> tuple[int, str]:
 
 
 def _handler(
-    agent: app.Agent, registry: prometheus_client.CollectorRegistry
+    agent: app.Agent, registry: prometheus_client.CollectorRegistry, *, request_timeout: float
 ) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
+        # Set on the connection's socket: a request not read within it ends the connection.
+        timeout = request_timeout
+
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 self._reply(200, b"ok\n")
