@@ -200,6 +200,7 @@ def assemble(
         datapath=datapath,
         reconciler=rec,
         clock=clock,
+        recorder=recorder,
     )
     dog = watchdog.Watchdog(datapath=datapath, reconciler=rec, recorder=recorder)
     ctl = controller.Controller(

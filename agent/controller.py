@@ -2,7 +2,7 @@
 
 One thread, so the device sees one writer: every second, and at once after a watch event (a
 burst of them makes one pass), it asks the watchdog whether the device is still there, publishes
-the node's key if that has not got through, runs a reconcile pass when one is due (an event, a
+the node's key if that has not got through (or puts back a spec someone else changed), runs a reconcile pass when one is due (an event, a
 device brought back, the resync period) and writes the status. A failed pass is retried with a
 backoff that doubles up to BACKOFF_MAX; a device brought back resets it.
 
@@ -61,6 +61,7 @@ class Controller:
         self._pending = True  # a pass is owed
         self._retry_at = 0.0  # no pass before this (monotonic), after a failure
         self._next_resync = 0.0
+        self._unapplied = ""  # why the stored key is not on the device yet, after a rotation
 
     def wake(self) -> None:
         """Something changed (a watch event): a pass is owed."""
@@ -91,11 +92,13 @@ class Controller:
             if self.watchdog.check():  # a new device: the next pass owes nothing to old failures
                 self.reconciler.outcome.failures_in_a_row = 0
                 self._retry_at, woke = 0.0, True
-            if not self.publisher.published:
-                self.publisher.publish()
+            before = (self.publisher.published, self.publisher.repairs)
+            self._keep_key()
             now = self.clock.monotonic()
             self._pending = self._pending or woke or now >= self._next_resync
             if not self._pending or now < self._retry_at:
+                if (self.publisher.published, self.publisher.repairs) != before:
+                    self.publisher.write_status()  # KeyPublished says so now, not at the resync
                 return False
             if self.reconciler.reconcile_once():
                 self._pending, self._retry_at = False, 0.0
@@ -106,6 +109,18 @@ class Controller:
             self.publisher.write_status()
             return True
 
+    def _keep_key(self) -> None:
+        """The stored key goes on the device before it is published: a rotation whose device
+        step failed is finished here first, so peers never get a key the device does not hold."""
+        if self._unapplied:
+            try:
+                self.datapath.set_private_key(self.keys.key.raw)
+            except Exception as e:  # no device, or its UAPI refused: the next turn tries again
+                self._unapplied = f"the new key is not on the device yet: {e}"
+                return
+            self._unapplied = ""
+        self.publisher.keep()
+
     def rotate_key(self) -> tuple[str, float]:
         """A new keypair: stored atomically, put on the device, then published.
 
@@ -115,20 +130,25 @@ class Controller:
         with self._lock:
             wall = self.clock.wall()
             key = self.keys.rotate(wall=wall)
-            self.datapath.set_private_key(key.raw)
             public = key.public_key_b64()
+            self._unapplied = "the new key is not on the device yet"
+            self._keep_key()
             self.log.info("key_rotated", public_key=public)
             self.recorder.record("Normal", "KeyRotated", f"new public key {public}")
-            published = self.publisher.publish()
+            published = self.publisher.published
         self.wake()
         if not published:
             raise RuntimeError(
-                f"the new key is on the device but not published yet: {self.publisher.last_error}"
+                self._unapplied
+                or f"the new key is on the device but not published yet: "
+                f"{self.publisher.last_error}"
             )
         return public, wall
 
     def health(self) -> component.Health:
         out = self.reconciler.outcome
+        if self._unapplied:
+            return component.degraded(f"{self._unapplied}; retrying every turn")
         if self._retry_at:
             return component.degraded(
                 f"{out.failures_in_a_row} passes failed in a row; retrying with backoff"

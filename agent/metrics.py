@@ -57,6 +57,11 @@ class AgentCollector(Collector):
             "Times the device was found gone or replaced and brought back",
             value=a.watchdog.restarts,
         )
+        yield CounterMetricFamily(
+            "podwire_wireguardnode_repairs",
+            "Times the own WireguardNode's spec, changed by someone else, was put back",
+            value=a.publisher.repairs,
+        )
         healthy = GaugeMetricFamily(
             "podwire_component_healthy",
             "1 when the agent's component is healthy, as /readyz reports it",

@@ -1,7 +1,9 @@
 """The node's own WireguardNode: its spec (the public key and port) and its status.
 
 The spec is what every other node programs, so publishing it is retried until it holds; a
-conflict (409) is retried against the object as it is now. The status is what an operator reads
+conflict (409) is retried against the object as it is now. It is the node's own word, so it is
+kept: a spec someone else changed (or an object someone deleted) is put back and reported, with
+a Warning Event on the object, a log line and `repairs`, which /metrics exports. The status is what an operator reads
 in `kubectl get wgnodes`: the endpoint and pod CIDRs in use, the datapath and its features, the
 peers, when the key was rotated, and the conditions declared in `wgnode`. It is written when it
 changed, never for its own sake, so thousands of agents do not load the apiserver for nothing.
@@ -13,7 +15,16 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from podwire.agent import clock as clock_mod
-from podwire.agent import component, keystore, log, reconcile, reconciler, watches, wgdevice
+from podwire.agent import (
+    component,
+    events,
+    keystore,
+    log,
+    reconcile,
+    reconciler,
+    watches,
+    wgdevice,
+)
 from podwire.agent.datapath import component as datapath_mod
 from podwire.api import wgnode
 
@@ -47,6 +58,7 @@ class Publisher:
         datapath: datapath_mod.Datapath,
         reconciler: reconciler.Reconciler,
         clock: clock_mod.Clock,
+        recorder: events.Recorder | None = None,
     ) -> None:
         self.node_name = node_name
         self.listen_port = listen_port
@@ -57,11 +69,14 @@ class Publisher:
         self.datapath = datapath
         self.reconciler = reconciler
         self.clock = clock
+        self.recorder = recorder
         # The agent's readiness, which the Ready condition reports: set once the agent is
         # assembled (`app.assemble`); until then, KeyPublished and PeersProgrammed.
         self.readiness: Callable[[], tuple[bool, str]] | None = None
         self.published_key = ""  # the key the WireguardNode's spec holds, as far as we know
         self.last_error = ""
+        self.repairs = 0  # times the spec was found changed by someone else and put back
+        self._checked_version = ""  # the own object's resourceVersion last found wrong, then read
         self._status_sent: Obj | None = None
         self.log = log.get("publisher", node=node_name)
 
@@ -75,10 +90,36 @@ class Publisher:
     def published(self) -> bool:
         return bool(self.published_key) and self.published_key == self.keys.public_key
 
-    def publish(self) -> bool:
-        """Creates or updates the spec; False (and last_error) when it did not get through."""
+    def keep(self) -> None:
+        """Every turn of the loop: publishes the key until it got through, then keeps it.
+
+        The watch shows the object as it is; one whose spec differs (or that is gone) is read
+        again, since the watch may just lag behind our own write, and put back if it still
+        differs. A version found wrong is read once, not on every turn.
+        """
+        if not self.published:
+            self.publish()
+            return
+        own = self.watches.wgnode(self.node_name)
+        if own is not None and _spec_holds(own, self._spec()):
+            return
+        version = "" if own is None else str(own.get("metadata", {}).get("resourceVersion", ""))
+        if version and version == self._checked_version:
+            return
+        self._checked_version = version
+        self.publish(repair=True)
+
+    def _spec(self) -> wgnode.Spec:
+        return wgnode.Spec(public_key=self.keys.public_key, listen_port=self.listen_port)
+
+    def publish(self, *, repair: bool = False) -> bool:
+        """Creates or updates the spec; False (and last_error) when it did not get through.
+
+        With repair, the key was published before: a spec found different was changed by
+        someone else, and putting it back is reported.
+        """
         try:
-            self._publish()
+            self._publish(repair=repair)
         except self.api_error as e:
             self.last_error = str(e)
             self.log.warning("publish_failed", error=str(e))
@@ -87,7 +128,7 @@ class Publisher:
         self.published_key = self.keys.public_key
         return True
 
-    def _publish(self) -> None:
+    def _publish(self, *, repair: bool = False) -> None:
         name = self.node_name
         for _ in range(PUBLISH_RETRIES):
             node = self.api.get_node(name)
@@ -99,13 +140,17 @@ class Publisher:
             )
             try:
                 if current is None:
-                    self.api.create_wgnode(want.to_dict())
+                    made = self.api.create_wgnode(want.to_dict())
                     self.log.info("wireguardnode_created")
+                    if repair:
+                        self._repaired(made, "the WireguardNode was deleted; created again")
                     return
                 if _spec_holds(current, want.spec):
                     return  # a restart changes nothing
-                self.api.replace_wgnode({**current, "spec": want.spec.to_dict()})
+                put = self.api.replace_wgnode({**current, "spec": want.spec.to_dict()})
                 self.log.info("wireguardnode_updated")
+                if repair:
+                    self._repaired(put, _changes(current, want.spec))
                 return
             except self.api_error as e:
                 if getattr(e, "status", None) != 409:
@@ -114,6 +159,15 @@ class Publisher:
         raise self.api_error(
             f"WireguardNode {name}: still conflicting after {PUBLISH_RETRIES} tries"
         )
+
+    def _repaired(self, obj: Obj, what: str) -> None:
+        self.repairs += 1
+        message = f"{what}: this node's agent keeps its own key and port"
+        self.log.warning("wireguardnode_repaired", change=what, repairs=self.repairs)
+        if self.recorder is not None:
+            self.recorder.record(
+                "Warning", "SpecRepaired", message, node=self.node_name, involved=obj
+            )
 
     def write_status(self) -> None:
         """Patches the status if it changed since the last write; failures are retried next pass."""
@@ -173,7 +227,7 @@ class Publisher:
             wgnode.KEY_PUBLISHED,
             published,
             "KeyPublished" if published else "PublishPending",
-            self.last_error,
+            self.mismatch() if not published else self.last_error,
         )
         programmed = out.programmed and not out.last_error
         put(
@@ -205,12 +259,35 @@ class Publisher:
             return True, "FailClosed", "no device yet: pod traffic to other nodes is dropped"
         return True, "Encrypted", f"through {dp.device}; pod traffic without a peer is dropped"
 
+    def mismatch(self) -> str:
+        """Why the key in use is not the published one, while it is not (public keys only)."""
+        why = f": {self.last_error}" if self.last_error else ""
+        if not self.published_key:
+            if self.last_error:
+                return f"publishing the WireguardNode: {self.last_error}"
+            return "the WireguardNode is not published yet"
+        return (
+            f"the device's key {self.keys.public_key} is not published yet; the WireguardNode "
+            f"still has {self.published_key}{why}"
+        )
+
     def health(self) -> component.Health:
+        if not self.published:
+            return component.degraded(self.mismatch())
         if self.last_error:
             return component.degraded(f"publishing the WireguardNode: {self.last_error}")
-        if not self.published:
-            return component.degraded("the WireguardNode is not published yet")
         return component.ok(f"WireguardNode {self.node_name} published")
+
+
+def _changes(current: Obj, spec: wgnode.Spec) -> str:
+    """What someone else changed, as `field: theirs, put back to ours` (public keys only)."""
+    have = current.get("spec", {})
+    out = [
+        f"spec.{field} was {have.get(field)!r}, put back to {ours!r}"
+        for field, ours in (("publicKey", spec.public_key), ("listenPort", spec.listen_port))
+        if have.get(field) != ours
+    ]
+    return "; ".join(out) or "the spec was changed"
 
 
 def _spec_holds(current: Obj, spec: wgnode.Spec) -> bool:

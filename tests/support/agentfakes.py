@@ -245,6 +245,16 @@ class FakeApi:
         self.on_write(copy.deepcopy(obj))
         return copy.deepcopy(obj)
 
+    def edit_wgnode(self, name: str, **spec: Any) -> Obj:
+        """Someone else (an admin, a rogue agent) changes the spec, as the watch then shows."""
+        self._check()
+        obj = self.wgnodes[name]
+        obj["spec"] = {**obj.get("spec", {}), **spec}
+        self._version(obj)
+        self.writes.append(f"edit {name}")
+        self.on_write(copy.deepcopy(obj))
+        return copy.deepcopy(obj)
+
     def emit_event(self, *, involved: Obj, reason: str, message: str, event_type: str) -> None:
         self._check()
         self.events.append(
