@@ -8,7 +8,11 @@ on tables of plain dicts and the backends that touch the kernel stay thin.
 Trust: a peer's allowed-ips (what it may send us, and what we route to it) come from the Node
 object, which the control plane writes, never from the WireguardNode a node writes about itself.
 A public key or pod CIDR that two nodes claim cannot be given to both without one capturing
-the other's traffic, so every node involved is refused and reported, and the rest go on.
+the other's traffic, so every node involved is refused and reported, and the rest go on. So is
+a Node whose pod CIDR lies outside the cluster's pod CIDRs (or in a family they do not cover):
+its allowed-ips and route would draw traffic that is not pod traffic, or that the fail-closed
+backstop does not guard, into or past the tunnel; and one that covers a node's address, which
+would route the underlay itself into the tunnel.
 
 Removal is the dangerous direction: a peer missing from a half-filled cache is not a peer that
 left. Nothing is removed unless the caller says both watches have listed (`synced=True`).
@@ -16,6 +20,7 @@ left. Nothing is removed unless the caller says both watches have listed (`synce
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import ipaddress
 from collections import defaultdict
@@ -33,6 +38,8 @@ MISSING_POD_CIDRS: Final = "MissingPodCIDRs"
 INVALID_POD_CIDR: Final = "InvalidPodCIDR"
 INVALID_PUBLIC_KEY: Final = "InvalidPublicKey"
 INVALID_WIREGUARD_NODE: Final = "InvalidWireguardNode"
+POD_CIDR_OUTSIDE_CLUSTER: Final = "PodCIDROutsideCluster"
+POD_CIDR_COVERS_NODE_ADDRESS: Final = "PodCIDRCoversNodeAddress"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,12 +105,17 @@ def desired_peers(
     own_node: str,
     *,
     own_public_key: str | None = None,
+    cluster_pod_cidrs: Sequence[wgdevice.IPNetwork] = (),
+    protected: Iterable[wgdevice.IPAddress] = (),
 ) -> Desired:
     """The peers to program from the cached Nodes and WireguardNodes (raw JSON dicts).
 
     `own_public_key` is the key this agent uses now; without it, the one its WireguardNode
     publishes. A node with no WireguardNode yet is simply not a peer yet; one with a
     WireguardNode but something wrong or contested is refused (possibly for several reasons).
+    A peer's pod CIDRs must lie inside `cluster_pod_cidrs` (empty: the setting is off, nothing
+    to check against) and cover no node's address nor any of `protected` (the apiserver's, when
+    the caller knows it).
     """
     infos = {info.name: info for info in map(_node_info, nodes) if info is not None}
     specs: dict[str, wgnode.Spec | wgnode.ResourceError] = {}
@@ -133,12 +145,14 @@ def desired_peers(
             refusals[name].append(Refusal(name, reason, str(spec)))
     _refuse_duplicate_keys(claims, own_node, own_public_key, refusals)
     overlaps = _overlaps(infos.values())
+    guarded = _node_addresses(infos.values(), protected)
 
     peers: list[DesiredPeer] = []
     own_family = own.internal_ips[0].version if own and own.internal_ips else None
     for name in candidates:
         info = infos[name]
         refusals[name].extend(_node_refusals(info, overlaps.get(name, ())))
+        refusals[name].extend(_range_refusals(info, cluster_pod_cidrs, guarded))
         spec = specs[name]
         if refusals[name] or not isinstance(spec, wgnode.Spec):
             continue
@@ -307,6 +321,76 @@ def _node_refusals(info: _NodeInfo, overlaps: Sequence[str]) -> list[Refusal]:
     if overlaps:
         out.append(Refusal(info.name, OVERLAPPING_POD_CIDR, "; ".join(overlaps)))
     return out
+
+
+def _range_refusals(
+    info: _NodeInfo,
+    cluster: Sequence[wgdevice.IPNetwork],
+    guarded: _Addresses,
+) -> list[Refusal]:
+    out: list[Refusal] = []
+    outside = [_outside_why(net, cluster) for net in info.pod_cidrs] if cluster else []
+    if any(outside):
+        out.append(
+            Refusal(
+                info.name,
+                POD_CIDR_OUTSIDE_CLUSTER,
+                "; ".join(why for why in outside if why)
+                + ": its pods' traffic would not be pod traffic podwire guards",
+            )
+        )
+    covered = [
+        f"pod CIDR {net} covers {ip}, an address of {owner}"
+        for net in info.pod_cidrs
+        for ip, owner in guarded.within(net)
+    ]
+    if covered:
+        out.append(
+            Refusal(
+                info.name,
+                POD_CIDR_COVERS_NODE_ADDRESS,
+                "; ".join(covered) + ": routing it into the tunnel would cut the node off",
+            )
+        )
+    return out
+
+
+def _outside_why(net: wgdevice.IPNetwork, cluster: Sequence[wgdevice.IPNetwork]) -> str:
+    """Why `net` may not be a peer's pod CIDR, or "" when it lies inside the cluster's."""
+    same = [c for c in cluster if c.version == net.version]
+    if not same:
+        return (
+            f"pod CIDR {net} is IPv{net.version}, and clusterPodCIDRs"
+            f" ({', '.join(map(str, cluster))}) covers no IPv{net.version} range"
+        )
+    if any(net.subnet_of(c) for c in same):  # type: ignore[arg-type]  # same family
+        return ""
+    return f"pod CIDR {net} lies outside clusterPodCIDRs ({', '.join(map(str, cluster))})"
+
+
+class _Addresses:
+    """Addresses no pod CIDR may cover, with whose they are, sorted to find those in a CIDR
+    by bisection: every node's check against every node's addresses would be O(n²)."""
+
+    def __init__(self, owned: Mapping[wgdevice.IPAddress, str]) -> None:
+        items = sorted(owned.items(), key=lambda item: (item[0].version, int(item[0])))
+        self._keys = [(ip.version, int(ip)) for ip, _ in items]
+        self._items = items
+
+    def within(self, net: wgdevice.IPNetwork) -> list[tuple[wgdevice.IPAddress, str]]:
+        low = bisect.bisect_left(self._keys, (net.version, int(net.network_address)))
+        high = bisect.bisect_right(self._keys, (net.version, int(net.broadcast_address)))
+        return self._items[low:high]
+
+
+def _node_addresses(
+    infos: Iterable[_NodeInfo], protected: Iterable[wgdevice.IPAddress]
+) -> _Addresses:
+    owned: dict[wgdevice.IPAddress, str] = {ip: "the apiserver" for ip in protected}
+    for info in infos:
+        for ip in info.internal_ips:
+            owned.setdefault(ip, f"node {info.name}")
+    return _Addresses(owned)
 
 
 def _refuse_duplicate_keys(

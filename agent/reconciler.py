@@ -88,6 +88,7 @@ class Reconciler:
                 self.watches.wgnodes.snapshot(),
                 self.node_name,
                 own_public_key=self.keys.public_key,
+                cluster_pod_cidrs=self.datapath.cluster_pod_cidrs,
             )
             self._program_peers(desired.peers, synced=synced, now=started)
             self._program_routes(desired.peers, synced=synced)

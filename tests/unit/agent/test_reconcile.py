@@ -606,3 +606,126 @@ def test_five_thousand_nodes_stay_fast(make_node: NodeFactory, make_wgnode: WgNo
     elapsed = time.perf_counter() - start
     assert desired.refusals == () and len(plan.add) == 4999 and len(routes.add) == 9998
     assert elapsed < 5.0, f"{elapsed:.2f} s"
+
+
+# ---- pod CIDRs must lie inside the cluster's --------------------------------------------
+
+CLUSTER_V4 = (net("10.244.0.0/16"),)
+DUAL_CLUSTER = (net("10.244.0.0/16"), net("fd00:10:244::/56"))
+
+# (case, change to the three-node cluster, cluster pod CIDRs, programmed peers, refusals)
+RANGE_CASES: list[
+    tuple[str, Mutation, tuple[wgdevice.IPNetwork, ...], list[str], set[tuple[str, str]]]
+] = [
+    ("inside the range", lambda c: c.add(4), CLUSTER_V4, ["node-b", "node-c", "node-d"], set()),
+    (
+        "outside the range",
+        lambda c: c.add(4, cidrs=("10.96.0.0/24",)),
+        CLUSTER_V4,
+        ["node-b", "node-c"],
+        {("node-d", "PodCIDROutsideCluster")},
+    ),
+    (
+        "wider than the range",
+        lambda c: c.add(4, cidrs=("10.0.0.0/8",)),
+        CLUSTER_V4,
+        [],
+        {
+            ("node-b", "OverlappingPodCIDR"),
+            ("node-c", "OverlappingPodCIDR"),
+            ("node-d", "OverlappingPodCIDR"),
+            ("node-d", "PodCIDROutsideCluster"),
+            ("node-d", "PodCIDRCoversNodeAddress"),
+        },
+    ),
+    (
+        "one CIDR inside, one outside: the node is refused whole",
+        lambda c: c.add(4, cidrs=("10.244.4.0/24", "192.168.0.0/24")),
+        CLUSTER_V4,
+        ["node-b", "node-c"],
+        {("node-d", "PodCIDROutsideCluster")},
+    ),
+    (
+        "a family the setting does not cover",
+        lambda c: c.add(4, cidrs=("10.244.4.0/24", "fd00:10:244:4::/64")),
+        CLUSTER_V4,
+        ["node-b", "node-c"],
+        {("node-d", "PodCIDROutsideCluster")},
+    ),
+    (
+        "both families covered",
+        lambda c: c.add(4, cidrs=("10.244.4.0/24", "fd00:10:244:4::/64")),
+        DUAL_CLUSTER,
+        ["node-b", "node-c", "node-d"],
+        set(),
+    ),
+    (
+        "covers its own InternalIP",
+        lambda c: c.add(4, ips=("10.244.4.7",)),
+        CLUSTER_V4,
+        ["node-b", "node-c"],
+        {("node-d", "PodCIDRCoversNodeAddress")},
+    ),
+    (
+        "covers another node's InternalIP",
+        lambda c: c.nodes["node-c"]["status"]["addresses"].append(
+            {"type": "InternalIP", "address": "10.244.2.9"}
+        ),
+        CLUSTER_V4,
+        ["node-c"],
+        {("node-b", "PodCIDRCoversNodeAddress")},
+    ),
+    (
+        "covers our own InternalIP",
+        lambda c: c.nodes[OWN]["status"]["addresses"].append(
+            {"type": "InternalIP", "address": "10.244.3.1"}
+        ),
+        CLUSTER_V4,
+        ["node-b"],
+        {("node-c", "PodCIDRCoversNodeAddress")},
+    ),
+    (
+        "no setting: no range to check against",
+        lambda c: c.add(4, cidrs=("10.96.0.0/24",)),
+        (),
+        ["node-b", "node-c", "node-d"],
+        set(),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "cidrs", "peers", "refusals"),
+    [case[1:] for case in RANGE_CASES],
+    ids=[case[0] for case in RANGE_CASES],
+)
+def test_pod_cidrs_must_lie_inside_the_cluster_range(
+    cluster: Cluster,
+    change: Mutation,
+    cidrs: tuple[wgdevice.IPNetwork, ...],
+    peers: list[str],
+    refusals: set[tuple[str, str]],
+) -> None:
+    change(cluster)
+    desired = cluster.desired(cluster_pod_cidrs=cidrs)
+    assert programmed(desired) == peers
+    assert refused(desired) == refusals
+    routes = reconcile.plan_routes(desired.peers, [], synced=True).add
+    assert all(any(r.subnet_of(c) for c in cidrs if c.version == r.version) for r in routes) or (
+        not cidrs
+    )
+
+
+def test_out_of_range_messages_say_what_and_why(cluster: Cluster) -> None:
+    cluster.add(4, cidrs=("10.244.4.0/24", "fd00:10:244:4::/64", "192.168.0.0/24"))
+    cluster.add(5, ips=("10.244.5.9",))
+    by = {
+        (r.node, r.reason): r.message
+        for r in cluster.desired(cluster_pod_cidrs=CLUSTER_V4).refusals
+    }
+    outside = by[("node-d", "PodCIDROutsideCluster")]
+    assert "192.168.0.0/24" in outside and "10.244.0.0/16" in outside
+    assert "fd00:10:244:4::/64" in outside and "IPv6" in outside
+    assert "10.244.4.0/24" not in outside
+    covers = by[("node-e", "PodCIDRCoversNodeAddress")]
+    assert "10.244.5.9" in covers and "node-e" in covers
