@@ -10,6 +10,8 @@ device); the initiator side is `CookieGenerator` (one per peer).
 from __future__ import annotations
 
 import enum
+import functools
+import hmac
 import ipaddress
 import struct
 from collections.abc import Callable
@@ -72,6 +74,7 @@ def xaead_decrypt(key: bytes, nonce24: bytes, ciphertext: bytes, ad: bytes) -> b
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def endpoint_bytes(endpoint: Endpoint) -> bytes:
     """What a cookie is bound to: the source address and port."""
     host, port = endpoint
@@ -90,6 +93,10 @@ def cookie_key(public: bytes) -> bytes:
     return noise.hash_(constants.LABEL_COOKIE, public)
 
 
+_NONCE_PREFIX_LEN = 16
+_NONCE_SUFFIX_LEN = constants.COOKIE_NONCE_LEN - _NONCE_PREFIX_LEN
+
+
 class MacCheck(enum.Enum):
     INVALID = 0
     VALID_MAC1 = 1
@@ -104,11 +111,18 @@ class CookieChecker:
         self._cookie_key = b""
         self._secret = b""
         self._secret_birth: float | None = None
+        # Cookie replies share one HChaCha20 subkey (in pure Python it costs as much as a
+        # Diffie-Hellman): the nonce is a random prefix, fixed until the secret changes,
+        # then a counter, so no nonce repeats under a subkey.
+        self._reply_prefix = b""
+        self._reply_aead: ChaCha20Poly1305 | None = None
+        self._reply_counter = 0
 
     def set_public_key(self, public: bytes | None) -> None:
         """Call whenever the device's key changes."""
         self._mac1_key = mac1_key(public) if public is not None else b""
         self._cookie_key = cookie_key(public) if public is not None else b""
+        self._reply_aead = None
 
     def check(
         self,
@@ -124,12 +138,16 @@ class CookieChecker:
             return MacCheck.INVALID
         end_mac1 = len(data) - 2 * constants.MAC_LEN
         end_mac2 = len(data) - constants.MAC_LEN
-        if noise.mac(self._mac1_key, data[:end_mac1]) != data[end_mac1:end_mac2]:
+        # Constant time: a comparison that stops at the first wrong byte tells a forger how
+        # many leading bytes are right.
+        if not hmac.compare_digest(
+            noise.mac(self._mac1_key, data[:end_mac1]), data[end_mac1:end_mac2]
+        ):
             return MacCheck.INVALID
         if not check_mac2:
             return MacCheck.VALID_MAC1
         cookie = self._cookie(source, now, rng)
-        if noise.mac(cookie, data[:end_mac2]) != data[end_mac2:]:
+        if not hmac.compare_digest(noise.mac(cookie, data[:end_mac2]), data[end_mac2:]):
             return MacCheck.VALID_MAC1
         return MacCheck.VALID_MAC2
 
@@ -145,15 +163,23 @@ class CookieChecker:
         """The cookie reply to a handshake message (`data`) that lacked a valid mac2."""
         end_mac1 = len(data) - 2 * constants.MAC_LEN
         mac1 = data[end_mac1 : end_mac1 + constants.MAC_LEN]
-        nonce = rng(constants.COOKIE_NONCE_LEN)
         cookie = self._cookie(source, now, rng)
-        encrypted = xaead_encrypt(self._cookie_key, nonce, cookie, mac1)
-        return messages.CookieReply(sender_index, nonce, encrypted)
+        aead = self._reply_aead
+        if aead is None:
+            self._reply_prefix = rng(_NONCE_PREFIX_LEN)
+            aead = ChaCha20Poly1305(hchacha20(self._cookie_key, self._reply_prefix))
+            self._reply_aead = aead
+            self._reply_counter = 0
+        suffix = self._reply_counter.to_bytes(_NONCE_SUFFIX_LEN, "little")
+        self._reply_counter += 1
+        encrypted = aead.encrypt(bytes(4) + suffix, cookie, mac1)
+        return messages.CookieReply(sender_index, self._reply_prefix + suffix, encrypted)
 
     def _cookie(self, source: Endpoint, now: float, rng: Callable[[int], bytes]) -> bytes:
         if self._secret_birth is None or now - self._secret_birth >= constants.COOKIE_REFRESH_TIME:
             self._secret = rng(32)
             self._secret_birth = now
+            self._reply_aead = None
         return noise.mac(self._secret, endpoint_bytes(source))
 
 

@@ -52,7 +52,10 @@ class Device:
         self.listen_port = 0
         self.fwmark = 0
         self.mtu = DEFAULT_MTU
+        # Set by the I/O loop, which sees the backlog: mac2, cookies and the rate limit apply.
         self.under_load = False
+        # Handshake messages seen, however they ended: the I/O loop judges the load by it.
+        self.handshake_messages = 0
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips: allowedips.AllowedIPs[Peer] = allowedips.AllowedIPs()
         self.counters = counters.Counters()

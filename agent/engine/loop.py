@@ -32,6 +32,12 @@ BATCH = 128
 TICK_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 COUNTERS_LOG_INTERVAL = 30.0
+# Load, judged as the kernel and wireguard-go judge it, by the handshake backlog: a batch of
+# datagrams that holds this many handshake messages means they arrive faster than a
+# Diffie-Hellman each can be spent on them. The Device is then under load (mac2, cookie
+# replies, the per-source rate limit) until UNDER_LOAD_HOLD seconds after the last such batch.
+UNDER_LOAD_BACKLOG = BATCH // 8
+UNDER_LOAD_HOLD = 1.0
 
 Clock = Callable[[], float]
 
@@ -69,6 +75,7 @@ class Engine:
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         self._next_counters_log = now + COUNTERS_LOG_INTERVAL
         self._handshakes: dict[bytes, float | None] = {}
+        self._under_load_until = now - UNDER_LOAD_HOLD
         self._last_counters: dict[str, int] = {}
         device.listen_port = bind.port
         self._selector.register(tun.fd, selectors.EVENT_READ, self._on_tun)
@@ -150,11 +157,22 @@ class Engine:
         def on_readable(_mask: int) -> None:
             datagrams = self.bind.receive_batch(sock, BATCH)
             now = self._clock()
-            receive = self.device.receive_datagram
+            device = self.device
+            device.under_load = now < self._under_load_until
+            handshakes = device.handshake_messages
+            receive = device.receive_datagram
             for data, source in datagrams:
                 self._perform(receive(data, source, now))
+            if device.handshake_messages - handshakes >= UNDER_LOAD_BACKLOG:
+                self._on_handshake_backlog(now)
 
         return on_readable
+
+    def _on_handshake_backlog(self, now: float) -> None:
+        if now >= self._under_load_until:
+            self.log.warning("under_load", handshakes_per_batch_at_least=UNDER_LOAD_BACKLOG)
+        self._under_load_until = now + UNDER_LOAD_HOLD
+        self.device.under_load = True
 
     def _register_bind(self, bind: udp_mod.UdpBind) -> None:
         for sock in bind.sockets:

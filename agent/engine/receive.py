@@ -177,6 +177,7 @@ def _admit(
     a cookie reply perhaps, still go out).
     """
     actions: list[Action] = []
+    dev.handshake_messages += 1
     if len(data) != length:
         dev.counters.drops[Drop.BAD_LENGTH] += 1
         return actions, None

@@ -143,3 +143,33 @@ def test_under_load_a_flood_with_valid_cookies_is_rate_limited(wire: Any, packet
         + counters.drops[Drop.FLOOD]
     )
     assert passed == 5
+
+
+def test_macs_are_compared_in_constant_time(wire: Any, packets: Any, monkeypatch: Any) -> None:
+    """A mac1 wrong only in its last byte is refused, and through hmac.compare_digest, whose
+    time does not depend on how many leading bytes are right."""
+    compared: list[tuple[bytes, bytes]] = []
+    real = cookie.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((bytes(a), bytes(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(cookie.hmac, "compare_digest", spy)
+    wire.up = False  # capture only
+    wire.send(wire.a, packets.ipv4(A4, B4, b"x"))
+    initiation = bytearray(wire.log[0].data)
+    end_mac1 = len(initiation) - constants.MAC_LEN
+    initiation[end_mac1 - 1] ^= 0x80  # mac1's last byte
+    assert wire.b.device.receive_datagram(bytes(initiation), wire.a.endpoint, 1000.0) == []
+    assert wire.b.device.counters.drops[Drop.BAD_MAC1] == 1
+    assert len(compared) == 1
+    assert compared[0][1] == bytes(initiation[end_mac1 - constants.MAC_LEN : end_mac1])
+
+    # Under load, mac2 too: wrong in its last byte, the message is answered with a cookie.
+    wire.b.device.under_load = True
+    initiation[end_mac1 - 1] ^= 0x80
+    initiation[-1] ^= 1
+    actions = wire.b.device.receive_datagram(bytes(initiation), wire.a.endpoint, 1000.0)
+    assert [a.data[0] for a in actions] == [COOKIE]
+    assert len(compared) == 3
