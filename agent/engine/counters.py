@@ -41,6 +41,7 @@ class Drop(enum.Enum):
     # A packet from TUN.
     NO_ROUTE = "no_route"
     NO_ENDPOINT = "no_endpoint"
+    ROUTING_LOOP = "routing_loop"
     STAGED_OVERFLOW = "staged_overflow"
     STAGED_GIVEN_UP = "staged_given_up"
 

@@ -76,6 +76,7 @@ class Engine:
         self._next_counters_log = now + COUNTERS_LOG_INTERVAL
         self._handshakes: dict[bytes, float | None] = {}
         self._under_load_until = now - UNDER_LOAD_HOLD
+        self._routing_loops_told: set[bytes] = set()
         self._last_counters: dict[str, int] = {}
         device.listen_port = bind.port
         self._selector.register(tun.fd, selectors.EVENT_READ, self._on_tun)
@@ -259,6 +260,7 @@ class Engine:
         for key in before - after:
             self.log.info("peer_removed", peer=short_key(key))
             self._handshakes.pop(key, None)
+            self._routing_loops_told.discard(key)
         if request.private_key is not None:
             self.log.info(
                 "private_key_changed", public_key=short_key(self.device.public_key or b"")
@@ -276,6 +278,15 @@ class Engine:
                     "handshake_completed", peer=short_key(key), endpoint=_endpoint(peer.endpoint)
                 )
             self._handshakes[key] = handshake
+            if peer.routing_loops and key not in self._routing_loops_told:
+                self._routing_loops_told.add(key)
+                self.log.warning(
+                    "routing_loop",
+                    peer=short_key(key),
+                    endpoint=_endpoint(peer.endpoint),
+                    hint="a route sends the peer's endpoint into the tunnel; its packets "
+                    "are dropped (counter routing_loop)",
+                )
         try:
             mtu = self.tun.mtu()
         except tun_mod.TunError:

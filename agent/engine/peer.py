@@ -9,6 +9,7 @@ until the initiator proves it has it too by sending data with it (section 5.4.5)
 from __future__ import annotations
 
 import collections
+import ipaddress
 from collections.abc import Callable, Iterator
 
 from podwire.agent.engine import constants, cookie, noise, timers
@@ -16,6 +17,19 @@ from podwire.agent.engine.actions import Endpoint
 
 # Implementation constant: packets held while a handshake is in progress (the kernel's).
 MAX_STAGED_PACKETS = 128
+# Set above an IPv6 address's 128 bits, so that no IPv4 address (as an int) equals an IPv6 one.
+IPV6_TAG = 1 << 128
+
+
+def endpoint_address(endpoint: Endpoint) -> int:
+    """The endpoint's address as the send path compares destinations (-1: not an address)."""
+    try:
+        address = ipaddress.ip_address(endpoint[0].partition("%")[0])
+    except ValueError:
+        return -1
+    if isinstance(address, ipaddress.IPv6Address):
+        return int(address) | IPV6_TAG
+    return int(address)
 
 
 class Peer:
@@ -39,6 +53,11 @@ class Peer:
         self.handshake_index: int | None = None
         self.staged: collections.deque[bytes] = collections.deque()
         self.endpoint: Endpoint | None = None
+        # The endpoint's address, kept for the send path's routing-loop check; worked out
+        # again only when the endpoint changes (it is assigned on every datagram received).
+        self.endpoint_seen: Endpoint | None = None
+        self.endpoint_address = -1
+        self.routing_loops = 0
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.last_handshake_wall: float | None = None
@@ -75,6 +94,10 @@ class Peer:
         if not seconds:
             self.timers.send_persistent_keepalive_at = None
         self.timers.persistent_keepalive_interval = seconds
+
+    def see_endpoint(self, endpoint: Endpoint) -> None:
+        self.endpoint_seen = endpoint
+        self.endpoint_address = endpoint_address(endpoint)
 
     def keypairs(self) -> Iterator[noise.Keypair]:
         for keypair in (self.current, self.previous, self.next):

@@ -29,17 +29,28 @@ def send_packet(dev: device.Device, packet: bytes, now: float) -> list[Action]:
     n = len(packet)
     version = packet[0] >> 4 if n else 0
     if version == 4 and n >= 20:
-        target = dev.allowed_ips.lookup_v4(int.from_bytes(packet[16:20], "big"))
+        destination = int.from_bytes(packet[16:20], "big")
+        target = dev.allowed_ips.lookup_v4(destination)
     elif version == 6 and n >= 40:
-        target = dev.allowed_ips.lookup_v6(int.from_bytes(packet[24:40], "big"))
+        destination = int.from_bytes(packet[24:40], "big")
+        target = dev.allowed_ips.lookup_v6(destination)
+        destination |= peer.IPV6_TAG
     else:
         dev.counters.drops[Drop.BAD_IP_PACKET] += 1
         return []
     if target is None:
         dev.counters.drops[Drop.NO_ROUTE] += 1
         return []
-    if target.endpoint is None:
+    endpoint = target.endpoint
+    if endpoint is None:
         dev.counters.drops[Drop.NO_ENDPOINT] += 1
+        return []
+    if endpoint != target.endpoint_seen:
+        target.see_endpoint(endpoint)
+    if destination == target.endpoint_address:
+        # A route sends the peer's own endpoint into the tunnel: encapsulating would loop.
+        dev.counters.drops[Drop.ROUTING_LOOP] += 1
+        target.routing_loops += 1
         return []
     if not target.stage(bytes(packet)):
         dev.counters.drops[Drop.STAGED_OVERFLOW] += 1

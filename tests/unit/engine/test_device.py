@@ -277,3 +277,26 @@ def test_mutated_valid_messages_are_dropped_and_counted(
     assert len(target.delivered) == delivered_before
     assert target.device.counters.drops[Drop.INTERNAL_ERROR] == 0
     assert _total(target.device.counters) > before
+
+
+def test_a_packet_to_the_peers_own_endpoint_is_not_encapsulated(wire: Any, packets: Any) -> None:
+    """A route that sends the peer's endpoint through the tunnel would loop: each datagram
+    the engine sends would come back to it as a packet to encapsulate again."""
+    peer_b = wire.a.device.peers[wire.b.device.public_key]
+    wire.a.device.allowed_ips.insert("192.0.2.0/24", peer_b)  # covers b's endpoint
+    wire.send(wire.a, packets.ipv4(A4, B4, b"hello"))  # a session
+    sent = len(wire.log)
+    looped = packets.ipv4(A4, wire.b.endpoint[0], b"to the endpoint")
+    assert wire.a.device.send_packet(looped, wire.clock.monotonic()) == []
+    assert wire.a.device.counters.drops[Drop.ROUTING_LOOP] == 1
+    assert peer_b.routing_loops == 1
+    assert len(wire.log) == sent
+    # Another address the same route covers is carried.
+    other = packets.ipv4(A4, "192.0.2.77", b"elsewhere")
+    assert len(wire.a.device.send_packet(other, wire.clock.monotonic())) == 1
+    # IPv6 endpoints too, once the peer roams there.
+    wire.a.device.allowed_ips.insert("2001:db8::/64", peer_b)
+    peer_b.endpoint = ("2001:db8::2", 51821)
+    looped6 = packets.ipv6(A6, "2001:db8::2", b"to the endpoint")
+    assert wire.a.device.send_packet(looped6, wire.clock.monotonic()) == []
+    assert wire.a.device.counters.drops[Drop.ROUTING_LOOP] == 2

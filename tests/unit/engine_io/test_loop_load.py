@@ -263,3 +263,18 @@ def test_a_legitimate_peer_gets_through_a_flood_with_its_cookie(harness: Harness
     assert a.counters.handshakes_completed == 1
     assert len(harness.tun.written) == 1
     assert harness.device.counters.drops[Drop.RATE_LIMITED] > 0
+
+
+def test_a_routing_loop_is_logged_once_per_peer(harness: Harness) -> None:
+    import structlog.testing
+
+    p = harness.device.add_peer(os.urandom(32))
+    p.endpoint = ("192.0.2.9", 51820)
+    p.routing_loops = 3
+    with structlog.testing.capture_logs() as logs:
+        harness.engine._housekeeping(harness.clock.monotonic())
+        p.routing_loops = 4
+        harness.engine._housekeeping(harness.clock.monotonic())
+    loops = [entry for entry in logs if entry["event"] == "routing_loop"]
+    assert len(loops) == 1
+    assert loops[0]["endpoint"] == "192.0.2.9:51820"
