@@ -151,7 +151,7 @@ def build(
         watched=watches.Watches(informer("nodes"), informer("wgnodes")),
         wakeup=wakeup,
         open_backend=open_backend or _opener(cfg),
-        routes=routes_mod.Routes(cfg.device),
+        routes=routes_mod.Routes(cfg.device, strict=cfg.strict_mode),
         clock=clock or clock_mod.MonotonicClock(),
     )
 

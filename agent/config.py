@@ -88,6 +88,11 @@ class Config:
     # The whole cluster's pod range: the fail-closed route drops what no peer covers in it.
     cluster_pod_cidrs: tuple[IPNetwork, ...] = ()
     fail_closed: bool = True
+    # Routes to the cluster pod CIDRs in podwire's own table, consulted before main, so that no
+    # other program's more specific route takes a peer's pods (nor, with fail_closed, any
+    # remote pod) past the device; what arrives on the underlay in clear from the pod range for
+    # a local pod is dropped. Acts on cluster_pod_cidrs: without them there is nothing to guard.
+    strict_mode: bool = True
     mtu: int = 0  # 0: the underlay's MTU minus WireGuard's overhead
     features: Features = Features()
     api_socket: pathlib.Path = DEFAULT_API_SOCKET
@@ -171,6 +176,7 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_DEVICE": "device",
     "PODWIRE_CLUSTER_POD_CIDRS": "cluster_pod_cidrs",
     "PODWIRE_FAIL_CLOSED": "fail_closed",
+    "PODWIRE_STRICT_MODE": "strict_mode",
     "PODWIRE_MTU": "mtu",
     "PODWIRE_API_SOCKET": "api_socket",
     "PODWIRE_METRICS_PORT": "metrics_port",
@@ -347,6 +353,7 @@ _CONVERT: Final[Mapping[str, Any]] = {
     "device": _to_str,
     "cluster_pod_cidrs": _to_cidrs,
     "fail_closed": parse_bool,
+    "strict_mode": parse_bool,
     "mtu": _to_int,
     "features": _to_features,
     "api_socket": _to_path,

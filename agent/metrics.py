@@ -39,6 +39,7 @@ class AgentCollector(Collector):
             value=len({r.node for r in out.refusals}),
         )
         yield CounterMetricFamily("podwire_reconciles", "Reconcile passes", value=out.passes)
+        yield GaugeMetricFamily("podwire_competing_routes", "Routes that would take pod traffic past the device", value=len(out.competing_routes))  # fmt: skip
         yield CounterMetricFamily(
             "podwire_reconcile_errors", "Reconcile passes that failed", value=out.errors
         )

@@ -255,8 +255,17 @@ class Publisher:
         dp = self.datapath
         if not dp.fail_closed_installed:
             return False, "FailClosedOff", "pod traffic to a node without a peer may leave in clear"
+        competing = self.reconciler.outcome.competing_routes
+        if competing and not dp.strict_mode:
+            return False, "CompetingRoute", "pod traffic leaves in clear by " + "; ".join(competing)
         if dp.backend is None:
             return True, "FailClosed", "no device yet: pod traffic to other nodes is dropped"
+        if competing:
+            return (
+                True,
+                "CompetingRouteOverridden",
+                ("strictMode keeps pod traffic in the tunnel despite " + "; ".join(competing)),
+            )
         return True, "Encrypted", f"through {dp.device}; pod traffic without a peer is dropped"
 
     def mismatch(self) -> str:

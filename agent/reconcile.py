@@ -278,6 +278,12 @@ def _node_info(node: Mapping[str, Any]) -> _NodeInfo | None:
     return _NodeInfo(name, internal_ips(node), tuple(cidrs), tuple(bad))
 
 
+def pod_cidrs(node: Mapping[str, Any]) -> tuple[wgdevice.IPNetwork, ...]:
+    """A Node's valid pod CIDRs (the node's own, for its local pods)."""
+    info = _node_info(node)
+    return info.pod_cidrs if info else ()
+
+
 def internal_ips(node: Mapping[str, Any]) -> tuple[wgdevice.IPAddress, ...]:
     """A Node's valid InternalIPs in its own order: the first is its primary (the underlay)."""
     ips: list[wgdevice.IPAddress] = []

@@ -8,6 +8,11 @@ at 5,000 nodes costs one change, not a read of 5,000 peers and routes. Nothing i
 both watches have listed, and nothing while the apiserver is away, so the device keeps its last
 good state.
 
+Every pass also guards the way out (`Datapath.guard`): the fail-closed backstop, and with
+strictMode podwire's table and rules, are put back if someone removed them (an Event says so),
+and a route that would carry remote pod traffic past the device is reported (an Event, the
+Encrypted condition's reason, a metric) for as long as it is there.
+
 A device found empty is new (first start, or restored after a loss): the peers added to it are
 greeted, so they drop the sessions they had with its predecessor now, not 15 s from now.
 """
@@ -27,6 +32,8 @@ class Outcome:
 
     peers: tuple[reconcile.DesiredPeer, ...] = ()
     refusals: tuple[reconcile.Refusal, ...] = ()
+    competing_routes: tuple[str, ...] = ()  # routes that would take pod traffic past the device
+    restored: int = 0  # times the guard put back what someone removed
     programmed: bool = False  # the device holds what synced watches asked for
     last_error: str = ""
     passes: int = 0
@@ -65,6 +72,8 @@ class Reconciler:
         self._next_full_read = 0.0
         self._greet = False
         self._reported: set[tuple[str, str]] = set()
+        self._competing_reported: set[str] = set()
+        self._guarded = False
 
     def start(self) -> None:
         pass
@@ -92,6 +101,7 @@ class Reconciler:
             )
             self._program_peers(desired.peers, synced=synced, now=started)
             self._program_routes(desired.peers, synced=synced)
+            self._guard()
             out.peers, out.refusals = desired.peers, desired.refusals
             out.programmed = synced
             out.last_error = ""
@@ -140,6 +150,33 @@ class Reconciler:
         if not plan.empty:
             routes.apply(plan)
             self._routes = (self._routes | set(plan.add)) - set(plan.remove)
+
+    def _guard(self) -> None:
+        own = reconcile.pod_cidrs(self.watches.node(self.node_name) or {})
+        found = self.datapath.guard(own)
+        own_object = self.watches.wgnode(self.node_name)  # where the Events go
+        if found.restored and self._guarded:
+            self.outcome.restored += 1
+            message = "put back what was removed: " + "; ".join(found.restored)
+            self.log.warning("routing_restored", restored=list(found.restored))
+            self.recorder.record("Warning", "RoutingRestored", message, involved=own_object)
+        self._guarded = True
+        self.outcome.competing_routes = found.competing
+        how = (
+            "strictMode keeps pod traffic in the tunnel"
+            if self.datapath.strict_mode
+            else "pod traffic to it leaves the node in clear"
+        )
+        for route in found.competing:
+            if route not in self._competing_reported:
+                self.log.warning("competing_route", route=route, strict=self.datapath.strict_mode)
+                self.recorder.record(
+                    "Warning",
+                    "CompetingRoute",
+                    f"route {route} would take pod traffic past {self.datapath.device}; {how}",
+                    involved=own_object,
+                )
+        self._competing_reported = set(found.competing)
 
     def _log_plan(self, plan: reconcile.Plan) -> None:
         for p in plan.add:

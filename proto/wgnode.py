@@ -39,7 +39,10 @@ DEFAULT_LISTEN_PORT: Final = 51871
 # - PeersRefused: some nodes are not programmed (a duplicate key, an overlapping pod CIDR, ...);
 #   the message names them, an Event on each says why.
 # - Encrypted: no pod traffic to the cluster's pod CIDRs leaves this node in clear: the device
-#   is up and the fail-closed backstop drops what has no peer.
+#   is up and the fail-closed backstop drops what has no peer. A route of another program that
+#   would take remote pod traffic past the device makes it False (reason CompetingRoute), or,
+#   with strictMode, which keeps that traffic in the tunnel, leaves it True with the reason
+#   CompetingRouteOverridden; either names the route (there is an Event and a metric too).
 # - Ready: KeyPublished and PeersProgrammed.
 READY: Final = "Ready"
 KEY_PUBLISHED: Final = "KeyPublished"

@@ -4,7 +4,9 @@ Start-up runs in two steps because the device's MTU derives from the underlay, w
 agent knows only once its Node has an InternalIP: `start` installs the fail-closed backstop at
 once (before the agent waits for anything, so pod traffic with no peer is dropped, never sent
 in clear), and `bring_up` opens the backend for the underlay address and gives the device the
-node's key and port. `restore` does that again for a device that was lost.
+node's key and port. `restore` does that again for a device that was lost. `guard`, on every
+pass, puts back what of the backstop (and with strictMode, podwire's table and rules) someone
+removed, and reports routes that would carry pod traffic past the device.
 """
 
 from __future__ import annotations
@@ -14,12 +16,23 @@ from typing import Protocol
 
 from podwire.agent import component, keystore, reconcile, wgdevice
 from podwire.agent.datapath import backend as backend_mod
+from podwire.agent.datapath import routes as routes_mod
 
 
 class RoutesLike(Protocol):
+    strict: bool  # strictMode: the routes live in podwire's own table, consulted before main
+
     def install_fail_closed(self, cidrs: Iterable[wgdevice.IPNetwork]) -> None: ...
     def list_routes(self) -> list[wgdevice.IPNetwork]: ...
     def apply(self, plan: reconcile.RoutePlan) -> None: ...
+    def guard(
+        self,
+        cluster: Sequence[wgdevice.IPNetwork],
+        *,
+        own: Sequence[wgdevice.IPNetwork],
+        fail_closed: bool,
+        underlay_address: str | None,
+    ) -> routes_mod.Guarded: ...
 
 
 OpenBackend = Callable[[str | None], backend_mod.Backend]  # underlay address -> backend
@@ -51,6 +64,7 @@ class Datapath:
         self.features: tuple[str, ...] = ()
         self.mtu = 0
         self.fail_closed_installed = False
+        self.underlay_address: str | None = None
 
     @property
     def kind(self) -> str:
@@ -68,6 +82,7 @@ class Datapath:
     def bring_up(self, underlay_address: str | None) -> None:
         """Chooses the backend for the underlay, then brings the device up with key and port."""
         self.backend = self._open_backend(underlay_address)
+        self.underlay_address = underlay_address
         self.restore()
 
     def restore(self) -> None:
@@ -79,6 +94,19 @@ class Datapath:
         self.features = tuple(b.features())
         self.mtu = b.mtu()
         self.identity = b.identity()
+
+    @property
+    def strict_mode(self) -> bool:
+        return self.routes.strict
+
+    def guard(self, own_pod_cidrs: Sequence[wgdevice.IPNetwork]) -> routes_mod.Guarded:
+        """Checks and puts back the backstop (and strictMode's table and rules) for this pass."""
+        return self.routes.guard(
+            self.cluster_pod_cidrs,
+            own=own_pod_cidrs,
+            fail_closed=self.fail_closed,
+            underlay_address=self.underlay_address,
+        )
 
     def set_private_key(self, raw: bytes) -> None:
         self.require().set_private_key(raw)
@@ -95,6 +123,7 @@ class Datapath:
 
     def health(self) -> component.Health:
         closed = "fail-closed in force" if self.fail_closed_installed else "fail-closed off"
+        closed += ", strictMode" if self.strict_mode else ""
         if self.backend is None:
             return component.degraded(f"{closed}; no device yet")
         features = ", ".join(self.features) or "none"

@@ -5,10 +5,16 @@ and told apart from everyone else's: the per-peer routes through the device, and
 routes (type unreachable) over the whole cluster pod range. A peer's route is more specific than
 the fail-closed one, so only traffic to a node without a programmed peer hits the latter, and
 is refused instead of leaving the node in clear.
+
+With strictMode the same routes live in podwire's own table, TABLE, which a rule consults before
+the main table (`rules`), with a `throw` route for the node's own pod CIDRs so that local pods
+are still found in main. `dump` reads every table, so that a route that would take pod traffic
+past the device can be found and reported.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno as errno_mod
 import ipaddress
 import socket
@@ -24,8 +30,31 @@ from podwire.agent.netlink import core
 # cilium 0xcf...): 251 is not registered in iproute2's rt_protos.
 PROTO: Final = 251
 FAIL_CLOSED_TYPE: Final = "unreachable"  # the sender gets EHOSTUNREACH at once, not a timeout
+MAIN: Final = 254
+LOCAL: Final = 255
+TABLE: Final = 0x7077  # "pw": podwire's own, for strictMode
 _RTN_UNICAST: Final = 1
-_RTN_UNREACHABLE: Final = 7
+_TYPES: Final = {1: "unicast", 2: "local", 3: "broadcast", 6: "blackhole", 7: "unreachable",
+                 8: "prohibit", 9: "throw"}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """Any route of any table, as `dump` reads it: enough to tell whether it bypasses podwire."""
+
+    dst: wgdevice.IPNetwork
+    table: int
+    type: str  # unicast, unreachable, throw, ...
+    proto: int
+    device: str | None  # the output link, if any
+
+    def __str__(self) -> str:
+        via = f" dev {self.device}" if self.device else ""
+        kind = "" if self.type == "unicast" else f"{self.type} "
+        table = "main" if self.table == MAIN else str(self.table)
+        return f"{kind}{self.dst}{via} table {table} proto {self.proto}"
+
+
 _SCOPE_LINK: Final = 253
 
 
@@ -34,6 +63,7 @@ def apply_routes(
     add: Iterable[wgdevice.IPNetwork],
     remove: Iterable[wgdevice.IPNetwork],
     *,
+    table: int = MAIN,
     netns: str | None = None,
 ) -> None:
     """Adds, then removes, podwire's routes through device over one netlink socket.
@@ -53,6 +83,7 @@ def apply_routes(
                     oif=index,
                     proto=PROTO,
                     scope=_SCOPE_LINK,
+                    table=table,
                 )
         for dst in remove:
             with core.errors(f"remove route {dst} dev {device}"):
@@ -63,49 +94,109 @@ def apply_routes(
                     oif=index,
                     proto=PROTO,
                     scope=_SCOPE_LINK,
+                    table=table,
                 )
 
 
-def list_routes(device: str, *, netns: str | None = None) -> list[wgdevice.IPNetwork]:
+def list_routes(
+    device: str, *, table: int = MAIN, netns: str | None = None
+) -> list[wgdevice.IPNetwork]:
     """podwire's routes through device (not the fail-closed ones)."""
     with core.errors(f"list routes on {device}"), core.iproute(netns) as ipr:
         index = core.index(ipr, device)
         return [
             net
-            for route, net in _own_routes(ipr)
+            for route, net in _own_routes(ipr, table)
             if route["type"] == _RTN_UNICAST and route.get_attr("RTA_OIF") == index
         ]
 
 
-def add_fail_closed(cidr: wgdevice.IPNetwork, *, netns: str | None = None) -> None:
+def add_fail_closed(
+    cidr: wgdevice.IPNetwork, *, table: int = MAIN, netns: str | None = None
+) -> None:
     """Refuses traffic to cidr unless a more specific route (a peer's) takes it; idempotent."""
-    with core.errors(f"add fail-closed route {cidr}"), core.iproute(netns) as ipr:
+    add_typed(cidr, FAIL_CLOSED_TYPE, table=table, netns=netns)
+
+
+def remove_fail_closed(
+    cidr: wgdevice.IPNetwork, *, table: int = MAIN, netns: str | None = None
+) -> None:
+    remove_typed(cidr, FAIL_CLOSED_TYPE, table=table, netns=netns)
+
+
+def list_fail_closed(*, table: int = MAIN, netns: str | None = None) -> list[wgdevice.IPNetwork]:
+    return list_typed(FAIL_CLOSED_TYPE, table=table, netns=netns)
+
+
+def add_typed(
+    cidr: wgdevice.IPNetwork, kind: str, *, table: int = MAIN, netns: str | None = None
+) -> None:
+    """A route of `kind` (unreachable, throw) of podwire's over cidr in table; idempotent."""
+    with core.errors(f"add {kind} route {cidr} table {table}"), core.iproute(netns) as ipr:
         ipr.route(
-            "replace", dst=str(cidr), family=_family(cidr), type=FAIL_CLOSED_TYPE, proto=PROTO
+            "replace", dst=str(cidr), family=_family(cidr), type=kind, proto=PROTO, table=table
         )
 
 
-def remove_fail_closed(cidr: wgdevice.IPNetwork, *, netns: str | None = None) -> None:
-    with core.errors(f"remove fail-closed route {cidr}"), core.iproute(netns) as ipr:
-        _delete(ipr, dst=str(cidr), family=_family(cidr), type=FAIL_CLOSED_TYPE, proto=PROTO)
+def remove_typed(
+    cidr: wgdevice.IPNetwork, kind: str, *, table: int = MAIN, netns: str | None = None
+) -> None:
+    with core.errors(f"remove {kind} route {cidr} table {table}"), core.iproute(netns) as ipr:
+        _delete(ipr, dst=str(cidr), family=_family(cidr), type=kind, proto=PROTO, table=table)
 
 
-def list_fail_closed(*, netns: str | None = None) -> list[wgdevice.IPNetwork]:
-    with core.errors("list fail-closed routes"), core.iproute(netns) as ipr:
-        return [net for route, net in _own_routes(ipr) if route["type"] == _RTN_UNREACHABLE]
+def list_typed(
+    kind: str, *, table: int = MAIN, netns: str | None = None
+) -> list[wgdevice.IPNetwork]:
+    """podwire's routes of `kind` (unreachable, throw) in table."""
+    with core.errors(f"list {kind} routes"), core.iproute(netns) as ipr:
+        return [net for route, net in _own_routes(ipr, table) if _TYPES.get(route["type"]) == kind]
+
+
+def dump(*, netns: str | None = None) -> list[Route]:
+    """Every route of every table but local, both families, whoever made it."""
+    with core.errors("dump routes"), core.iproute(netns) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        out: list[Route] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for route in ipr.route("dump", family=family):
+                table = route.get_attr("RTA_TABLE") or route["table"]
+                if table == LOCAL:
+                    continue
+                oif = route.get_attr("RTA_OIF")
+                out.append(
+                    Route(
+                        dst=_dst(route, family),
+                        table=int(table),
+                        type=_TYPES.get(route["type"], str(route["type"])),
+                        proto=int(route["proto"]),
+                        device=names.get(oif) if oif else _multipath_device(route, names),
+                    )
+                )
+        return out
 
 
 def _family(net: wgdevice.IPNetwork) -> int:
     return socket.AF_INET6 if net.version == 6 else socket.AF_INET
 
 
-def _own_routes(ipr: Any) -> Iterator[tuple[Any, wgdevice.IPNetwork]]:
+def _own_routes(ipr: Any, table: int) -> Iterator[tuple[Any, wgdevice.IPNetwork]]:
     for family in (socket.AF_INET, socket.AF_INET6):
         for route in ipr.route("dump", family=family):
-            if route["proto"] != PROTO or route.get_attr("RTA_TABLE") != 254:
+            if route["proto"] != PROTO or route.get_attr("RTA_TABLE") != table:
                 continue
-            dst = route.get_attr("RTA_DST") or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-            yield route, ipaddress.ip_network(f"{dst}/{route['dst_len']}")
+            yield route, _dst(route, family)
+
+
+def _dst(route: Any, family: int) -> wgdevice.IPNetwork:
+    dst = route.get_attr("RTA_DST") or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    return ipaddress.ip_network(f"{dst}/{route['dst_len']}")
+
+
+def _multipath_device(route: Any, names: dict[int, str]) -> str | None:
+    hops = route.get_attr("RTA_MULTIPATH") or []
+    devices = sorted({names.get(hop["oif"], str(hop["oif"])) for hop in hops})
+    return ",".join(devices) or None
 
 
 def _delete(ipr: Any, **spec: Any) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from podwire.agent import app, config, keys, reconcile, watches, wgdevice
 from podwire.agent import clock as clock_mod
 from podwire.agent import controller as controller_mod
+from podwire.agent.datapath import routes as dp_routes
 
 Obj = dict[str, Any]
 
@@ -110,14 +111,44 @@ class FakeBackend:
 class FakeRoutes:
     """The routing table as far as podwire's routes go."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, strict: bool = True) -> None:
+        self.strict = strict
         self.fail_closed: list[wgdevice.IPNetwork] = []
         self.routes: set[wgdevice.IPNetwork] = set()
         self.log: list[str] = []  # what was done, in order, across the fakes that share it
+        # What guard keeps in place, as a person would remove it by hand: "<kind> <dst> <table>".
+        self.guarded: set[str] = set()
+        self.foreign: list[str] = []  # other programs' routes that bypass the device
+        self.guards = 0
 
     def install_fail_closed(self, cidrs: Iterable[wgdevice.IPNetwork]) -> None:
+        cidrs = list(cidrs)
         self.fail_closed.extend(cidrs)
+        self.guarded |= {f"unreachable {c} main" for c in cidrs}
+        if self.strict:
+            self.guarded |= {f"unreachable {c} podwire" for c in cidrs}
         self.log.append("fail_closed")
+
+    def guard(
+        self,
+        cluster: Sequence[wgdevice.IPNetwork],
+        *,
+        own: Sequence[wgdevice.IPNetwork],
+        fail_closed: bool,
+        underlay_address: str | None,
+    ) -> dp_routes.Guarded:
+        """As the real guard: puts back what is missing, takes stale throws and rules away."""
+        self.guards += 1
+        want = {f"unreachable {c} main" for c in cluster} if fail_closed else set()
+        if self.strict:
+            want |= {f"unreachable {c} podwire" for c in cluster} if fail_closed else set()
+            want |= {f"throw {c} podwire" for c in own}
+            want |= {f"rule to {c} lookup podwire" for c in cluster}
+            if underlay_address is not None:
+                want |= {f"rule from {c} to {o} blackhole" for c in cluster for o in own}
+        restored = sorted(want - self.guarded)
+        self.guarded = want | {g for g in self.guarded if g.startswith("unreachable")}
+        return dp_routes.Guarded(tuple(restored), tuple(self.foreign))
 
     def list_routes(self) -> list[wgdevice.IPNetwork]:
         return sorted(self.routes, key=str)

@@ -39,6 +39,7 @@ def test_every_setting_from_the_environment() -> None:
         "PODWIRE_DEVICE": "wgtest0",
         "PODWIRE_CLUSTER_POD_CIDRS": "10.244.0.0/16, fd00:10:244::/56",
         "PODWIRE_FAIL_CLOSED": "Yes",
+        "PODWIRE_STRICT_MODE": "off",
         "PODWIRE_MTU": "1380",
         "PODWIRE_GRO": "off",
         "PODWIRE_BIG_TCP": "0",
@@ -61,6 +62,7 @@ def test_every_setting_from_the_environment() -> None:
             ipaddress.IPv6Network("fd00:10:244::/56"),
         ),
         fail_closed=True,
+        strict_mode=False,
         mtu=1380,
         features=config.Features(gro=False, big_tcp=False, udp_gro_forwarding=True),
         api_socket=pathlib.Path("/run/x.sock"),
@@ -147,6 +149,17 @@ def test_node_name_is_required() -> None:
 def test_fail_closed_off_needs_no_cidrs() -> None:
     cfg = config.load(environ={"NODE_NAME": "n", "PODWIRE_FAIL_CLOSED": "off"})
     assert cfg.fail_closed is False and cfg.cluster_pod_cidrs == ()
+
+
+def test_strict_mode_is_on_by_default_from_env_or_file(tmp_path: pathlib.Path) -> None:
+    cfg = config.load(environ={"NODE_NAME": "n", "PODWIRE_CLUSTER_POD_CIDRS": "10.244.0.0/16"})
+    assert cfg.strict_mode is True
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps({"node_name": "n", "fail_closed": False, "strict_mode": False}))
+    assert config.load(environ={}, path=path).strict_mode is False
+    with pytest.raises(config.ConfigError, match="true/false") as err:
+        config.load(environ={"NODE_NAME": "n", "PODWIRE_STRICT_MODE": "sometimes"}, path=path)
+    assert err.value.setting == "strict_mode"
 
 
 def test_unknown_setting_in_a_file_is_refused(tmp_path: pathlib.Path) -> None:

@@ -13,7 +13,9 @@ import pathlib
 import agentfakes
 import pytest
 
-from podwire.agent import reconcile
+from podwire.agent import metrics, reconcile
+from podwire.agent.datapath import routes as dp_routes
+from podwire.agent.netlink import routes as routes_nl
 from podwire.api import wgnode
 
 AgentHarness = agentfakes.AgentHarness
@@ -49,3 +51,112 @@ def test_a_node_whose_pod_cidr_covers_a_node_address_is_refused(h: AgentHarness)
     assert set(h.peers()) == {n2.public_key}
     assert h.kube_events(reconcile.POD_CIDR_COVERS_NODE_ADDRESS) == ["n3"]
     assert h.conditions()[wgnode.PEERS_REFUSED][0] == "True"
+
+
+def _metric(h: AgentHarness, name: str) -> float | None:
+    for family in metrics.AgentCollector(h.agent).collect():
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+def test_strict_mode_guards_the_table_and_rules_on_every_pass(h: AgentHarness) -> None:
+    n2 = agentfakes.other_node(2)
+    h.list(n2)
+    h.step()
+    assert h.routes.strict and h.agent.datapath.strict_mode
+    assert {
+        "unreachable 10.244.0.0/16 main",
+        "unreachable 10.244.0.0/16 podwire",
+        "throw 10.244.1.0/24 podwire",
+        "rule to 10.244.0.0/16 lookup podwire",
+        "rule from 10.244.0.0/16 to 10.244.1.0/24 blackhole",
+    } == h.routes.guarded
+    assert h.kube_events("RoutingRestored") == []  # the first pass puts them in place
+
+    # Someone deletes the rule and the backstop by hand: the next pass puts them back, says so.
+    h.routes.guarded -= {"rule to 10.244.0.0/16 lookup podwire", "unreachable 10.244.0.0/16 main"}
+    h.step(woke=False)
+    h.advance(400)
+    h.step()
+    assert "rule to 10.244.0.0/16 lookup podwire" in h.routes.guarded
+    assert "unreachable 10.244.0.0/16 main" in h.routes.guarded
+    assert h.kube_events("RoutingRestored") == ["n1"]
+    assert h.agent.reconciler.outcome.restored == 1
+
+
+def test_a_competing_route_is_an_event_a_metric_and_the_condition(h: AgentHarness) -> None:
+    n2 = agentfakes.other_node(2)
+    h.list(n2)
+    h.step()
+    assert _metric(h, "podwire_competing_routes") == 0
+    h.routes.foreign = ["10.244.2.7/32 dev eth0 table main proto 3"]
+    h.nodes.put(n2.node())  # any change runs a pass
+    h.step()
+    assert h.kube_events("CompetingRoute") == ["n1"]
+    assert _metric(h, "podwire_competing_routes") == 1
+    status, reason, message = h.conditions()[wgnode.ENCRYPTED]
+    assert (status, reason) == ("True", "CompetingRouteOverridden")
+    assert "10.244.2.7/32" in message
+    h.nodes.put(n2.node())
+    h.step()
+    assert h.kube_events("CompetingRoute") == ["n1"]  # once, not on every pass
+    h.routes.foreign = []
+    h.nodes.put(n2.node())
+    h.step()
+    assert _metric(h, "podwire_competing_routes") == 0
+    assert h.conditions()[wgnode.ENCRYPTED][1] == "Encrypted"
+
+
+def test_without_strict_mode_a_competing_route_means_not_encrypted(
+    tmp_path: pathlib.Path,
+) -> None:
+    h = AgentHarness(tmp_path / "private.key")
+    h.routes.strict = False
+    h.start()
+    h.routes.foreign = ["10.244.2.7/32 dev eth0 table main proto 3"]
+    h.list(agentfakes.other_node(2))
+    h.step()
+    assert not any(g.startswith("rule") for g in h.routes.guarded)
+    status, reason, _ = h.conditions()[wgnode.ENCRYPTED]
+    assert (status, reason) == ("False", "CompetingRoute")
+
+
+def _route(
+    dst: str, *, table: int = 254, kind: str = "unicast", dev: str | None = "eth0"
+) -> routes_nl.Route:
+    return routes_nl.Route(net(dst), table, kind, 3, dev)
+
+
+COMPETING_CASES = [
+    ("a remote pod /32 in main", _route("10.244.2.7/32"), True),
+    ("a remote pod CIDR in another table", _route("10.244.2.0/24", table=100), True),
+    ("between the cluster range and a node's", _route("10.244.0.0/20"), True),
+    ("the whole cluster range elsewhere", _route("10.244.0.0/16", dev="cbr0"), True),
+    ("through our device", _route("10.244.2.0/24", dev="podwire_wg0"), False),
+    ("our own table", _route("10.244.2.7/32", table=routes_nl.TABLE), False),
+    ("the node's own pods", _route("10.244.1.0/24", dev="cbr0"), False),
+    ("a local pod /32", _route("10.244.1.9/32", dev="veth1"), False),
+    ("the backstop", _route("10.244.0.0/16", kind="unreachable", dev=None), False),
+    ("a throw", _route("10.244.1.0/24", kind="throw", dev=None), False),
+    ("the default route", _route("0.0.0.0/0"), False),
+    ("wider than the cluster range", _route("10.0.0.0/8"), False),
+    ("an IPv6 remote pod", _route("fd00:10:244:2::7/128"), True),
+    ("another family's range", _route("fd00:99::/64"), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("route", "competes"),
+    [case[1:] for case in COMPETING_CASES],
+    ids=[case[0] for case in COMPETING_CASES],
+)
+def test_which_routes_compete(route: routes_nl.Route, competes: bool) -> None:
+    found = dp_routes.competing_routes(
+        [route],
+        cluster=(net("10.244.0.0/16"), net("fd00:10:244::/56")),
+        own=(net("10.244.1.0/24"), net("fd00:10:244:1::/64")),
+        device="podwire_wg0",
+    )
+    assert found == ([route] if competes else [])
