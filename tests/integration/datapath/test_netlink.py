@@ -167,3 +167,67 @@ def test_feature_detection_reports_without_failing(netns: netns_mod.NetnsFactory
         "pwdummy", gro=False, big_tcp=False, udp_gro_forwarding=False, netns=node.name
     )
     assert off.applied == () and all(why == "turned off" for _, why in off.skipped)
+
+
+def test_strict_mode_beats_a_more_specific_route_in_main_and_is_put_back(
+    netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
+) -> None:
+    node, peer, _ = _node(netns)
+    _stand_in(node)
+    own = (ipaddress.ip_network("10.244.1.0/24"), ipaddress.ip_network("fd00:244:0:1::/64"))
+    node.ip("route", "add", "10.244.1.0/24", "dev", "pwdummyp")  # the CNI's route to local pods
+    table = dp_routes.Routes("pwdummy", netns=node.name, strict=True)
+    table.install_fail_closed(CLUSTER)
+    table.apply(reconcile.RoutePlan(add=(ipaddress.ip_network("10.244.2.0/24"),)))
+    first = table.guard(CLUSTER, own=own, fail_closed=True, underlay_address="192.0.2.1")
+    assert any("lookup" in r for r in first.restored) and first.competing == ()
+    # Another program's more specific routes in main, out of the underlay, in both families.
+    node.ip("route", "add", "10.244.2.7/32", "via", "192.0.2.2")
+    node.ip("route", "add", "10.244.5.7/32", "via", "192.0.2.2")
+    node.ip("-6", "route", "add", "fd00:244:0:5::7/128", "via", "fd00:2::2")
+    found = table.guard(CLUSTER, own=own, fail_closed=True, underlay_address="192.0.2.1")
+    assert found.restored == ()
+    assert sorted(c.split()[0] for c in found.competing) == [
+        "10.244.2.7/32", "10.244.5.7/32", "fd00:244:0:5::7/128",
+    ]  # fmt: skip
+    assert "dev pwdummy" in node.ip("route", "get", "10.244.2.7").stdout  # the peer's, not theirs
+    assert "dev pwdummyp" in node.ip("route", "get", "10.244.1.9").stdout  # local pods: main
+    for dst in ("10.244.5.7", "fd00:244:0:5::7"):  # no peer: the backstop, not their route
+        got = node.ip("route", "get", dst, check=False)
+        assert "unreachable" in got.stdout + got.stderr or got.returncode != 0, got.stdout
+
+    peer_veth = json.loads(peer.ip("-j", "link", "show", "type", "veth").stdout)[0]["ifname"]
+    pcap, log = tmp_path / "underlay.pcap", tmp_path / "tcpdump.log"
+    capture = netns.spawn(
+        peer,
+        ["tcpdump", "-i", peer_veth, "-n", "-U", "-w", str(pcap), "net 10.244.0.0/16 or net fd00:244::/56"],
+        log_path=log,
+    )  # fmt: skip
+    netns_mod.wait_until(
+        lambda: "listening on" in log.read_text(), timeout=20, what="tcpdump to listen"
+    )
+    assert not node.ping("10.244.5.7", count=2, timeout=1)
+    assert not node.ping("fd00:244:0:5::7", count=2, timeout=1)
+    node.ping("10.244.2.7", count=2, timeout=1)  # into the stand-in link, not the underlay
+    netns_mod.stop_process(capture)
+    read = subprocess.run(["tcpdump", "-r", str(pcap), "-n"], capture_output=True, text=True)
+    assert read.stdout.strip() == "", f"pod traffic left the node in clear: {read.stdout}"
+
+    # Removed by hand, put back by the next guard.
+    node.ip("rule", "del", "priority", "5210", "to", "10.244.0.0/16")
+    node.ip("-6", "route", "del", "unreachable", "fd00:244::/56", "table", str(routes.TABLE))
+    node.ip("route", "del", "unreachable", "10.244.0.0/16")
+    again = table.guard(CLUSTER, own=own, fail_closed=True, underlay_address="192.0.2.1")
+    assert len(again.restored) == 3, again.restored
+    assert "lookup" in node.ip("rule", "show", "priority", "5210").stdout
+    assert "unreachable" in node.ip("-6", "route", "show", "table", str(routes.TABLE)).stdout
+    assert "10.244.0.0/16" in node.ip("route", "show", "type", "unreachable").stdout
+    assert (
+        table.guard(CLUSTER, own=own, fail_closed=True, underlay_address="192.0.2.1").restored == ()
+    )
+
+    # strictMode off takes the rules away again.
+    dp_routes.Routes("pwdummy", netns=node.name).guard(
+        CLUSTER, own=own, fail_closed=True, underlay_address="192.0.2.1"
+    )
+    assert "5210" not in node.ip("rule").stdout and "5200" not in node.ip("rule").stdout
