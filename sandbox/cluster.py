@@ -40,7 +40,15 @@ def default_dir() -> pathlib.Path:
 PREFIX = "pws"
 READY_TIMEOUT = 120.0
 REACHABLE_TIMEOUT = 60.0
-RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+RBAC_KINDS = (
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
 AGENT_ACCOUNT = ("default", "podwire-agent")  # what `helm template podwire` names it
 AGENT_TOKEN_LIFETIME = "720h"  # a static token in a kubeconfig is not refreshed
 MAX_NODES = 200  # pod CIDRs are 10.244.<index>.0/24, underlay addresses 192.0.2.<10 + index>
@@ -335,12 +343,11 @@ class _Up:
         self.cp.install_crds()
         rbac = _chart_rbac()
         if rbac:
-            self.progress.step("applying the chart's RBAC; agents authenticate as its account")
+            self.progress.step(
+                "applying the chart's RBAC and admission policy; agents authenticate as its "
+                "account, each with a token bound to a Pod on its own Node"
+            )
             self.cp.kubectl("apply", "-f", "-", input=rbac)
-            # As in a cluster: the agents hold a token for the chart's ServiceAccount, not the
-            # admin's certificate, so the sandbox proves the chart grants what they need.
-            token = self.cp.mint_token(*AGENT_ACCOUNT, duration=AGENT_TOKEN_LIFETIME)
-            self.cp.kubeconfig_for_token(token, _agent_kubeconfig(self.directory))
 
     def _node(self, index: int) -> None:
         assert self.cluster is not None
@@ -414,9 +421,16 @@ class _Up:
 
 def _start_node_processes(c: topology.Cluster, node: record.Node, *, datapath: str) -> None:
     """The node's relay and agent; the agent authenticates as the chart's account when the
-    chart gave one."""
-    account = _agent_kubeconfig(pathlib.Path(c.record.directory))
-    env = {"KUBECONFIG": str(account)} if account.exists() else {}
+    chart gave one, as a cluster's agent does: with a token bound to its Pod on its Node (the
+    admin's certificate would prove nothing about the chart's RBAC and policy)."""
+    namespace, account = AGENT_ACCOUNT
+    found = c.cp.kubectl(
+        "get", "serviceaccount", account, "-n", namespace, "--ignore-not-found", "-o", "name"
+    ).stdout.strip()
+    env = {}
+    if found:
+        kubeconfig = c.agent_kubeconfig(node, namespace, account, duration=AGENT_TOKEN_LIFETIME)
+        env = {"KUBECONFIG": str(kubeconfig)}
     c.start_proxy(node)
     c.start_agent(node, datapath=datapath, env=env)
 
@@ -516,10 +530,6 @@ def _wait_progress(
         supervisor.wait_until(reached, timeout=timeout, interval=0.5, what=what)
     except TimeoutError:
         raise TimeoutError(f"only {last} of {total} {what} after {timeout:.0f}s") from None
-
-
-def _agent_kubeconfig(directory: pathlib.Path) -> pathlib.Path:
-    return directory / "agent.kubeconfig"
 
 
 def _chart_rbac() -> str:

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from podwire.sandbox import certs, record, supervisor, tools
 
@@ -187,11 +188,17 @@ class ControlPlane:
             ) from None
 
     def kubectl(
-        self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 60,
+        input: str | None = None,
+        kubeconfig: pathlib.Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Runs the real kubectl against this control plane as the admin."""
+        """Runs the real kubectl against this control plane as the admin (or as the user of
+        another kubeconfig, such as an agent's)."""
         proc = subprocess.run(
-            [tools.path("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            [tools.path("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
             capture_output=True, text=True, timeout=timeout, input=input,
         )  # fmt: skip
         if check and proc.returncode != 0:
@@ -205,11 +212,27 @@ class ControlPlane:
             self.kubectl("apply", "-f", str(f))
         self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
 
-    def mint_token(self, namespace: str, service_account: str, *, duration: str = "1h") -> str:
-        """A bound token for the service account (TokenRequest), as a pod would be given."""
+    def mint_token(
+        self,
+        namespace: str,
+        service_account: str,
+        *,
+        duration: str = "1h",
+        bound_pod: str | None = None,
+    ) -> str:
+        """A token for the service account (TokenRequest). Bound to a Pod, it is the token the
+        kubelet gives that Pod: valid while the Pod exists, and it names the Pod's Node
+        (authentication.kubernetes.io/node-name), which admission policies can check."""
+        bound = ["--bound-object-kind=Pod", f"--bound-object-name={bound_pod}"] if bound_pod else []
         return self.kubectl(
-            "create", "token", service_account, "-n", namespace, f"--duration={duration}"
+            "create", "token", service_account, "-n", namespace, f"--duration={duration}", *bound
         ).stdout.strip()
+
+    def whoami(self, kubeconfig: pathlib.Path) -> dict[str, Any]:
+        """Who the apiserver takes the user of kubeconfig for (a SelfSubjectReview's userInfo)."""
+        out = self.kubectl("auth", "whoami", "-o", "json", kubeconfig=kubeconfig).stdout
+        user: dict[str, Any] = json.loads(out)["status"]["userInfo"]
+        return user
 
     def kubeconfig_for_token(self, token: str, path: pathlib.Path) -> pathlib.Path:
         """A kubeconfig that authenticates with token instead of the admin certificate."""

@@ -134,6 +134,34 @@ class Cluster:
             "-p", json.dumps({"status": obj["status"]}),
         )  # fmt: skip
 
+    def agent_kubeconfig(
+        self, node: Node, namespace: str, service_account: str, *, duration: str = "1h"
+    ) -> pathlib.Path:
+        """Credentials for node's agent as a cluster gives them: a token bound to a Pod of the
+        service account on node (the agent's DaemonSet Pod, which no kubelet runs here), so the
+        apiserver names node in it and the chart's admission policy lets the agent write its
+        own WireguardNode only. The Node object must exist first."""
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{service_account}-{node.name}",
+                "namespace": namespace,
+                "labels": {"podwire.io/sandbox": "true", "app.kubernetes.io/component": "agent"},
+            },
+            "spec": {
+                "nodeName": node.name,
+                "serviceAccountName": service_account,
+                "automountServiceAccountToken": False,
+                "containers": [{"name": "agent", "image": "podwire-agent:sandbox"}],
+            },
+        }
+        self.cp.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        token = self.cp.mint_token(
+            namespace, service_account, duration=duration, bound_pod=pod["metadata"]["name"]
+        )
+        return self.cp.kubeconfig_for_token(token, node.workdir / "agent.kubeconfig")
+
     def delete_node(self, name: str) -> None:
         self.cp.kubectl("delete", "node", name, "--wait=false")
 

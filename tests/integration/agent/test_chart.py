@@ -1,7 +1,9 @@
 """The Helm chart as the real apiserver sees it, and its RBAC as the agent lives with it.
 
-The agents here authenticate with a token for the chart's own ServiceAccount, not as admin:
-if the ClusterRole missed a verb the agent needs, they would never become Ready.
+The agents here authenticate as a cluster's do, with a token for the chart's own
+ServiceAccount bound to a Pod on their Node, not as admin, and the chart's admission policy is in
+force: if the ClusterRole missed a verb the agent needs, or the policy refused the agent its own
+WireguardNode, they would never become Ready.
 """
 
 from __future__ import annotations
@@ -64,7 +66,16 @@ def test_the_apiserver_accepts_everything_the_chart_renders(
         for line in rendered.stdout.splitlines()
         if line.startswith("kind:")
     ]
-    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+    assert sorted(kinds) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
     # Server-side dry run: the real apiserver validates the DaemonSet against its schema.
     dry = crds.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered.stdout, check=False)
     assert dry.returncode == 0, dry.stderr
@@ -81,6 +92,19 @@ def test_the_apiserver_accepts_everything_the_chart_renders(
     assert env["PODWIRE_CLUSTER_POD_CIDRS"] == "10.244.0.0/16"
     assert env["PODWIRE_DATAPATH"] == "userspace"
     assert env["PODWIRE_FAIL_CLOSED"] == "true"
+    agent = pod["containers"][0]
+    assert agent["securityContext"]["allowPrivilegeEscalation"] is False
+    assert agent["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # Only what the agent uses: the key, the UAPI sockets, the local API, TUN for the engine.
+    assert sorted(m["mountPath"] for m in agent["volumeMounts"]) == [
+        "/dev/net/tun",
+        "/var/lib/podwire",
+        "/var/run/podwire",
+        "/var/run/wireguard",
+    ]
+    assert sorted(v["name"] for v in pod["volumes"]) == sorted(
+        m["name"] for m in agent["volumeMounts"]
+    )
 
 
 def test_agents_with_the_charts_rbac_and_nothing_more(
@@ -101,11 +125,13 @@ def test_agents_with_the_charts_rbac_and_nothing_more(
     assert not can("list", "secrets", "-A")
     assert not can("update", "nodes")
     assert not can("delete", "wgnodes.podwire.io")
+    # Events only where it writes them: about cluster-scoped WireguardNodes, in "default".
+    assert can("create", "events", "-n", "default")
+    assert not can("create", "events", "-n", "kube-system")
 
-    token = cluster.cp.mint_token(NAMESPACE, f"{RELEASE}-agent")
-    kubeconfig = cluster.cp.kubeconfig_for_token(token, tmp_path / "agent.kubeconfig")
     nodes = [cluster.add_node(f"node{i}") for i in (1, 2)]
     for node in nodes:
+        kubeconfig = cluster.agent_kubeconfig(node, NAMESPACE, f"{RELEASE}-agent")
         cluster.start_agent(node, env={"KUBECONFIG": str(kubeconfig)})
 
     def ready(name: str) -> bool:
