@@ -141,11 +141,12 @@ class Cluster:
         service account on node (the agent's DaemonSet Pod, which no kubelet runs here), so the
         apiserver names node in it and the chart's admission policy lets the agent write its
         own WireguardNode only. The Node object must exist first."""
+        name = f"{service_account}-{node.name}"
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {
-                "name": f"{service_account}-{node.name}",
+                "name": name,
                 "namespace": namespace,
                 "labels": {"podwire.io/sandbox": "true", "app.kubernetes.io/component": "agent"},
             },
@@ -157,9 +158,7 @@ class Cluster:
             },
         }
         self.cp.kubectl("apply", "-f", "-", input=json.dumps(pod))
-        token = self.cp.mint_token(
-            namespace, service_account, duration=duration, bound_pod=pod["metadata"]["name"]
-        )
+        token = self.cp.mint_token(namespace, service_account, duration=duration, bound_pod=name)
         return self.cp.kubeconfig_for_token(token, node.workdir / "agent.kubeconfig")
 
     def delete_node(self, name: str) -> None:
