@@ -1,8 +1,9 @@
 """The control loop: what runs, in what order, when.
 
 One thread, so the device sees one writer: every second, and at once after a watch event (a
-burst of them makes one pass), it asks the watchdog whether the device is still there, publishes
-the node's key if that has not got through (or puts back a spec someone else changed), runs a reconcile pass when one is due (an event, a
+burst of them makes one pass), it asks the watchdog whether the device is still there, puts a
+rotated key on the device if that failed, publishes the node's key if that has not got through
+(or puts back a spec someone else changed), runs a reconcile pass when one is due (an event, a
 device brought back, the resync period) and writes the status. A failed pass is retried with a
 backoff that doubles up to BACKOFF_MAX; a device brought back resets it.
 
