@@ -176,7 +176,7 @@ def test_a_deleted_node_is_removed_everywhere(three: topology.Cluster) -> None:
     n1 = three.nodes["node1"]
 
     def routes() -> str:
-        return n1.ns.ip("route", "show", "dev", n1.device).stdout
+        return n1.ns.ip("route", "show", "table", "all", "dev", n1.device).stdout
 
     netns_mod.wait_until(
         lambda: three.nodes["node3"].pod_cidr not in routes(), timeout=5, what="the route to go"
