@@ -250,6 +250,11 @@ def node_pair_flows(st: record.Record) -> list[tuple[record.Pod, record.Pod]]:
 # -- the control: one pair in clear --------------------------------------------------------------
 
 
+# Ahead of the agent's strictMode rules (5200, 5210), so that the control's routes in the main
+# table win over podwire's table and its inbound blackhole: a misconfiguration on purpose.
+CONTROL_RULE_PRIORITY = "5100"
+
+
 def _control_routes(st: record.Record, a: record.Pod, b: record.Pod) -> list[tuple[str, list[str]]]:
     na, nb = st.node(a.node), st.node(b.node)
     return [
@@ -258,26 +263,42 @@ def _control_routes(st: record.Record, a: record.Pod, b: record.Pod) -> list[tup
     ]
 
 
+def _control_rules(st: record.Record, a: record.Pod, b: record.Pod) -> list[tuple[str, list[str]]]:
+    """Each node looks the other pod up in the main table, both ways, before podwire does."""
+    na, nb = st.node(a.node), st.node(b.node)
+    out = []
+    for ns, other in ((na.netns, b.ip), (nb.netns, a.ip)):
+        for direction in ("to", "from"):
+            out.append(
+                (
+                    ns,
+                    [direction, f"{other}/32", "lookup", "main", "priority", CONTROL_RULE_PRIORITY],
+                )
+            )
+    return out
+
+
 class Unencrypted:
     """Takes encryption away for one pair of pods, and gives it back on exit."""
 
     def __init__(self, st: record.Record, a: record.Pod, b: record.Pod) -> None:
-        self.routes = _control_routes(st, a, b)
-        self.added: list[tuple[str, list[str]]] = []
+        self.changes = [("rule", r) for r in _control_rules(st, a, b)]
+        self.changes += [("route", r) for r in _control_routes(st, a, b)]
+        self.added: list[tuple[str, tuple[str, list[str]]]] = []
 
     def __enter__(self) -> Unencrypted:
         try:
-            for ns, route in self.routes:
-                netns.Netns(ns).ip("route", "add", *route)
-                self.added.append((ns, route))
+            for kind, (ns, spec) in self.changes:
+                netns.Netns(ns).ip(kind, "add", *spec)
+                self.added.append((kind, (ns, spec)))
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for ns, route in reversed(self.added):
-            netns.Netns(ns).ip("route", "del", *route, check=False)
+        for kind, (ns, spec) in reversed(self.added):
+            netns.Netns(ns).ip(kind, "del", *spec, check=False)
         self.added.clear()
 
 
