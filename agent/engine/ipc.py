@@ -24,6 +24,11 @@ SOCKET_DIR = pathlib.Path("/var/run/wireguard")
 # answered with EINVAL and closed. (A set for thousands of peers stays far below it.)
 MAX_REQUEST = 64 * 1024 * 1024
 RECV_SIZE = 65536
+# Answers waiting for a client that does not read: past this, its requests wait unread.
+MAX_OUTBOX = 1024 * 1024
+# Reads per wakeup of the loop, so that a client sending without pause (a huge request) does
+# not keep the loop from the packets: the rest of its request is read at the next wakeup.
+READS_PER_WAKEUP = 16
 
 
 class SocketInUseError(RuntimeError):
@@ -93,18 +98,33 @@ Handler = Callable[[uapi.Request], str]
 
 
 class UapiConnection:
-    """One client of the UAPI socket: reads requests, answers each in turn."""
+    """One client of the UAPI socket: reads requests, answers each in turn.
+
+    Each read is searched for the blank line that ends a request only where it could be (from
+    the end of what was already searched), so a request trickled in byte by byte costs linear
+    time; while MAX_OUTBOX bytes of answers wait for the client, nothing more is read from it.
+    """
 
     def __init__(self, sock: socket.socket, handler: Handler) -> None:
         self.sock = sock
         self._handler = handler
         self._inbox = bytearray()
+        self._start = 0  # where the next request begins in the inbox
+        self._searched = 0  # no request ends before this offset
         self._outbox = bytearray()
         self.closing = False
 
     @property
+    def wants_read(self) -> bool:
+        return not self.closing and len(self._outbox) < MAX_OUTBOX
+
+    @property
     def wants_write(self) -> bool:
         return bool(self._outbox)
+
+    @property
+    def outbox_size(self) -> int:
+        return len(self._outbox)
 
     @property
     def finished(self) -> bool:
@@ -112,7 +132,9 @@ class UapiConnection:
         return self.closing and not self._outbox
 
     def on_readable(self) -> None:
-        while not self.closing:
+        for _ in range(READS_PER_WAKEUP):
+            if not self.wants_read:
+                break
             try:
                 data = self.sock.recv(RECV_SIZE)
             except BlockingIOError:
@@ -129,19 +151,33 @@ class UapiConnection:
         self.on_writable()
 
     def _answer_complete_requests(self) -> None:
-        while True:
-            end = self._inbox.find(b"\n\n")
+        inbox = self._inbox
+        while len(self._outbox) < MAX_OUTBOX:
+            end = inbox.find(b"\n\n", max(self._start, self._searched))
             if end < 0:
+                self._searched = max(self._start, len(inbox) - 1)
                 break
-            request = bytes(self._inbox[: end + 2])
-            del self._inbox[: end + 2]
+            request = bytes(inbox[self._start : end + 2])
+            self._start = self._searched = end + 2
             self._outbox += answer(request, self._handler)
-        if len(self._inbox) > MAX_REQUEST:
+        if self._start:
+            del inbox[: self._start]
+            self._searched -= self._start
+            self._start = 0
+        if len(inbox) > MAX_REQUEST:
             self._outbox += uapi.format_response(errno=errno.EINVAL)
-            self._inbox.clear()
+            inbox.clear()
+            self._searched = 0
             self.closing = True
 
     def on_writable(self) -> None:
+        self._flush()
+        if self._inbox and not self.closing and len(self._outbox) < MAX_OUTBOX:
+            # Requests read while the outbox was full: their turn has come.
+            self._answer_complete_requests()
+            self._flush()
+
+    def _flush(self) -> None:
         while self._outbox:
             try:
                 sent = self.sock.send(self._outbox)

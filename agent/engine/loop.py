@@ -227,7 +227,7 @@ class Engine:
             connection.close()
             return
         events = selectors.EVENT_WRITE if connection.wants_write else 0
-        if not connection.closing:
+        if connection.wants_read:
             events |= selectors.EVENT_READ
         key = self._selector.get_key(connection.sock)
         if key.events != events:

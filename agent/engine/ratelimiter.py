@@ -5,6 +5,7 @@ that repeated additions do not drift."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 # Implementation constants, the kernel's (the paper leaves the limiter's budget open): a
@@ -57,6 +58,7 @@ class RateLimiter:
         return len(self._buckets)
 
 
+@functools.lru_cache(maxsize=4096)
 def _key(host: str) -> bytes:
     try:
         address = ipaddress.ip_address(host)

@@ -135,14 +135,16 @@ def test_under_load_a_flood_with_valid_cookies_is_rate_limited(wire: Any, packet
     for sent in wire.sent_by("a", INIT)[1:]:
         wire.b.device.receive_datagram(sent.data, wire.a.endpoint, now)
     counters = wire.b.device.counters
-    assert counters.drops[Drop.RATE_LIMITED] == 8 - 5
-    # the 5 let through still meet the per-peer checks (same whitened timestamp, flood)
+    # Under load every handshake message spends from its source's burst of 5, the first one
+    # (answered with the cookie) as well.
+    assert counters.drops[Drop.RATE_LIMITED] == 8 - 4
+    # the 4 let through still meet the per-peer checks (same whitened timestamp, flood)
     passed = (
         counters.initiations_received
         + counters.drops[Drop.STALE_TIMESTAMP]
         + counters.drops[Drop.FLOOD]
     )
-    assert passed == 5
+    assert passed == 4
 
 
 def test_macs_are_compared_in_constant_time(wire: Any, packets: Any, monkeypatch: Any) -> None:

@@ -6,6 +6,7 @@ import errno
 import pathlib
 import socket
 import stat
+import time
 
 import pytest
 
@@ -107,3 +108,49 @@ def _read(sock: socket.socket, size: int) -> bytes:
             break
         data += chunk
     return data
+
+
+def _big_set(size: int) -> bytes:
+    line = b"public_key=" + b"ab" * 32 + b"\nallowed_ip=10.0.0.1/32\n"
+    return b"set=1\n" + line * (size // len(line)) + b"\n"
+
+
+def test_a_trickled_huge_request_costs_linear_time() -> None:
+    """Each read looks for the blank line only in what it brought (not the whole inbox again),
+    so a 2 MB request in 128-byte pieces is framed in about the time its reads take."""
+    connection, client = _connection()
+    request = _big_set(2 * 1024 * 1024)
+    with client:
+        started = time.perf_counter()
+        for i in range(0, len(request), 128):
+            client.sendall(request[i : i + 128])
+            connection.on_readable()
+        elapsed = time.perf_counter() - started
+        assert _read(client, 9) == b"errno=0\n\n"
+    connection.close()
+    assert elapsed < 1.5
+
+
+def test_the_outbox_is_bounded_for_a_client_that_does_not_read() -> None:
+    body = "x=" + "y" * 65536 + "\n"
+    ours, client = socket.socketpair()
+    ours.setblocking(False)
+    client.settimeout(5)
+    connection = ipc.UapiConnection(ours, lambda request: body)
+    with client:
+        client.sendall(b"get=1\n\n" * 400)
+        connection.on_readable()
+        # The connection stops reading (and answering) while its outbox is full...
+        assert connection.outbox_size <= ipc.MAX_OUTBOX + len(body) + 16
+        assert not connection.wants_read
+        # ...and answers every request once the client reads.
+        answer = len(body) + len("errno=0\n\n")
+        received = 0
+        while received < 400 * answer:
+            chunk = client.recv(1 << 20)
+            received += len(chunk)
+            connection.on_writable()
+            if connection.wants_read:
+                connection.on_readable()
+        assert received == 400 * answer
+    connection.close()

@@ -13,6 +13,7 @@ gets a cookie reply stamps mac2 from then on, as a real one at its address could
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import pathlib
 import socket
@@ -63,6 +64,7 @@ class FakeBind:
     def __init__(self, on_empty: collections.abc.Callable[[], None]) -> None:
         self._ours, self._theirs = socket.socketpair()
         self._ours.setblocking(False)
+        self._theirs.setblocking(False)
         self.sockets = [self._ours]
         self.port = B_ENDPOINT[1]
         self.dual_stack = False
@@ -73,14 +75,23 @@ class FakeBind:
         self._on_empty = on_empty
 
     def feed(self, data: bytes, source: Endpoint) -> None:
-        if not self.queue:
-            self._theirs.send(b"!")
         self.queue.append((data, source))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: readable already
+            self._theirs.send(b"!")
 
     def receive_batch(self, sock: socket.socket, limit: int) -> list[tuple[bytes, Endpoint]]:
+        try:
+            while self._ours.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
         batch = [self.queue.popleft() for _ in range(min(limit, len(self.queue)))]
-        if not self.queue:
-            self._ours.recv(16)
+        if self.queue:
+            self._wake()
+        else:
             self._on_empty()
         return batch
 
@@ -278,3 +289,60 @@ def test_a_routing_loop_is_logged_once_per_peer(harness: Harness) -> None:
     loops = [entry for entry in logs if entry["event"] == "routing_loop"]
     assert len(loops) == 1
     assert loops[0]["endpoint"] == "192.0.2.9:51820"
+
+
+def test_the_loop_keeps_serving_while_a_huge_request_trickles_in(tmp_path: pathlib.Path) -> None:
+    """A client trickles a 4 MB request in 1 KB pieces without pause; meanwhile the loop keeps
+    handling datagrams (each within 2 s) and answers another client's get at once."""
+    import threading
+
+    h = Harness(tmp_path)
+    engine = loop.Engine(
+        device=h.device,
+        tun=h.tun,  # type: ignore[arg-type]
+        bind=h.bind,  # type: ignore[arg-type]
+        uapi_listener=h.listener,
+    )
+    h.bind._on_empty = lambda: None
+    runner = threading.Thread(target=engine.run, daemon=True)
+    runner.start()
+    request = b"set=1\n" + b"fwmark=0\n" * (4 * 1024 * 1024 // 9) + b"\n"
+    trickler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    trickler.connect(str(tmp_path / "wgx.sock"))
+    done = threading.Event()
+
+    def trickle() -> None:
+        for i in range(0, len(request), 1024):
+            trickler.sendall(request[i : i + 1024])
+        done.set()
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    try:
+        sender.start()
+        time.sleep(0.05)
+        handled = []
+        for _ in range(5):  # datagrams the loop must take while the request trickles in
+            before = h.device.counters.drops[Drop.UNKNOWN_TYPE]
+            h.bind.feed(b"\x09\x00\x00\x00junk", ("192.0.2.50", 1))
+            deadline = time.monotonic() + 2
+            while h.device.counters.drops[Drop.UNKNOWN_TYPE] == before:
+                assert time.monotonic() < deadline, "the loop stopped taking datagrams"
+                time.sleep(0.005)
+            handled.append(time.monotonic())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as getter:
+            getter.settimeout(2)
+            getter.connect(str(tmp_path / "wgx.sock"))
+            getter.sendall(b"get=1\n\n")
+            answer = b""
+            while not answer.endswith(b"\n\n"):
+                answer += getter.recv(65536)
+        assert answer.endswith(b"errno=0\n\n")
+        sender.join(timeout=120)
+        trickler.settimeout(60)
+        assert trickler.recv(64) == b"errno=0\n\n"
+    finally:
+        engine.stop("test")
+        h.bind.feed(b"\x09", ("192.0.2.50", 1))  # wakes the loop
+        runner.join(timeout=10)
+        trickler.close()
+        h.close()
