@@ -20,6 +20,19 @@ from typing import Final
 from podwire.agent.datapath import uapi
 
 START_TIMEOUT: Final = 15.0
+# The engine's log on the host: past this size at a start, it becomes `<log>.1` (replacing the
+# one before) and a new log begins, so the two together stay near twice this.
+LOG_LIMIT = 16 * 1024 * 1024
+
+
+def rotate_log(path: pathlib.Path, *, limit: int) -> None:
+    """Moves a log past limit bytes to `<path>.1`; call before opening it for a new engine."""
+    try:
+        if path.stat().st_size <= limit:
+            return
+    except FileNotFoundError:
+        return
+    os.replace(path, path.with_name(path.name + ".1"))
 
 
 def default_command() -> tuple[str, ...]:
@@ -47,6 +60,8 @@ class Engine:
         args: Sequence[str] = [*self.command, self.device]
         if self.netns:
             args = ["ip", "netns", "exec", self.netns, *args]
+        if self.log_path:
+            rotate_log(self.log_path, limit=LOG_LIMIT)
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             # Its own session: the engine outlives the agent. Foreground, so its log is ours.
