@@ -29,6 +29,7 @@ import os
 import pathlib
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,8 +92,14 @@ def _iperf(f: netns.NetnsFactory, a: netns.Netns, b: netns.Netns, seconds: int) 
             timeout=10,
             what="iperf3",
         )
-        out = a.run("iperf3", "-c", "10.98.0.2", "-t", str(seconds), "-J", timeout=seconds + 30)
-        return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e6
+        try:
+            out = a.run(
+                "iperf3", "-c", "10.98.0.2", "-t", str(seconds), "-J", "--connect-timeout",
+                "5000", timeout=seconds + 20, check=False,
+            )  # fmt: skip
+            return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e6
+        except (subprocess.TimeoutExpired, ValueError, KeyError):
+            return 0.0  # the stream could not run (or finish) at all
     finally:
         supervisor.stop(server)
 
