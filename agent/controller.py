@@ -4,8 +4,10 @@ One thread, so the device sees one writer: every second, and at once after a wat
 burst of them makes one pass), it asks the watchdog whether the device is still there, puts a
 rotated key on the device if that failed, publishes the node's key if that has not got through
 (or puts back a spec someone else changed), runs a reconcile pass when one is due (an event, a
-device brought back, the resync period) and writes the status. A failed pass is retried with a
-backoff that doubles up to BACKOFF_MAX; a device brought back resets it.
+device brought back, the resync period) and writes the status; between passes it has the
+reconciler guard the backstop and rules every GUARD_INTERVAL, so an idle node repairs them too.
+A failed pass is retried with a backoff that doubles up to BACKOFF_MAX; a device brought back
+resets it.
 
 Time comes from the clock it is given, so the unit tests drive `step` by hand with a fake clock.
 """
@@ -21,6 +23,7 @@ from podwire.agent.datapath import component as datapath_mod
 
 CHECK_INTERVAL: Final = 1.0  # how often the device is checked, and a pending pass looked at
 DEBOUNCE: Final = 0.05  # a burst of watch events (a relist of 5,000 objects) makes one pass
+GUARD_INTERVAL: Final = 10.0  # between passes, the backstop and rules are checked this often
 BACKOFF_MIN: Final = 1.0
 BACKOFF_MAX: Final = 16.0
 
@@ -62,6 +65,7 @@ class Controller:
         self._pending = True  # a pass is owed
         self._retry_at = 0.0  # no pass before this (monotonic), after a failure
         self._next_resync = 0.0
+        self._next_guard = 0.0
         self._unapplied = ""  # why the stored key is not on the device yet, after a rotation
 
     def wake(self) -> None:
@@ -98,9 +102,16 @@ class Controller:
             now = self.clock.monotonic()
             self._pending = self._pending or woke or now >= self._next_resync
             if not self._pending or now < self._retry_at:
-                if (self.publisher.published, self.publisher.repairs) != before:
-                    self.publisher.write_status()  # KeyPublished says so now, not at the resync
+                changed = (self.publisher.published, self.publisher.repairs) != before
+                if self.reconciler.guarded and now >= self._next_guard:
+                    self._next_guard = now + GUARD_INTERVAL
+                    competing = self.reconciler.outcome.competing_routes
+                    self.reconciler.guard(now)
+                    changed = changed or self.reconciler.outcome.competing_routes != competing
+                if changed:
+                    self.publisher.write_status()  # say so now, not at the resync
                 return False
+            self._next_guard = now + GUARD_INTERVAL  # a pass guards too
             if self.reconciler.reconcile_once():
                 self._pending, self._retry_at = False, 0.0
                 self._next_resync = now + self.resync_period

@@ -37,6 +37,9 @@ def _key() -> str:
     ).decode()
 
 
+BENCH_PODS = "10.64.0.0/10"  # holds every node's pod CIDR up to 16,384 nodes
+
+
 def populate(cp: controlplane.ControlPlane, n: int) -> None:
     api = kubernetes.config.new_client_from_config(config_file=str(cp.kubeconfig))
     api.configuration.connection_pool_maxsize = 16
@@ -69,7 +72,10 @@ def peer_count(ns: netns.Netns, device: str) -> int:
 
 
 def route_count(ns: netns.Netns, device: str) -> int:
-    proc = ns.run("ip", "-4", "route", "show", "dev", device, "proto", "251", check=False)
+    # Every table: with strictMode (the default) the peers' routes live in podwire's own.
+    proc = ns.run(
+        "ip", "-4", "route", "show", "table", "all", "dev", device, "proto", "251", check=False
+    )
     return len(proc.stdout.splitlines()) if proc.returncode == 0 else 0
 
 
@@ -93,6 +99,9 @@ def run_once(
         node = cluster.add_node(f"agent-{tag}", index=1, pods=0)
         env = {"PODWIRE_ENGINE": engine} if engine else {}
         env["WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD"] = "1"
+        # The benchmark's pod CIDRs (10.64.0.0 up) and the node's own must lie inside the
+        # cluster's, or the agent refuses them.
+        env["PODWIRE_CLUSTER_POD_CIDRS"] = f"{BENCH_PODS},{topology.POD_SUPERNET}"
         started = time.monotonic()
         agent = cluster.start_agent(node, env=env)
         deadline = started + 600
@@ -107,7 +116,7 @@ def run_once(
         name = f"bench-new-{tag}"
         t0 = time.monotonic()
         cp.kubectl("apply", "-f", "-", input=json.dumps(
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {"podCIDRs": ["10.250.0.0/24"]}}))  # fmt: skip
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "spec": {"podCIDRs": ["10.127.255.0/24"]}}))  # fmt: skip
         cp.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p",
                    json.dumps({"status": {"addresses": [{"type": "InternalIP", "address": "172.30.0.1"}]}}))  # fmt: skip
         t_obj = time.monotonic()

@@ -32,6 +32,7 @@ class RoutesLike(Protocol):
         own: Sequence[wgdevice.IPNetwork],
         fail_closed: bool,
         underlay_address: str | None,
+        look_for_competing: bool = True,
     ) -> routes_mod.Guarded: ...
 
 
@@ -99,13 +100,16 @@ class Datapath:
     def strict_mode(self) -> bool:
         return self.routes.strict
 
-    def guard(self, own_pod_cidrs: Sequence[wgdevice.IPNetwork]) -> routes_mod.Guarded:
+    def guard(
+        self, own_pod_cidrs: Sequence[wgdevice.IPNetwork], *, look_for_competing: bool
+    ) -> routes_mod.Guarded:
         """Checks and puts back the backstop (and strictMode's table and rules) for this pass."""
         return self.routes.guard(
             self.cluster_pod_cidrs,
             own=own_pod_cidrs,
             fail_closed=self.fail_closed,
             underlay_address=self.underlay_address,
+            look_for_competing=look_for_competing,
         )
 
     def set_private_key(self, raw: bytes) -> None:

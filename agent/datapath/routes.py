@@ -35,7 +35,7 @@ class Guarded:
     carry remote pod traffic past the device."""
 
     restored: tuple[str, ...] = ()
-    competing: tuple[str, ...] = ()
+    competing: tuple[str, ...] | None = ()  # None: not looked for this time
 
 
 class Routes:
@@ -80,14 +80,22 @@ class Routes:
         own: Sequence[wgdevice.IPNetwork],
         fail_closed: bool,
         underlay_address: str | None,
+        look_for_competing: bool = True,
     ) -> Guarded:
         """Puts back the backstops and (strictMode) the throw routes and rules; reports the
         routes that bypass the device. Call it on every pass: anyone with NET_ADMIN on the
-        node can delete them, and nothing else would notice."""
+        node can delete them, and nothing else would notice. Looking for competing routes
+        reads every route of the node, so the caller asks for it less often."""
         restored: list[str] = []
         main, mine = nl_routes.MAIN, nl_routes.TABLE
-        dumped = nl_routes.dump(netns=self.netns)
-        have = {(r.dst, r.type, r.table) for r in dumped if _ours(r)}
+        # Only the backstops and throws, which the kernel picks out: a pass at 5,000 peers
+        # must not read 5,000 routes to find the few it guards.
+        typed = [
+            r
+            for kind in (nl_routes.FAIL_CLOSED_TYPE, THROW)
+            for r in nl_routes.dump(netns=self.netns, type=kind)
+        ]
+        have = {(r.dst, r.type, r.table) for r in typed if _ours(r)}
         want = {(c, nl_routes.FAIL_CLOSED_TYPE, main) for c in cluster} if fail_closed else set()
         if self.strict:
             if fail_closed:
@@ -100,6 +108,9 @@ class Routes:
             nl_routes.add_typed(dst, kind, table=table, netns=self.netns)
             restored.append(f"{kind} {dst} table {table}")
         restored += self._guard_rules(cluster, own, underlay_address)
+        if not look_for_competing:
+            return Guarded(tuple(restored), None)
+        dumped = nl_routes.dump(netns=self.netns)
         competing = competing_routes(dumped, cluster=cluster, own=own, device=self.device)
         return Guarded(tuple(restored), tuple(str(r) for r in competing))
 

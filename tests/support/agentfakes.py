@@ -120,6 +120,7 @@ class FakeRoutes:
         self.guarded: set[str] = set()
         self.foreign: list[str] = []  # other programs' routes that bypass the device
         self.guards = 0
+        self.competing_scans = 0  # guard passes that also looked for competing routes
 
     def install_fail_closed(self, cidrs: Iterable[wgdevice.IPNetwork]) -> None:
         cidrs = list(cidrs)
@@ -136,9 +137,11 @@ class FakeRoutes:
         own: Sequence[wgdevice.IPNetwork],
         fail_closed: bool,
         underlay_address: str | None,
+        look_for_competing: bool = True,
     ) -> dp_routes.Guarded:
         """As the real guard: puts back what is missing, takes stale throws and rules away."""
         self.guards += 1
+        self.competing_scans += look_for_competing
         want = {f"unreachable {c} main" for c in cluster} if fail_closed else set()
         if self.strict:
             want |= {f"unreachable {c} podwire" for c in cluster} if fail_closed else set()
@@ -148,7 +151,9 @@ class FakeRoutes:
                 want |= {f"rule from {c} to {o} blackhole" for c in cluster for o in own}
         restored = sorted(want - self.guarded)
         self.guarded = want | {g for g in self.guarded if g.startswith("unreachable")}
-        return dp_routes.Guarded(tuple(restored), tuple(self.foreign))
+        return dp_routes.Guarded(
+            tuple(restored), tuple(self.foreign) if look_for_competing else None
+        )
 
     def list_routes(self) -> list[wgdevice.IPNetwork]:
         return sorted(self.routes, key=str)

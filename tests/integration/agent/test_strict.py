@@ -116,4 +116,9 @@ def test_a_competing_route_does_not_take_pod_traffic_and_removed_rules_come_back
         timeout=60,
         what="node1's agent to put its rule and backstop back",
     )
-    assert "RoutingRestored" in cluster.cp.kubectl("get", "events", "-A").stdout
+    # The Event is posted just after the repair: wait for it rather than race it.
+    netns_mod.wait_until(
+        lambda: "RoutingRestored" in cluster.cp.kubectl("get", "events", "-A").stdout,
+        timeout=30,
+        what="a RoutingRestored Event",
+    )

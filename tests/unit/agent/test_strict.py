@@ -13,7 +13,7 @@ import pathlib
 import agentfakes
 import pytest
 
-from podwire.agent import metrics, reconcile
+from podwire.agent import controller, metrics, reconcile, reconciler
 from podwire.agent.datapath import routes as dp_routes
 from podwire.agent.netlink import routes as routes_nl
 from podwire.api import wgnode
@@ -92,7 +92,11 @@ def test_a_competing_route_is_an_event_a_metric_and_the_condition(h: AgentHarnes
     h.step()
     assert _metric(h, "podwire_competing_routes") == 0
     h.routes.foreign = ["10.244.2.7/32 dev eth0 table main proto 3"]
-    h.nodes.put(n2.node())  # any change runs a pass
+    h.nodes.put(n2.node())  # any change runs a pass, but the last look is recent
+    h.step()
+    assert h.kube_events("CompetingRoute") == []
+    h.advance(reconciler.COMPETING_SCAN_INTERVAL)
+    h.nodes.put(n2.node())
     h.step()
     assert h.kube_events("CompetingRoute") == ["n1"]
     assert _metric(h, "podwire_competing_routes") == 1
@@ -103,6 +107,7 @@ def test_a_competing_route_is_an_event_a_metric_and_the_condition(h: AgentHarnes
     h.step()
     assert h.kube_events("CompetingRoute") == ["n1"]  # once, not on every pass
     h.routes.foreign = []
+    h.advance(reconciler.COMPETING_SCAN_INTERVAL)
     h.nodes.put(n2.node())
     h.step()
     assert _metric(h, "podwire_competing_routes") == 0
@@ -160,3 +165,32 @@ def test_which_routes_compete(route: routes_nl.Route, competes: bool) -> None:
         device="podwire_wg0",
     )
     assert found == ([route] if competes else [])
+
+
+def test_every_pass_guards_the_backstop_but_reads_all_routes_only_now_and_then(
+    h: AgentHarness,
+) -> None:
+    n2 = agentfakes.other_node(2)
+    h.list(n2)
+    h.step()
+    guards, scans = h.routes.guards, h.routes.competing_scans
+    for _ in range(5):
+        h.nodes.put(n2.node())
+        h.step()
+    assert h.routes.guards == guards + 5  # the backstop and rules: every pass
+    assert h.routes.competing_scans == scans  # every route of the node: not every pass
+    h.advance(reconciler.COMPETING_SCAN_INTERVAL)
+    h.nodes.put(n2.node())
+    h.step()
+    assert h.routes.competing_scans == scans + 1
+
+
+def test_an_idle_node_puts_its_backstop_back_between_passes(h: AgentHarness) -> None:
+    h.list(agentfakes.other_node(2))
+    h.step()
+    h.routes.guarded.discard("rule to 10.244.0.0/16 lookup podwire")
+    assert not h.step(woke=False)  # no pass owed, so none runs ...
+    h.advance(controller.GUARD_INTERVAL)
+    assert not h.step(woke=False)
+    assert "rule to 10.244.0.0/16 lookup podwire" in h.routes.guarded  # ... but the guard does
+    assert h.kube_events("RoutingRestored") == ["n1"]
