@@ -171,7 +171,13 @@ class Reconciler:
             self.log.error("guard_failed", error=str(e))
 
     def _guard(self, now: float) -> None:
-        own = reconcile.pod_cidrs(self.watches.node(self.node_name) or {})
+        node = self.watches.node(self.node_name)
+        if node is None:
+            # Not known yet (a restarted agent whose watch has not listed): which throws and
+            # inbound rules are the node's own is unknown, and taking them away would cut its
+            # pods off. What start-up installed (the backstops) stands meanwhile.
+            return
+        own = reconcile.pod_cidrs(node)
         look = now >= self._next_competing_scan
         found = self.datapath.guard(own, look_for_competing=look)
         if look:

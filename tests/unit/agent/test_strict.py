@@ -194,3 +194,15 @@ def test_an_idle_node_puts_its_backstop_back_between_passes(h: AgentHarness) -> 
     assert not h.step(woke=False)
     assert "rule to 10.244.0.0/16 lookup podwire" in h.routes.guarded  # ... but the guard does
     assert h.kube_events("RoutingRestored") == ["n1"]
+
+
+def test_until_its_own_node_is_known_the_guard_changes_nothing(h: AgentHarness) -> None:
+    # A restarted agent runs passes before its watch has listed its own Node: taking the
+    # throw for its pods (or their inbound rule) away then would cut traffic to local pods.
+    h.list(agentfakes.other_node(2))
+    h.step()
+    kept = {g for g in h.routes.guarded if g.startswith(("throw", "rule from"))}
+    assert kept, h.routes.guarded
+    h.nodes.delete(h.NODE)
+    h.step()
+    assert kept <= h.routes.guarded
