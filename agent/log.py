@@ -7,10 +7,12 @@ than trusted to every call site.
 
 from __future__ import annotations
 
+import io
 import logging
+import logging.handlers
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -60,6 +62,34 @@ def configure(
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+
+
+class _RotatingStream(io.TextIOBase):
+    """A text stream onto a file that the standard library's RotatingFileHandler keeps
+    bounded: past max_bytes the file becomes `<file>.1` (and so on) and a new one begins."""
+
+    def __init__(self, path: str, *, max_bytes: int, backups: int) -> None:
+        self._handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+
+    def write(self, text: str) -> int:
+        line = text.rstrip("\n")
+        if line:
+            self._handler.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+        return len(text)
+
+    def flush(self) -> None:
+        self._handler.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def rotating_file(path: str, *, max_bytes: int, backups: int = 1) -> TextIO:
+    """A stream for configure() that keeps the log at path near max_bytes (per file kept)."""
+    return cast(TextIO, _RotatingStream(path, max_bytes=max_bytes, backups=backups))
 
 
 def get(component: str, **bound: Any) -> Any:

@@ -20,8 +20,9 @@ from typing import Final
 from podwire.agent.datapath import uapi
 
 START_TIMEOUT: Final = 15.0
-# The engine's log on the host: past this size at a start, it becomes `<log>.1` (replacing the
-# one before) and a new log begins, so the two together stay near twice this.
+# The engine's log on the host: past this size it becomes `<log>.1` (replacing the one before)
+# and a new log begins, at a start here and while the engine runs (its own rotation), so the
+# two together stay near twice this.
 LOG_LIMIT = 16 * 1024 * 1024
 
 
@@ -70,13 +71,23 @@ class Engine:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "WG_PROCESS_FOREGROUND": "1", **self.env},
+                env={**os.environ, "WG_PROCESS_FOREGROUND": "1", **self._log_env(), **self.env},
                 start_new_session=True,
             )
         finally:
             if not isinstance(out, int):
                 out.close()
         self._wait_for_socket(self.process)
+
+    def _log_env(self) -> dict[str, str]:
+        """The engine writes its own log to the host file and rotates it while it runs; what
+        it prints besides (a traceback) still lands in the file through stdout."""
+        if self.log_path is None:
+            return {}
+        return {
+            "PODWIRE_ENGINE_LOG_FILE": str(self.log_path),
+            "PODWIRE_ENGINE_LOG_MAX_BYTES": str(LOG_LIMIT),
+        }
 
     def _wait_for_socket(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.start_timeout

@@ -54,6 +54,10 @@ from podwire.agent.engine import (
 PROG = "podwire-engine"
 TIMERS_ENV = "PODWIRE_ENGINE_TIMERS"
 FOREGROUND_ENV = "WG_PROCESS_FOREGROUND"
+# Where the engine writes its log itself, rotating it past a size (set by the agent).
+LOG_FILE_ENV = "PODWIRE_ENGINE_LOG_FILE"
+LOG_MAX_BYTES_ENV = "PODWIRE_ENGINE_LOG_MAX_BYTES"
+DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024
 # wireguard-go's LOG_LEVEL names, as podwire.agent.log's levels.
 _LEVELS = {
     "debug": "debug",
@@ -214,7 +218,18 @@ def _stop_on_signals(engine: loop.Engine, cleanup: contextlib.ExitStack) -> None
 
 def _configure_logging() -> None:
     level = _LEVELS.get(os.environ.get("LOG_LEVEL", "info").lower(), "info")
-    log_mod.configure(level=level)
+    path = os.environ.get(LOG_FILE_ENV)
+    if not path:
+        log_mod.configure(level=level)
+        return
+    # The agent starts the engine with its log on the host: kept bounded however long it runs.
+    try:
+        limit = int(os.environ.get(LOG_MAX_BYTES_ENV, "") or DEFAULT_LOG_MAX_BYTES)
+    except ValueError:
+        limit = DEFAULT_LOG_MAX_BYTES
+    log_mod.configure(
+        level=level, stream=log_mod.rotating_file(path, max_bytes=max(limit, 4096)), json=True
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import pytest
 
+from podwire.agent import log as log_mod
 from podwire.agent.engine import main, timers
 
 
@@ -32,3 +36,25 @@ def test_a_bad_timer_knob_stops_the_start(
     monkeypatch.setenv(main.TIMERS_ENV, "nonsense=1")
     assert main.main(["-f", "wgx"]) == 1
     assert main.TIMERS_ENV in capsys.readouterr().err
+
+
+def test_a_long_running_engine_keeps_its_log_bounded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    # The agent starts the engine with its log on the host: however long the engine runs,
+    # the log and the one rotation kept stay near the limit.
+    path = tmp_path / "podwire_wg0-engine.log"
+    monkeypatch.setenv("PODWIRE_ENGINE_LOG_FILE", str(path))
+    monkeypatch.setenv("PODWIRE_ENGINE_LOG_MAX_BYTES", "4096")
+    try:
+        main._configure_logging()
+        logger = log_mod.get("engine")
+        for i in range(500):
+            logger.info("handshake_completed", peer=f"peer-{i}")
+    finally:
+        log_mod.configure()
+    rotated = path.with_name(path.name + ".1")
+    assert rotated.exists(), "the log was never rotated"
+    assert path.stat().st_size <= 4096 and rotated.stat().st_size <= 4096
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert last["event"] == "handshake_completed" and last["peer"] == "peer-499"
