@@ -77,14 +77,23 @@ class PeerUpdate:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PeerRename:
+    """A node that rotated its key: the device's peer under `old_key` becomes `peer`."""
+
+    old_key: str
+    peer: DesiredPeer
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
     add: tuple[DesiredPeer, ...] = ()
     update: tuple[PeerUpdate, ...] = ()
     remove: tuple[str, ...] = ()  # public keys
+    rename: tuple[PeerRename, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.add or self.update or self.remove)
+        return not (self.add or self.update or self.remove or self.rename)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -178,35 +187,67 @@ def plan_peers(
 
     Pass `synced=False` until both watches have listed, and while the apiserver cannot be
     reached: the device then only gains and changes peers, it never loses one.
+
+    A node that rotated its key shows up as a wanted key the device lacks whose pod CIDRs a
+    peer no longer wanted holds: that peer is renamed (`PeerRename`), not removed and added,
+    so on podwire-engine its sessions carry on while it handshakes with the new key. Only once
+    synced: before, the new key is added beside the old, which is kept.
     """
     want = _by_key(desired)
     have = _by_key(actual)
+    unwanted = (
+        {
+            frozenset(p.allowed_ips): key
+            for key, p in have.items()
+            if key not in want and p.allowed_ips
+        }
+        if synced
+        else {}
+    )
     add: list[DesiredPeer] = []
     update: list[PeerUpdate] = []
+    rename: list[PeerRename] = []
     for key, peer in want.items():
         current = have.get(key)
         if current is None:
-            add.append(peer)
+            old = unwanted.pop(frozenset(peer.allowed_ips), None)
+            if old is not None:
+                rename.append(PeerRename(old, peer))
+            else:
+                add.append(peer)
             continue
         endpoint_changed = current.endpoint != peer.endpoint
         allowed_changed = frozenset(current.allowed_ips) != frozenset(peer.allowed_ips)
         if endpoint_changed or allowed_changed:
             update.append(PeerUpdate(peer, endpoint_changed, allowed_changed))
-    remove = sorted(set(have) - set(want)) if synced else []
+    renamed = {r.old_key for r in rename}
+    remove = sorted(set(have) - set(want) - renamed) if synced else []
     return Plan(
         add=tuple(sorted(add, key=_peer_order)),
         update=tuple(sorted(update, key=lambda u: _peer_order(u.peer))),
         remove=tuple(remove),
+        rename=tuple(sorted(rename, key=lambda r: _peer_order(r.peer))),
     )
 
 
 def plan_changes(plan: Plan) -> list[wgdevice.PeerChange]:
     """What a Plan means for a device, as peer changes in the order to apply them.
 
-    Removals first, so an allowed-ip that moves from a leaving peer lands last; an update sends
-    only what changed; an added peer gets its allowed-ips in full.
+    Removals first, so an allowed-ip that moves from a leaving peer lands last; a renamed peer
+    is sent in full (a kernel device makes it anew); an update sends only what changed; an
+    added peer gets its allowed-ips in full.
     """
     changes = [wgdevice.PeerChange(key, remove=True) for key in plan.remove]
+    changes.extend(
+        wgdevice.PeerChange(
+            r.peer.public_key,
+            endpoint=r.peer.endpoint,
+            allowed_ips=r.peer.allowed_ips,
+            replace_allowed_ips=True,
+            renamed_from=r.old_key,
+        )
+        for r in plan.rename
+    )
     for update in plan.update:
         peer = update.peer
         changes.append(

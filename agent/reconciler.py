@@ -142,8 +142,12 @@ class Reconciler:
             backend.apply(changes)
             table.apply(changes)
             self._log_plan(plan)
-            if self._greet and plan.add:
-                for request in wgdevice.greeting([p.public_key for p in plan.add]):
+            # A new device greets every peer it gains; a peer that rotated its key is greeted
+            # always, so the handshake with its new key starts now, not at the next packet.
+            greet = [p.public_key for p in plan.add] if self._greet else []
+            greet += [r.peer.public_key for r in plan.rename]
+            if greet:
+                for request in wgdevice.greeting(greet):
                     backend.apply(request)
         if synced:
             self._greet = False
@@ -212,6 +216,14 @@ class Reconciler:
         for p in plan.add:
             self.log.info("peer_added", peer=p.node, endpoint=str(p.endpoint))
             self.recorder.record("Normal", "PeerAdded", f"peer {p.node} added", node=p.node)
+        for r in plan.rename:
+            self.log.info("peer_key_changed", peer=r.peer.node, public_key=r.peer.public_key)
+            self.recorder.record(
+                "Normal",
+                "PeerKeyChanged",
+                f"peer {r.peer.node} rotated its key to {r.peer.public_key}",
+                node=r.peer.node,
+            )
         for u in plan.update:
             self.log.info("peer_updated", peer=u.peer.node, endpoint=str(u.peer.endpoint))
         for key in plan.remove:

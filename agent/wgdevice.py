@@ -114,6 +114,13 @@ class PeerChange:
     `allowed_ips` are added to the peer's; with `replace_allowed_ips` they replace them (an
     empty tuple then clears them). With `update_only` an unknown peer is not created. An
     endpoint or keepalive of None leaves the peer's as it is.
+
+    With `renamed_from` (a key rotation seen on a peer's WireguardNode) the peer that had that
+    key takes `public_key` first, and the rest of the change applies to it. podwire-engine
+    renames in place: its sessions, counters and allowed-ips stay, so no packet waits for a
+    handshake, and it starts one with the new key at once. A kernel device has no rename: the
+    old peer is removed and the new one made in the same request (the change then carries the
+    whole peer). An unknown `renamed_from` makes the change a plain one on `public_key`.
     """
 
     public_key: str  # base64
@@ -123,6 +130,7 @@ class PeerChange:
     update_only: bool = False
     remove: bool = False
     persistent_keepalive: int | None = None
+    renamed_from: str | None = None  # base64: the peer's key before a rotation
 
 
 def greeting(public_keys: Sequence[str]) -> tuple[list[PeerChange], list[PeerChange]]:
@@ -172,6 +180,8 @@ class PeerTable:
             self.apply_change(change)
 
     def apply_change(self, change: PeerChange) -> None:
+        if change.renamed_from is not None and change.renamed_from != change.public_key:
+            self._rename(change.renamed_from, change.public_key)
         current = self._peers.get(change.public_key)
         if change.remove:
             if current is not None:
@@ -194,6 +204,16 @@ class PeerTable:
             persistent_keepalive=current.persistent_keepalive if keepalive is None else keepalive,
         )
         self._give(change.public_key, change.allowed_ips, kept)
+
+    def _rename(self, old: str, new: str) -> None:
+        peer = self._peers.pop(old, None)
+        if peer is None:
+            return
+        if new in self._peers:
+            raise ValueError(f"cannot rename peer {old} to {new}: a peer with that key exists")
+        self._peers[new] = dataclasses.replace(peer, public_key=new)
+        for net in peer.allowed_ips:
+            self._owner[net] = new
 
     def _give(self, key: str, nets: Iterable[IPNetwork], kept: tuple[IPNetwork, ...]) -> None:
         given = tuple(dict.fromkeys(nets))

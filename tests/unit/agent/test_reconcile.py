@@ -464,15 +464,17 @@ def test_unsynced_caches_never_remove_even_when_empty(cluster: Cluster) -> None:
     assert reconcile.plan_peers([], actual, synced=False).empty
 
 
-def test_key_rotation_adds_the_new_key_and_removes_the_old_once_synced(cluster: Cluster) -> None:
+def test_key_rotation_renames_the_peer_once_synced(cluster: Cluster) -> None:
     before = cluster.desired().peers
     cluster.wgnodes["node-b"]["spec"]["publicKey"] = key_of("node-b2")
     desired = cluster.desired().peers
     plan = reconcile.plan_peers(desired, actual_from(before), synced=True)
-    assert [p.public_key for p in plan.add] == [key_of("node-b2")]
-    assert plan.remove == (key_of("node-b"),)
+    ((renamed),) = plan.rename
+    assert (renamed.old_key, renamed.peer.public_key) == (key_of("node-b"), key_of("node-b2"))
+    assert plan.add == () and plan.remove == ()
     unsynced = reconcile.plan_peers(desired, actual_from(before), synced=False)
-    assert unsynced.add == plan.add and unsynced.remove == ()
+    assert [p.public_key for p in unsynced.add] == [key_of("node-b2")]
+    assert unsynced.remove == () and unsynced.rename == ()
 
 
 def test_a_refused_node_is_removed_once_synced(cluster: Cluster) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -140,3 +141,44 @@ def test_plan_changes_remove_first_and_update_only_what_changed() -> None:
     assert updated.update_only and updated.endpoint == a.endpoint
     assert updated.allowed_ips == () and not updated.replace_allowed_ips
     assert added.replace_allowed_ips and added.allowed_ips == (NETS[3],)
+
+
+def test_a_node_that_rotated_its_key_is_renamed_not_removed_and_added() -> None:
+    device = wgdevice.PeerTable()
+    _sync(device, [_desired(0, 1, 2), _desired(1, 3)], synced=True)
+    rotated = reconcile.DesiredPeer("node0", KEYS[5], ENDPOINTS[0], (NETS[2], NETS[1]))
+    unsynced = reconcile.plan_peers([rotated, _desired(1, 3)], device.peers(), synced=False)
+    assert (unsynced.add, unsynced.rename, unsynced.remove) == ((rotated,), (), ())
+    plan = reconcile.plan_peers([rotated, _desired(1, 3)], device.peers(), synced=True)
+    assert plan.rename == (reconcile.PeerRename(KEYS[0], rotated),)
+    assert (plan.add, plan.remove, plan.update) == ((), (), ())
+    (change,) = reconcile.plan_changes(plan)
+    assert change.renamed_from == KEYS[0] and change.public_key == KEYS[5]
+    assert change.replace_allowed_ips and set(change.allowed_ips) == {NETS[1], NETS[2]}
+    device.apply_change(change)
+    assert KEYS[0] not in device
+    assert set(device.get(KEYS[5]).allowed_ips) == {NETS[1], NETS[2]}  # type: ignore[union-attr]
+    assert reconcile.plan_peers([rotated, _desired(1, 3)], device.peers(), synced=True).empty
+
+
+def test_a_new_key_with_other_pod_cidrs_is_an_add_and_a_remove() -> None:
+    device = wgdevice.PeerTable()
+    _sync(device, [_desired(0, 1)], synced=True)
+    plan = reconcile.plan_peers([_desired(5, 1, 2)], device.peers(), synced=True)
+    assert plan.rename == () and plan.remove == (KEYS[0],)
+    assert [p.public_key for p in plan.add] == [KEYS[5]]
+
+
+def test_a_rename_keeps_the_peers_counters_and_refuses_a_taken_key() -> None:
+    device = wgdevice.PeerTable(
+        [wgdevice.Peer(KEYS[0], ENDPOINTS[0], (NETS[0],), last_handshake=5.0, rx_bytes=7)]
+    )
+    device.apply_change(wgdevice.PeerChange(KEYS[1], renamed_from=KEYS[0]))
+    (peer,) = device.peers()
+    assert (peer.public_key, peer.last_handshake, peer.rx_bytes) == (KEYS[1], 5.0, 7)
+    device.apply_change(wgdevice.PeerChange(KEYS[2], allowed_ips=(NETS[1],)))
+    with pytest.raises(ValueError, match="exists"):
+        device.apply_change(wgdevice.PeerChange(KEYS[2], renamed_from=KEYS[1]))
+    # An unknown old key: a plain change on the new key.
+    device.apply_change(wgdevice.PeerChange(KEYS[3], allowed_ips=(NETS[3],), renamed_from=KEYS[7]))
+    assert device.get(KEYS[3]).allowed_ips == (NETS[3],)  # type: ignore[union-attr]
