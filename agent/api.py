@@ -65,7 +65,7 @@ class Servicer(agent_pb2_grpc.AgentServicer):
             last_reconcile_error=out.last_error,
             peer_count=len(out.peers),
             mtu=a.datapath.mtu,
-            key_rotated_at=_ts(a.keys.rotated_wall),
+            key_rotated_at=_ts(a.keys.made_wall),
             conditions=[_condition(c) for c in a.publisher.current_conditions()],
             components=[
                 agent_pb2.ComponentHealth(name=name, ok=h.ok, message=h.message)

@@ -18,14 +18,35 @@ import threading
 from typing import Final
 
 from podwire.agent import clock as clock_mod
-from podwire.agent import component, events, keystore, log, publisher, reconciler, watchdog
+from podwire.agent import (
+    component,
+    events,
+    failpoint,
+    keystore,
+    log,
+    publisher,
+    reconciler,
+    watchdog,
+    wgdevice,
+)
 from podwire.agent.datapath import component as datapath_mod
+from podwire.api import wgnode
 
 CHECK_INTERVAL: Final = 1.0  # how often the device is checked, and a pending pass looked at
 DEBOUNCE: Final = 0.05  # a burst of watch events (a relist of 5,000 objects) makes one pass
 GUARD_INTERVAL: Final = 10.0  # between passes, the backstop and rules are checked this often
 BACKOFF_MIN: Final = 1.0
 BACKOFF_MAX: Final = 16.0
+# The kernel holds one private key and stops sending on its sessions when it changes, so on the
+# kernel datapath the new key is published first and put on the device this long after: the
+# peers' watches have renamed the node's peer by then, and its first handshake is answered.
+KERNEL_ANNOUNCE: Final = 1.0
+# After a rotation, the device is read every turn for this long, counting the peers that have
+# handshaken with the new key (status.peersOnCurrentKey), or until all have.
+CONFIRM_PERIOD: Final = 180.0
+# A rotation request stamped further than this in the future is refused (a clock far off, or
+# a typo), not honoured on every start until that time comes.
+REQUEST_FUTURE_LIMIT: Final = 300.0
 
 
 def backoff(failures: int) -> float:
@@ -67,6 +88,14 @@ class Controller:
         self._next_resync = 0.0
         self._next_guard = 0.0
         self._unapplied = ""  # why the stored key is not on the device yet, after a rotation
+        self._rotating = False  # a rotation not complete (stored, not yet published)
+        self._resumed = False  # ... and it was cut short by a restart
+        self._apply_at = 0.0  # kernel: when a published new key goes on the device
+        self._handled_request = ""  # the last rotation annotation acted on (or refused)
+        self._confirm_since = 0.0  # wall time the current key went on the device
+        self._confirm_until = 0.0  # monotonic; 0: not counting
+        self.rotations_done = 0
+        self.rotations_failed = 0
 
     def wake(self) -> None:
         """Something changed (a watch event): a pass is owed."""
@@ -99,6 +128,8 @@ class Controller:
                 self._retry_at, woke = 0.0, True
             before = (self.publisher.published, self.publisher.repairs)
             self._keep_key()
+            self._rotate_if_requested()
+            self._count_confirmed()
             now = self.clock.monotonic()
             self._pending = self._pending or woke or now >= self._next_resync
             if not self._pending or now < self._retry_at:
@@ -122,44 +153,175 @@ class Controller:
             return True
 
     def _keep_key(self) -> None:
-        """The stored key goes on the device before it is published: a rotation whose device
-        step failed is finished here first, so peers never get a key the device does not hold."""
-        if self._unapplied:
+        """The stored key reaches the device and the WireguardNode in the datapath's order.
+
+        podwire-engine keeps answering for its previous key and keeps its sessions, so there the
+        key goes on the device first and is published after: peers never get a key the device
+        does not hold. The kernel drops its sessions' sending side when its key changes, so
+        there the key is published first, and put on the device KERNEL_ANNOUNCE later, once
+        the peers know it. A rotation whose device step failed is finished here on a later turn.
+        """
+        if self.keys.interrupted and not self._rotating:
+            # The last agent stopped mid-rotation; the device got the stored key at start.
+            self._rotating = self._resumed = True
+            self.log.info("key_rotation_resumed", public_key=self.keys.public_key)
+        kernel = self.datapath.kind == "kernel"
+        if kernel or not self._unapplied:
+            was = self.publisher.published
+            self.publisher.keep()
+            if self._rotating and self.publisher.published and not was:
+                failpoint.reached("rotation-published")
+                self._apply_at = self.clock.monotonic() + KERNEL_ANNOUNCE
+        if self._unapplied and (
+            not kernel or (self.publisher.published and self.clock.monotonic() >= self._apply_at)
+        ):
             try:
                 self.datapath.set_private_key(self.keys.key.raw)
             except Exception as e:  # no device, or its UAPI refused: the next turn tries again
                 self._unapplied = f"the new key is not on the device yet: {e}"
                 return
             self._unapplied = ""
-        self.publisher.keep()
+            failpoint.reached("rotation-applied")
+            self._key_applied()
+            if not kernel:
+                self.publisher.keep()
+                if self.publisher.published:
+                    failpoint.reached("rotation-published")
+        if self._rotating and not self._unapplied and self.publisher.published:
+            self._finish_rotation()
+
+    def _key_applied(self) -> None:
+        """The device holds the new key: every peer is greeted, so each handshakes with it now
+        (the kernel's sessions stop sending; podwire-engine's carry on until it is done)."""
+        self._confirm_since = self.clock.wall()
+        self._confirm_until = self.clock.monotonic() + CONFIRM_PERIOD
+        self.publisher.peers_on_current_key = 0
+        self.publisher.write_status()
+        try:
+            backend = self.datapath.require()
+            keys = [p.public_key for p in backend.read().peers]
+            for request in wgdevice.greeting(keys):
+                backend.apply(request)
+        except Exception as e:  # the handshakes still come, with the next packet
+            self.log.warning("greeting_failed", error=str(e))
+
+    def _finish_rotation(self) -> None:
+        try:
+            self.keys.finish()
+        except Exception as e:  # the previous key stays on disk; the rotation itself is done
+            self.log.warning("previous_key_not_removed", error=str(e))
+        self._rotating = False
+        self.rotations_done += 1
+        how = "resumed after a restart and finished" if self._resumed else "done"
+        self._resumed = False
+        public = self.keys.public_key
+        self.log.info("key_rotated", public_key=public, how=how)
+        self.recorder.record("Normal", "KeyRotated", f"new public key {public} ({how})")
+        if not self._confirm_until:  # resumed: the device got the key at start
+            self._confirm_since = self.keys.made_wall
+            self._confirm_until = self.clock.monotonic() + CONFIRM_PERIOD
+
+    def _count_confirmed(self) -> None:
+        """While confirming a rotation: how many peers have handshaken with the new key."""
+        if not self._confirm_until:
+            return
+        try:
+            peers = self.datapath.require().read().peers
+        except Exception as e:
+            self.log.warning("device_read_failed", error=str(e))
+            return
+        done = sum(
+            1 for p in peers if p.last_handshake and p.last_handshake >= self._confirm_since - 1
+        )
+        if done != self.publisher.peers_on_current_key:
+            self.publisher.peers_on_current_key = done
+            self.publisher.write_status()
+        if done >= len(peers) or self.clock.monotonic() >= self._confirm_until:
+            self._confirm_until = 0.0
+
+    def _requested_rotation(self) -> str:
+        """The rotation annotation on the node's own WireguardNode, when it asks for a rotation
+        not yet made; a bad one is reported once and ignored."""
+        own = self.publisher.watches.wgnode(self.publisher.node_name)
+        if own is None:
+            return ""
+        value = (own.get("metadata", {}).get("annotations") or {}).get(wgnode.ROTATE_ANNOTATION)
+        text = str(value) if value else ""
+        if not text or text == self._handled_request:
+            return ""
+        try:
+            when = wgnode.parse_time(text)
+        except ValueError as e:
+            self._handled_request = text
+            self.recorder.record(
+                "Warning", "KeyRotationRefused", f"{wgnode.ROTATE_ANNOTATION}: {e}", involved=own
+            )
+            return ""
+        if when <= self.keys.made_wall:
+            self._handled_request = text  # the key in use is newer: nothing to do
+            return ""
+        if when > self.clock.wall() + REQUEST_FUTURE_LIMIT:
+            self._handled_request = text
+            self.recorder.record(
+                "Warning",
+                "KeyRotationRefused",
+                f"{wgnode.ROTATE_ANNOTATION} is {text}, more than {REQUEST_FUTURE_LIMIT:.0f} s "
+                "in the future: is a clock wrong?",
+                involved=own,
+            )
+            return ""
+        return text
+
+    def _rotate_if_requested(self) -> None:
+        request = self._requested_rotation()
+        if not request:
+            return
+        self._handled_request = request
+        try:
+            self._rotate(reason=f"requested by {wgnode.ROTATE_ANNOTATION}={request}")
+        except Exception as e:  # reported by _rotate; the loop goes on with the old key
+            self.log.warning("rotation_not_complete", error=str(e))
 
     def rotate_key(self) -> tuple[str, float]:
-        """A new keypair: stored atomically, put on the device, then published.
+        """A new keypair: stored atomically, put on the device and published in the
+        datapath's order (see _keep_key).
 
         Peers follow once they see the new key on their watch. Returns the new public key and
-        when it was made; raises if it could not be published (the loop keeps trying).
+        when it was made; raises if it could not be stored, or not published yet (the loop
+        keeps trying).
         """
         with self._lock:
-            wall = self.clock.wall()
-            key = self.keys.rotate(wall=wall)
-            public = key.public_key_b64()
-            self._unapplied = "the new key is not on the device yet"
-            self._keep_key()
-            self.log.info("key_rotated", public_key=public)
-            self.recorder.record("Normal", "KeyRotated", f"new public key {public}")
-            published = self.publisher.published
+            public, wall = self._rotate(reason="requested over the local API")
         self.wake()
-        if not published:
+        return public, wall
+
+    def _rotate(self, *, reason: str) -> tuple[str, float]:
+        if self._rotating:
+            raise RuntimeError("a rotation is still under way; try again when it is done")
+        wall = self.clock.wall()
+        try:
+            key = self.keys.rotate(wall=wall)
+        except Exception as e:
+            self.rotations_failed += 1
+            self.log.error("key_rotation_failed", error=str(e))
+            self.recorder.record("Warning", "KeyRotationFailed", f"the new key was not stored: {e}")
+            raise
+        failpoint.reached("rotation-stored")
+        public = key.public_key_b64()
+        self.log.info("key_rotation_started", public_key=public, reason=reason)
+        self._rotating = True
+        self._unapplied = "the new key is not on the device yet"
+        self._keep_key()
+        if self._rotating and not self.publisher.published:  # the loop keeps trying
             raise RuntimeError(
                 self._unapplied
-                or f"the new key is on the device but not published yet: "
-                f"{self.publisher.last_error}"
+                or f"the new key is stored but not published yet: {self.publisher.last_error}"
             )
-        return public, wall
+        return public, wall  # on the kernel datapath the device gets it KERNEL_ANNOUNCE later
 
     def health(self) -> component.Health:
         out = self.reconciler.outcome
-        if self._unapplied:
+        if self._unapplied and self.datapath.kind != "kernel":
             return component.degraded(f"{self._unapplied}; retrying every turn")
         if self._retry_at:
             return component.degraded(

@@ -181,17 +181,46 @@ def load_or_create(path: os.PathLike[str] | str = DEFAULT_PATH) -> PrivateKey:
     return key
 
 
-def rotate(path: os.PathLike[str] | str = DEFAULT_PATH) -> PrivateKey:
-    """Generate a new key and atomically replace the file with it.
+def previous_path(path: os.PathLike[str] | str) -> pathlib.Path:
+    """Where a rotation keeps the key it replaces until the rotation completes."""
+    path = pathlib.Path(path)
+    return path.with_name(path.name + ".previous")
 
-    If writing fails the old file is left as it was and KeyFileError is raised; the caller
-    must keep using the old key then.
+
+def rotate(path: os.PathLike[str] | str = DEFAULT_PATH) -> PrivateKey:
+    """Generate a new key and atomically replace the file with it, keeping the old one.
+
+    The old key is first written (atomically, mode 0600) to `previous_path(path)`, where it
+    stays until the caller has put the new key on the device and published it and calls
+    `finish_rotation`: a leftover previous file at start says a rotation was cut short. If
+    writing fails the old file is left as it was and KeyFileError is raised; the caller must
+    keep using the old key then.
     """
     path = pathlib.Path(path)
     _ensure_folder(path)
+    old = load(path)
+    _write_atomically(previous_path(path), old, install=os.replace)
     key = PrivateKey.generate()
     _write_atomically(path, key, install=os.replace)
     return key
+
+
+def load_previous(path: os.PathLike[str] | str = DEFAULT_PATH) -> PrivateKey | None:
+    """The key a rotation replaced, while that rotation is not complete; else None."""
+    return _load_if_present(previous_path(path))
+
+
+def finish_rotation(path: os.PathLike[str] | str = DEFAULT_PATH) -> None:
+    """The rotation is complete: the previous key is no longer needed, and goes."""
+    previous = previous_path(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(previous)
+        _fsync_folder(previous)
+
+
+def made_at(path: os.PathLike[str] | str = DEFAULT_PATH) -> float:
+    """When the key in the file was written (unix time): its age, across restarts."""
+    return os.stat(path, follow_symlinks=False).st_mtime
 
 
 _INSPECT: Final = "check the path and the file; it is never replaced automatically"

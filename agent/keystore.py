@@ -19,7 +19,11 @@ class KeyStore:
         self.path = path
         self._key: keys.PrivateKey | None = None
         self._lock = threading.Lock()
-        self.rotated_wall = 0.0  # when this agent last rotated the key (unix time); 0: never
+        self.made_wall = 0.0  # when the key in use was made (unix time), from its file
+        self.rotated_wall = 0.0  # when this agent last rotated the key; 0: not since it started
+        # A rotation cut short (the agent stopped between storing a new key and publishing
+        # it): set at start when the previous key was still kept; the controller finishes it.
+        self.interrupted = False
 
     @property
     def key(self) -> keys.PrivateKey:
@@ -35,16 +39,25 @@ class KeyStore:
         """Loads the key, or makes one on first start; raises keys.KeyFileError if unusable."""
         with self._lock:
             self._key = keys.load_or_create(self.path)
+            self.made_wall = keys.made_at(self.path)
+            self.interrupted = keys.load_previous(self.path) is not None
 
     def stop(self) -> None:
         pass
 
     def rotate(self, *, wall: float) -> keys.PrivateKey:
-        """A new key, written atomically over the old; the caller puts it on the device."""
+        """A new key, written atomically over the old, which is kept until `finish`."""
         with self._lock:
             self._key = keys.rotate(self.path)
-            self.rotated_wall = wall
+            self.made_wall = self.rotated_wall = wall
+            self.interrupted = False
             return self._key
+
+    def finish(self) -> None:
+        """The new key is on the device and published: the kept previous key goes."""
+        with self._lock:
+            keys.finish_rotation(self.path)
+            self.interrupted = False
 
     def health(self) -> component.Health:
         if self._key is None:

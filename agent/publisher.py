@@ -78,6 +78,9 @@ class Publisher:
         self.repairs = 0  # times the spec was found changed by someone else and put back
         self._checked_version = ""  # the own object's resourceVersion last found wrong, then read
         self._status_sent: Obj | None = None
+        # Set by the controller once a rotation's key is on the device: how many peers have
+        # handshaken with it since (status.peersOnCurrentKey); None before any rotation.
+        self.peers_on_current_key: int | None = None
         self.log = log.get("publisher", node=node_name)
 
     def start(self) -> None:
@@ -196,7 +199,9 @@ class Publisher:
         old = parsed.status if parsed and parsed.status else wgnode.Status()
         node = self.watches.node(self.node_name) or {}
         addresses = reconcile.internal_ips(node)
-        rotated = self.keys.rotated_wall
+        made = self.keys.made_wall
+        peers = len(self.reconciler.outcome.peers)
+        on_current = self.peers_on_current_key
         return wgnode.Status(
             endpoint=str(wgdevice.make_endpoint(addresses[0], self.listen_port))
             if addresses
@@ -205,8 +210,9 @@ class Publisher:
             conditions=self.conditions(old.conditions),
             datapath=self.datapath.kind if self.datapath.kind in wgnode.DATAPATHS else None,  # type: ignore[arg-type]
             features=self.datapath.features,
-            peers=len(self.reconciler.outcome.peers),
-            key_rotated_at=wgnode.format_time(rotated) if rotated else old.key_rotated_at,
+            peers=peers,
+            key_rotated_at=wgnode.format_time(made) if made else old.key_rotated_at,
+            peers_on_current_key=peers if on_current is None else min(on_current, peers),
             observed_generation=own.get("metadata", {}).get("generation"),
         )
 

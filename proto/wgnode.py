@@ -27,9 +27,14 @@ PLURAL: Final = "wgnodes"
 SINGULAR: Final = "wireguardnode"
 SHORT: Final = "wgnode"
 
-# Set (to any timestamp) by the CLI, kubectl or the operator's schedule to ask the node's agent
-# for a new key; the agent answers by setting status.keyRotatedAt.
+# Set to an RFC 3339 time (fractions of a second allowed) by the CLI, kubectl or the operator
+# to ask the node's agent for a new key: the agent rotates when it is newer than its key, once
+# per value, and answers with status.keyRotatedAt and, as peers handshake with the new key,
+# status.peersOnCurrentKey.
 ROTATE_ANNOTATION: Final = "podwire.io/rotate-key-requested-at"
+# Set by `podwire rotate-key --all` on every WireguardNode: the operator rotates the queued
+# nodes one at a time and removes the annotation from each when it is done with it.
+ROTATION_QUEUED_ANNOTATION: Final = "podwire.io/rotation-queued-at"
 
 DEFAULT_LISTEN_PORT: Final = 51871
 
@@ -242,6 +247,20 @@ def find_condition(conditions: Iterable[Condition], type: str) -> Condition | No
     return next((c for c in conditions if c.type == type), None)
 
 
+def parse_time(text: str) -> float:
+    """Unix time from RFC 3339 (`Z` or an offset, fractions allowed); ValueError if it is not."""
+    moment = datetime.datetime.fromisoformat(text.strip())
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone (RFC 3339 wants Z or an offset)")
+    return moment.timestamp()
+
+
+def format_precise_time(epoch_seconds: float) -> str:
+    """RFC 3339 in UTC with microseconds: for annotations compared with a key's age."""
+    moment = datetime.datetime.fromtimestamp(epoch_seconds, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def format_time(epoch_seconds: float) -> str:
     """RFC 3339 in UTC with second precision: the form metav1.Time serializes to."""
     moment = datetime.datetime.fromtimestamp(int(epoch_seconds), tz=datetime.UTC)
@@ -260,6 +279,7 @@ class Status:
     peers: int | None = None
     key_rotated_at: str | None = None
     observed_generation: int | None = None
+    peers_on_current_key: int | None = None  # peers that have handshaken with the current key
 
     def __post_init__(self) -> None:
         if self.datapath is not None and self.datapath not in DATAPATHS:
@@ -288,6 +308,9 @@ class Status:
                 observed_generation=_optional_int(
                     obj.get("observedGeneration"), "status.observedGeneration", name=name
                 ),
+                peers_on_current_key=_optional_int(
+                    obj.get("peersOnCurrentKey"), "status.peersOnCurrentKey", name=name
+                ),
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,6 +329,8 @@ class Status:
             out["keyRotatedAt"] = self.key_rotated_at
         if self.observed_generation is not None:
             out["observedGeneration"] = self.observed_generation
+        if self.peers_on_current_key is not None:
+            out["peersOnCurrentKey"] = self.peers_on_current_key
         return out
 
 

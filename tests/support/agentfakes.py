@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import ipaddress
+import os
 import pathlib
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -414,7 +415,15 @@ class AgentHarness:
         return node(self.NODE, self.ADDRESS, [self.CIDR])
 
     def start(self) -> None:
-        """The agent started as in the cluster, without the control loop's thread."""
+        """The agent started as in the cluster, without the control loop's thread.
+
+        The key file is dated by the fake clock (made now, unless the test made one), since
+        the key's age comes from the file and is compared with rotation requests.
+        """
+        path = self.cfg.key_path
+        if not path.exists():
+            keys.load_or_create(path)
+            os.utime(path, (self.clock.wall(), self.clock.wall()))
         assert self.agent.start(threading.Event(), loop=False)
 
     def list(self, *others: OtherNode) -> None:

@@ -75,9 +75,10 @@ def test_status_reports_an_unhealthy_component(h: AgentHarness) -> None:
     assert status.last_reconcile_error == "netlink: device busy"
 
 
-def test_status_has_no_rotation_time_before_a_rotation(h: AgentHarness) -> None:
+def test_status_tells_when_the_key_in_use_was_made_before_any_rotation(h: AgentHarness) -> None:
     status = api.Servicer(h.agent).GetStatus(None, None)
-    assert not status.HasField("key_rotated_at")
+    made = h.agent.cfg.key_path.stat().st_mtime
+    assert status.key_rotated_at.seconds == int(made)
 
 
 def test_status_reports_key_rotated_at_after_a_rotation(h: AgentHarness) -> None:

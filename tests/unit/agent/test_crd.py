@@ -119,6 +119,7 @@ def test_status_is_schemad_with_standard_conditions(crd: dict[str, Any]) -> None
         "features",
         "peers",
         "keyRotatedAt",
+        "peersOnCurrentKey",
         "observedGeneration",
     }
     assert status["datapath"]["enum"] == list(wgnode.DATAPATHS)
@@ -149,6 +150,7 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
         "Datapath": (".status.datapath", "string"),
         "Peers": (".status.peers", "integer"),
         "Ready": ('.status.conditions[?(@.type=="Ready")].status', "string"),
+        "Key Age": (".status.keyRotatedAt", "date"),
         "Age": (".metadata.creationTimestamp", "date"),
     }
 

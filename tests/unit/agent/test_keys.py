@@ -211,13 +211,22 @@ def test_load_of_a_missing_file_says_so(key_path: pathlib.Path) -> None:
     assert not key_path.parent.exists()
 
 
-def test_rotate_replaces_the_key_atomically(key_path: pathlib.Path) -> None:
+def test_rotate_replaces_the_key_atomically_and_keeps_the_old_until_finished(
+    key_path: pathlib.Path,
+) -> None:
     old = keys.load_or_create(key_path)
     new = keys.rotate(key_path)
     assert new != old
     assert keys.load(key_path) == new
     assert _mode(key_path) == 0o600
+    # Until the rotation is complete the old key is kept, as private as the new one.
+    assert sorted(os.listdir(key_path.parent)) == ["private.key", "private.key.previous"]
+    assert keys.load_previous(key_path) == old
+    assert _mode(keys.previous_path(key_path)) == 0o600
+    keys.finish_rotation(key_path)
     assert os.listdir(key_path.parent) == ["private.key"]
+    assert keys.load_previous(key_path) is None
+    keys.finish_rotation(key_path)  # twice (a restart after the removal) is fine
 
 
 def test_failed_rotation_leaves_the_old_file_whole(
