@@ -95,6 +95,7 @@ class Controller:
         self._confirm_since = 0.0  # wall time the current key went on the device
         self._confirm_until = 0.0  # monotonic; 0: not counting
         self.rotations_done = 0
+        self.turn_errors = 0  # turns that raised: each is a bug, logged with its traceback
         self.rotations_failed = 0
 
     def wake(self) -> None:
@@ -114,7 +115,12 @@ class Controller:
     def run(self) -> None:
         woke = True
         while not self._stop.is_set():
-            self.step(woke=woke)
+            try:
+                self.step(woke=woke)
+            except Exception as e:  # a bug must not end the loop: log it, owe a pass, go on
+                self.turn_errors += 1
+                self._pending = True
+                self.log.exception("turn_failed", error=str(e))
             woke = self._wake.wait(timeout=CHECK_INTERVAL)
             if woke:
                 self._stop.wait(DEBOUNCE)

@@ -63,6 +63,30 @@ class AgentCollector(Collector):
             "Times the own WireguardNode's spec, changed by someone else, was put back",
             value=a.publisher.repairs,
         )
+        ctl = a.controller
+        yield GaugeMetricFamily(
+            "podwire_key_age_seconds",
+            "Age of the node's key in use (since it was made or last rotated)",
+            value=max(0.0, a.clock.wall() - a.keys.made_wall) if a.keys.made_wall else 0.0,
+        )
+        rotations = CounterMetricFamily(
+            "podwire_key_rotations", "Key rotations by this agent", labels=["result"]
+        )
+        rotations.add_metric(["done"], ctl.rotations_done)
+        rotations.add_metric(["failed"], ctl.rotations_failed)
+        yield rotations
+        yield GaugeMetricFamily(
+            "podwire_peers_on_current_key",
+            "Peers that have handshaken with the current key since the last rotation",
+            value=a.publisher.peers_on_current_key
+            if a.publisher.peers_on_current_key is not None
+            else len(out.peers),
+        )
+        yield CounterMetricFamily(
+            "podwire_controller_turn_errors",
+            "Turns of the control loop that raised (a bug; the log has the traceback)",
+            value=ctl.turn_errors,
+        )
         healthy = GaugeMetricFamily(
             "podwire_component_healthy",
             "1 when the agent's component is healthy, as /readyz reports it",

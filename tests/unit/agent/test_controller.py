@@ -9,6 +9,7 @@ status, /readyz.
 from __future__ import annotations
 
 import pathlib
+import time
 
 import agentfakes
 import pytest
@@ -609,3 +610,34 @@ def test_the_resync_restores_a_peer_removed_behind_the_agents_back(
     resyncing.advance(60)  # the period counts from the last pass
     assert resyncing.step(woke=False)
     assert set(resyncing.peers()[n2.public_key].allowed_ips) == n2.networks
+
+
+# 10. The loop survives its own bugs
+
+
+def test_an_unexpected_error_in_a_turn_does_not_end_the_loop(
+    synced: AgentHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn that raises (a bug, a malformed object) is logged and the loop goes on: a dead
+    loop would leave the node's peers frozen while /healthz still answers."""
+    calls = {"n": 0}
+    real = synced.agent.publisher.write_status
+
+    def flaky() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise AttributeError("a bug in writing the status")
+        real()
+
+    monkeypatch.setattr(synced.agent.publisher, "write_status", flaky)
+    passes = synced.agent.reconciler.outcome.passes
+    synced.controller.start()
+    try:
+        deadline = time.monotonic() + 10
+        while synced.agent.reconciler.outcome.passes < passes + 2 and time.monotonic() < deadline:
+            synced.controller.wake()
+            time.sleep(0.05)
+    finally:
+        synced.controller.stop()
+    assert calls["n"] >= 2, "the loop went on after the error"
+    assert synced.agent.reconciler.outcome.passes >= passes + 2

@@ -7,10 +7,11 @@ from __future__ import annotations
 import copy
 import pathlib
 
+import prometheus_client
 import pytest
 from agentfakes import AgentHarness, other_node
 
-from podwire.agent import controller, keys, wgdevice
+from podwire.agent import controller, keys, metrics, wgdevice
 from podwire.api import wgnode
 
 
@@ -171,3 +172,19 @@ def test_a_key_that_cannot_be_stored_is_a_failed_rotation(
     assert synced.agent.keys.public_key == old and _spec_key(synced) == old
     assert synced.controller.rotations_failed == 1
     assert ("Warning", "KeyRotationFailed") in synced.local_events()
+
+
+def _metric(h: AgentHarness, name: str, **labels: str) -> float | None:
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(metrics.AgentCollector(h.agent))
+    return registry.get_sample_value(name, labels)
+
+
+def test_metrics_tell_the_key_age_and_the_rotations(synced: AgentHarness) -> None:
+    synced.advance(120)
+    assert _metric(synced, "podwire_key_age_seconds") == 120
+    synced.controller.rotate_key()
+    assert _metric(synced, "podwire_key_age_seconds") == 0
+    assert _metric(synced, "podwire_key_rotations_total", result="done") == 1
+    assert _metric(synced, "podwire_key_rotations_total", result="failed") == 0
+    assert _metric(synced, "podwire_peers_on_current_key") == 0
