@@ -65,7 +65,14 @@ def format_set_request(
 
 
 def _peer_lines(peer: wgdevice.PeerChange) -> list[str]:
-    lines = [f"public_key={_hex(keys.decode_key(peer.public_key))}"]
+    public = _hex(keys.decode_key(peer.public_key))
+    if peer.renamed_from is not None and peer.renamed_from != peer.public_key:
+        # podwire-engine's extension (see podwire.agent.engine.uapi): the peer of the old key
+        # takes the new one in place, keeping its sessions; the lines below apply to it.
+        old = _hex(keys.decode_key(peer.renamed_from))
+        lines = [f"public_key={old}", f"rename_to={public}"]
+    else:
+        lines = [f"public_key={public}"]
     if peer.remove:
         return [*lines, "remove=true"]
     if peer.update_only:
@@ -272,6 +279,9 @@ def _describe(
         parts.append("replace peers")
     changes = list(peers)
     removed = sum(1 for p in changes if p.remove)
+    renamed = sum(1 for p in changes if p.renamed_from not in (None, p.public_key))
     if changes:
         parts.append(f"{len(changes) - removed} peer(s) set, {removed} removed")
+    if renamed:
+        parts.append(f"{renamed} renamed")
     return "set " + (", ".join(parts) or "nothing")

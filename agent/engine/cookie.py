@@ -194,6 +194,13 @@ class CookieGenerator:
         self._cookie_birth: float | None = None
         self._last_mac1: bytes | None = None
 
+    def retarget(self, remote_public: bytes) -> None:
+        """Call when the peer takes a new key: the macs are keyed by it from now on. A cookie
+        held stays: it vouches for our address to that responder, whatever its key."""
+        self._mac1_key = mac1_key(remote_public)
+        self._cookie_key = cookie_key(remote_public)
+        self._last_mac1 = None  # a reply to a message for the old key cannot be opened
+
     def stamp(self, data: bytes, *, now: float) -> bytes:
         """`data` is a packed handshake message with zero macs; returns it with macs set."""
         end_mac1 = len(data) - 2 * constants.MAC_LEN

@@ -67,6 +67,8 @@ class Counters:
     transport_sent: int = 0
     keepalives_sent: int = 0
     handshakes_completed: int = 0
+    # handshake messages answered or consumed with the previous key, in its grace
+    previous_key_handshakes: int = 0
     keys_zeroed: int = 0
 
     def as_dict(self) -> dict[str, int]:

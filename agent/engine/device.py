@@ -14,6 +14,7 @@ Device holds the state they share and ties them together.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -37,6 +38,16 @@ Peer: TypeAlias = peer.Peer
 DEFAULT_MTU = 1420
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PreviousIdentity:
+    """The key the device had before its latest change, still answered for until `until`
+    (monotonic): handshake messages whose mac1 is keyed for it are consumed with it."""
+
+    identity: noise.StaticIdentity = dataclasses.field(repr=False)
+    checker: cookie.CookieChecker = dataclasses.field(repr=False)
+    until: float
+
+
 class Device:
     def __init__(
         self,
@@ -49,6 +60,7 @@ class Device:
         self.wall_clock = wall_clock
         self.timer_config = timers
         self.identity: noise.StaticIdentity | None = None
+        self.previous: PreviousIdentity | None = None
         self.listen_port = 0
         self.fwmark = 0
         self.mtu = DEFAULT_MTU
@@ -76,23 +88,45 @@ class Device:
     def private_key(self) -> bytes | None:
         return self.identity.private_key if self.identity is not None else None
 
-    @private_key.setter
-    def private_key(self, key: bytes | None) -> None:
+    def set_private_key(self, key: bytes | None, *, now: float) -> None:
+        """Call when the configuration sets the key (all zero or None: no key).
+
+        A key that replaces another keeps every session (they carry on until the peers
+        rekey with the new key) and keeps the replaced key as the previous identity, still
+        answered for `previous_key_grace` seconds. A peer with the new key is removed.
+        """
         if key is not None and len(key) != constants.KEY_LEN:
             raise ValueError(f"a private key has 32 bytes, not {len(key)}")
         if key == noise.ZERO_KEY:
             key = None  # as wg: an all-zero key means no key
         if key == self.private_key:
             return
+        replaced = self.identity
         self.identity = noise.StaticIdentity(bytes(key)) if key is not None else None
+        rotated = replaced is not None and self.identity is not None
+        self.previous = self._previous(replaced, now) if rotated else None
         public = self.public_key
         self.checker.set_public_key(public)
         if public is not None and public in self.peers:
             self.remove_peer(public)  # a peer with our own key cannot be talked to
         for p in self.peers.values():
             p.handshake.precompute(self.identity)
-            self.index.forget_handshake(p)
-            p.expire_current_keypairs()
+            if not rotated:
+                self.index.forget_handshake(p)
+                p.expire_current_keypairs()
+
+    def _previous(self, replaced: noise.StaticIdentity | None, now: float) -> PreviousIdentity:
+        assert replaced is not None
+        checker = cookie.CookieChecker()
+        checker.set_public_key(replaced.public_key)
+        return PreviousIdentity(replaced, checker, now + self.timer_config.previous_key_grace)
+
+    def previous_identity(self, now: float) -> PreviousIdentity | None:
+        """The previous identity if its grace still runs at `now`."""
+        previous = self.previous
+        if previous is None or now >= previous.until:
+            return None
+        return previous
 
     @property
     def public_key(self) -> bytes | None:
@@ -105,6 +139,24 @@ class Device:
         p = Peer(public_key, timer_config=self.timer_config, rng=self.rng)
         p.handshake.precompute(self.identity)
         self.peers[p.public_key] = p
+        return p
+
+    def rename_peer(self, old: bytes, new: bytes) -> Peer | None:
+        """The peer `old` takes the key `new` in place (its key rotated) and initiates a
+        handshake with it at the next tick; its sessions carry data until the new one is
+        confirmed. None if there is no peer `old`; ValueError if a peer `new` exists."""
+        p = self.peers.get(old)
+        if p is None or old == new:
+            return p
+        if new in self.peers:
+            raise ValueError("a peer with the new key exists")
+        del self.peers[old]
+        p.rename(new)
+        p.handshake.precompute(self.identity)
+        self.peers[new] = p
+        if p.endpoint is not None:
+            p.last_sent_handshake = None  # at once, however recent the last one was
+            p.handshake_requested = True
         return p
 
     def remove_peer(self, public_key: bytes) -> None:

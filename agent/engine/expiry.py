@@ -21,7 +21,12 @@ if TYPE_CHECKING:
 def tick(dev: device.Device, now: float) -> list[Action]:
     """Run the timers due at `now`; call every ~100 ms or at next_deadline()."""
     actions: list[Action] = []
+    if dev.previous is not None and dev.previous_identity(now) is None:
+        dev.previous = None  # the grace is over: the previous key is no longer answered
     for p in list(dev.peers.values()):
+        if p.handshake_requested:
+            p.handshake_requested = False
+            send.send_initiation(dev, p, now, actions, retry=False)
         if p.keepalive_requested:
             p.keepalive_requested = False
             send.send_keepalive(dev, p, now, actions)
@@ -36,7 +41,7 @@ def next_deadline(dev: device.Device) -> float | None:
     """The earliest monotonic time at which tick() has work; 0.0 means at once."""
     deadlines = []
     for p in dev.peers.values():
-        if p.keepalive_requested:
+        if p.keepalive_requested or p.handshake_requested:
             return 0.0
         d = p.timers.next_deadline()
         if d is not None:

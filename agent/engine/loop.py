@@ -252,8 +252,16 @@ class Engine:
                     f"cannot set fwmark: {exc.strerror}", errno=exc.errno or errno.EIO
                 ) from None
         before = set(self.device.peers)
-        uapi.apply_set(self.device, request)
+        renames = uapi.apply_set(self.device, request, now=self._clock())
         self.device.listen_port = self.bind.port
+        for old, new in renames:
+            self.log.info("peer_renamed", peer=short_key(new), previous_key=short_key(old))
+            self._handshakes[new] = self._handshakes.pop(old, None)
+            if old in self._routing_loops_told:
+                self._routing_loops_told.discard(old)
+                self._routing_loops_told.add(new)
+            before.discard(old)
+            before.add(new)
         after = set(self.device.peers)
         for key in after - before:
             self.log.info("peer_added", peer=short_key(key))
@@ -262,8 +270,12 @@ class Engine:
             self._handshakes.pop(key, None)
             self._routing_loops_told.discard(key)
         if request.private_key is not None:
+            previous = self.device.previous
             self.log.info(
-                "private_key_changed", public_key=short_key(self.device.public_key or b"")
+                "private_key_changed",
+                public_key=short_key(self.device.public_key or b""),
+                previous_key=None if previous is None else short_key(previous.identity.public_key),
+                previous_key_until=None if previous is None else round(previous.until, 3),
             )
         # A new endpoint or keepalive interval may have work due right now.
         self._perform(self.device.tick(self._clock()))

@@ -9,7 +9,6 @@ wall time for TAI64N and the monotonic time for keypair ages are passed in.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import hashlib
 import hmac
@@ -145,6 +144,7 @@ class Handshake:
         self.remote_static = remote_static
         self.preshared_key = preshared_key
         self.precomputed_static_static = ZERO_KEY
+        self.precomputed_for = b""  # the public key of the identity it was computed with
         # Replay and flood protection survive clear(): they guard the next initiation.
         self.latest_timestamp = bytes(constants.TIMESTAMP_LEN)
         self.last_initiation_consumption: float | None = None
@@ -162,10 +162,25 @@ class Handshake:
     def precompute(self, identity: StaticIdentity | None) -> None:
         """Call when either static key changes."""
         self.precomputed_static_static = ZERO_KEY
+        self.precomputed_for = b""
         if identity is not None:
-            # a low-order peer key leaves it zero: every handshake with it is then refused
-            with contextlib.suppress(HandshakeError):
-                self.precomputed_static_static = dh(identity.private_key, self.remote_static)
+            self.precomputed_static_static = _static_static(identity, self.remote_static)
+            self.precomputed_for = identity.public_key
+
+    def static_static(self, identity: StaticIdentity) -> bytes:
+        """ss with this identity: precomputed for the device's own, worked out afresh for the
+        previous one it still answers for after a key change."""
+        if identity.public_key == self.precomputed_for:
+            return self.precomputed_static_static
+        return _static_static(identity, self.remote_static)
+
+
+def _static_static(identity: StaticIdentity, remote_static: bytes) -> bytes:
+    # a low-order peer key leaves it zero: every handshake with it is then refused
+    try:
+        return dh(identity.private_key, remote_static)
+    except HandshakeError:
+        return ZERO_KEY
 
 
 class Keypair:
@@ -219,7 +234,8 @@ def create_initiation(
     wall_time: float,
 ) -> messages.Initiation:
     """First message, initiator to responder (macs left zero for the cookie layer)."""
-    if handshake.precomputed_static_static == ZERO_KEY:
+    static_static = handshake.static_static(identity)
+    if static_static == ZERO_KEY:
         raise HandshakeError(Drop.BAD_DH, "no static-static secret with this peer")
     ck = INITIAL_CHAINING_KEY
     h = hash_(INITIAL_HASH, handshake.remote_static)
@@ -233,7 +249,7 @@ def create_initiation(
     encrypted_static = aead_encrypt(key, identity.public_key, h)
     h = hash_(h, encrypted_static)
     # ss
-    ck, key = kdf2(ck, handshake.precomputed_static_static)
+    ck, key = kdf2(ck, static_static)
     # {t}
     encrypted_timestamp = aead_encrypt(key, tai64n(wall_time), h)
     h = hash_(h, encrypted_timestamp)
@@ -254,7 +270,8 @@ def consume_initiation(
     now: float,
 ) -> Handshake:
     """Responder side of the first message: returns the peer's handshake, now holding the
-    initiator's state. `find_handshake` maps the decrypted static key to a peer's handshake."""
+    initiator's state. `identity` is ours that the message addresses (its mac1 says which);
+    `find_handshake` maps the decrypted static key to a peer's handshake."""
     ck = INITIAL_CHAINING_KEY
     h = identity.initial_hash
     # e
@@ -269,9 +286,10 @@ def consume_initiation(
     if handshake is None:
         raise HandshakeError(Drop.NO_PEER, "initiation from an unknown static key")
     # ss
-    if handshake.precomputed_static_static == ZERO_KEY:
+    static_static = handshake.static_static(identity)
+    if static_static == ZERO_KEY:
         raise HandshakeError(Drop.BAD_DH, "no static-static secret with this peer")
-    ck, key = kdf2(ck, handshake.precomputed_static_static)
+    ck, key = kdf2(ck, static_static)
     # {t}
     timestamp = aead_decrypt(key, message.encrypted_timestamp, h)
     h = hash_(h, message.encrypted_timestamp)
@@ -325,7 +343,7 @@ def consume_response(
     message: messages.Response, handshake: Handshake, identity: StaticIdentity
 ) -> None:
     """Initiator side of the second message; `handshake` is the one whose local index the
-    response names as receiver."""
+    response names as receiver, `identity` ours that the initiation was made with."""
     if handshake.state is not HandshakeState.CREATED_INITIATION:
         raise HandshakeError(Drop.BAD_STATE, "response without an initiation in flight")
     ck, h = handshake.chaining_key, handshake.hash

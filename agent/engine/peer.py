@@ -64,10 +64,21 @@ class Peer:
         self.last_sent_handshake: float | None = None
         # set when a persistent keepalive is switched on; the device's next tick sends one
         self.keepalive_requested = False
+        # set when the peer is renamed; the device's next tick initiates a handshake
+        self.handshake_requested = False
 
     @property
     def public_key(self) -> bytes:
         return self._public_key
+
+    def rename(self, public_key: bytes) -> None:
+        """The peer's key rotated: everything it has (sessions, endpoint, counters) stays and
+        its handshake and macs address the new key. The device keeps the lookups in step."""
+        if len(public_key) != constants.KEY_LEN:
+            raise ValueError(f"a public key has 32 bytes, not {len(public_key)}")
+        self._public_key = bytes(public_key)
+        self.handshake.remote_static = self._public_key
+        self.cookie.retarget(self._public_key)
 
     @property
     def preshared_key(self) -> bytes:

@@ -147,10 +147,12 @@ def _confirm_next(
     send.send_staged(dev, p, now, actions)
 
 
-def _macs_ok(
+def _addressed_identity(
     dev: device.Device, data: bytes, source: Endpoint, now: float, actions: list[Action]
-) -> bool:
-    """mac1 always; under load, the source's rate first, then mac2 (else a cookie reply).
+) -> noise.StaticIdentity | None:
+    """Which of our identities the message's mac1 is keyed for: the current one, else the
+    previous one during its grace. Under load, the source's rate first, then mac2 (else a
+    cookie reply, keyed for the identity addressed). None: drop it.
 
     Under load the rate limit comes before the MACs (the kernel checks it after mac2): every
     handshake message a source sends spends from its budget, so most of a flood is refused for
@@ -160,16 +162,24 @@ def _macs_ok(
     under_load = dev.under_load
     if under_load and not dev.ratelimiter.allow(source[0], now):
         dev.counters.drops[Drop.RATE_LIMITED] += 1
-        return False
-    check = dev.checker.check(data, source, check_mac2=under_load, now=now, rng=dev.rng)
+        return None
+    checker, identity = dev.checker, dev.identity
+    check = checker.check(data, source, check_mac2=under_load, now=now, rng=dev.rng)
+    if check is cookie.MacCheck.INVALID:
+        previous = dev.previous_identity(now)
+        if previous is not None:
+            checker, identity = previous.checker, previous.identity
+            check = checker.check(data, source, check_mac2=under_load, now=now, rng=dev.rng)
     if check is cookie.MacCheck.INVALID:
         dev.counters.drops[Drop.BAD_MAC1] += 1
-        return False
+        return None
     if under_load and check is cookie.MacCheck.VALID_MAC1:
         dev.counters.drops[Drop.BAD_MAC2_NEEDS_COOKIE] += 1
-        send.send_cookie_reply(dev, data, source, now, actions)
-        return False
-    return True
+        send.send_cookie_reply(dev, checker, data, source, now, actions)
+        return None
+    if identity is None:
+        dev.counters.drops[Drop.NO_IDENTITY] += 1
+    return identity
 
 
 def _admit(
@@ -177,20 +187,16 @@ def _admit(
 ) -> tuple[list[Action], noise.StaticIdentity | None]:
     """The checks a handshake message passes before any Diffie-Hellman is spent on it.
 
-    Its length, its MACs (a cookie reply instead, under load), the source's rate, and an
-    identity of our own to answer with. None for the identity: drop it (the actions so far,
-    a cookie reply perhaps, still go out).
+    Its length, its MACs (a cookie reply instead, under load), the source's rate, and the
+    identity of ours it addresses, to answer with. None for the identity: drop it (the actions
+    so far, a cookie reply perhaps, still go out).
     """
     actions: list[Action] = []
     dev.handshake_messages += 1
     if len(data) != length:
         dev.counters.drops[Drop.BAD_LENGTH] += 1
         return actions, None
-    if not _macs_ok(dev, data, source, now, actions):
-        return actions, None
-    if dev.identity is None:
-        dev.counters.drops[Drop.NO_IDENTITY] += 1
-    return actions, dev.identity
+    return actions, _addressed_identity(dev, data, source, now, actions)
 
 
 def _receive_initiation(
@@ -207,6 +213,8 @@ def _receive_initiation(
         return actions
     p = dev.peers[handshake.remote_static]
     dev.counters.initiations_received += 1
+    if identity is not dev.identity:
+        dev.counters.previous_key_handshakes += 1
     p.rx_bytes += len(data)
     p.endpoint = source
     dev.index.forget_handshake(p)
@@ -233,6 +241,8 @@ def _receive_response(
         dev.counters.drops[exc.reason] += 1
         return actions
     dev.counters.responses_received += 1
+    if identity is not dev.identity:
+        dev.counters.previous_key_handshakes += 1
     p.rx_bytes += len(data)
     p.endpoint = source
     dev.begin_session(p, now)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from podwire.agent.engine import constants, messages, noise, peer, timers
+from podwire.agent.engine import constants, cookie, messages, noise, peer, timers
 from podwire.agent.engine.actions import Action, Endpoint, SendDatagram
 from podwire.agent.engine.counters import Drop
 
@@ -183,10 +183,16 @@ def send_response(dev: device.Device, p: peer.Peer, now: float, actions: list[Ac
 
 
 def send_cookie_reply(
-    dev: device.Device, data: bytes, source: Endpoint, now: float, actions: list[Action]
+    dev: device.Device,
+    checker: cookie.CookieChecker,
+    data: bytes,
+    source: Endpoint,
+    now: float,
+    actions: list[Action],
 ) -> None:
-    """Under load, answer a handshake message that lacks a valid mac2 with a cookie."""
+    """Under load, answer a handshake message that lacks a valid mac2 with a cookie, from the
+    checker of the identity it addresses (its cookie key is what the sender opens it with)."""
     sender = messages.TYPE.unpack_from(data, 4)[0]
-    reply = dev.checker.create_reply(data, sender, source, now=now, rng=dev.rng)
+    reply = checker.create_reply(data, sender, source, now=now, rng=dev.rng)
     dev.counters.cookie_replies_sent += 1
     actions.append(SendDatagram(reply.pack(), source))

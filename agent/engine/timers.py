@@ -16,10 +16,16 @@ from typing import Protocol
 
 from podwire.agent.engine import constants
 
+# After the device's private key changes, the previous key is still answered for this long
+# (podwire's choice, not the paper's): as long as a session made with it may live, so a peer
+# that has not yet learnt the new key keeps rekeying with the old one and loses nothing.
+PREVIOUS_KEY_GRACE = constants.REJECT_AFTER_TIME
+
 
 @dataclasses.dataclass(frozen=True)
 class ProtocolTimers:
-    """The timers and limits of paper section 6.1 in force, in seconds and messages."""
+    """The timers and limits of paper section 6.1 in force, in seconds and messages, and the
+    previous key's grace."""
 
     rekey_after_messages: int = constants.REKEY_AFTER_MESSAGES
     reject_after_messages: int = constants.REJECT_AFTER_MESSAGES
@@ -29,6 +35,7 @@ class ProtocolTimers:
     rekey_timeout: float = constants.REKEY_TIMEOUT
     rekey_timeout_jitter: float = constants.REKEY_TIMEOUT_JITTER_MAX
     keepalive_timeout: float = constants.KEEPALIVE_TIMEOUT
+    previous_key_grace: float = PREVIOUS_KEY_GRACE
 
     @property
     def max_timer_handshakes(self) -> int:

@@ -9,6 +9,14 @@ read it. The socket server lives in ipc.py.
 
 A set is parsed and validated completely before anything is applied, so a malformed request
 changes nothing (wireguard-go applies the lines before the bad one).
+
+One extension of podwire-engine's own, for key rotation (wireguard-go has none): a peer section
+may go on, right after its `public_key=OLD` line, with `rename_to=NEW`. The peer OLD takes the
+key NEW in place, keeping its sessions, endpoint, counters and allowed-ips, and initiates a
+handshake with NEW at once; the rest of the section applies to it. An unknown OLD makes the
+section one for NEW, as if it began `public_key=NEW`. A set that would rename onto a key that
+a peer (or the device itself) already holds fails with EEXIST before anything is applied.
+`get` prints nothing new, so `wg` reads the engine as ever.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import ipaddress
 import re
 from typing import TYPE_CHECKING
 
-from podwire.agent.engine import constants
+from podwire.agent.engine import constants, noise
 from podwire.agent.engine.actions import Endpoint
 
 if TYPE_CHECKING:
@@ -54,6 +62,8 @@ class PeerChange:
     """One `public_key=` section of a set, with every key that followed it."""
 
     public_key: bytes
+    # `rename_to=` (podwire-engine's extension): the key the peer `public_key` takes.
+    rename_to: bytes | None = None
     remove: bool = False
     update_only: bool = False
     # A key of 32 zero bytes removes the pre-shared key. Never in a repr, so never in a log.
@@ -142,11 +152,17 @@ class _PeerDraft:
 
     def __init__(self, public_key: bytes) -> None:
         self.change = PeerChange(public_key)
+        self.lines = 0  # read after public_key
         self.allowed_ips: list[IPNetwork] = []
         self.removed_allowed_ips: list[IPNetwork] = []
 
     def parse_line(self, key: str, value: str) -> None:
-        if key == "allowed_ip":
+        self.lines += 1
+        if key == "rename_to":
+            if self.lines != 1:
+                raise UapiError("rename_to must come right after its public_key")
+            self._set(rename_to=_parse_key(key, value))
+        elif key == "allowed_ip":
             if value.startswith("-"):
                 self.removed_allowed_ips.append(parse_prefix(value[1:]))
             else:
@@ -284,28 +300,80 @@ def _allowed_ips(device: device_mod.Device, peer: device_mod.Peer) -> list[IPNet
     return [ipaddress.ip_network(entry) for entry in device.allowed_ips.entries_for_peer(peer)]
 
 
-def apply_set(device: device_mod.Device, request: SetRequest) -> None:
-    """Applies a parsed set to the device, in the order of its lines.
+def apply_set(
+    device: device_mod.Device, request: SetRequest, *, now: float
+) -> list[tuple[bytes, bytes]]:
+    """Applies a parsed set to the device, in the order of its lines, at monotonic `now`
+    (when a replaced private key's grace starts). Returns the renames done, (old, new).
 
     The caller rebinds the UDP socket when listen_port or fwmark changed; apply_set only
     records them on the device.
     """
+    _check_renames(device, request)
     if request.private_key is not None:
-        device.private_key = None if request.private_key == _ZERO_KEY else request.private_key
+        device.set_private_key(request.private_key, now=now)
     if request.listen_port is not None:
         device.listen_port = request.listen_port
     if request.fwmark is not None:
         device.fwmark = request.fwmark
     if request.replace_peers:
         device.remove_all_peers()
+    renames: list[tuple[bytes, bytes]] = []
     for change in request.peers:
-        _apply_peer(device, change)
+        _apply_peer(device, change, renames)
+    return renames
 
 
-def _apply_peer(device: device_mod.Device, change: PeerChange) -> None:
+def _check_renames(device: device_mod.Device, request: SetRequest) -> None:
+    """Refuses, before anything is applied, a set that renames a peer onto a key that a peer
+    or the device holds by then: it walks the sections over the set of keys they leave."""
+    if all(change.rename_to is None for change in request.peers):
+        return
+    own = _own_key_after(device, request)
+    keys = set() if request.replace_peers else set(device.peers) - {own}
+    for change in request.peers:
+        key = change.public_key
+        if key == own:
+            continue  # ignored, as every section for our own key is
+        if change.rename_to is not None and change.rename_to != key and key in keys:
+            if change.rename_to in keys or change.rename_to == own:
+                raise UapiError(
+                    f"cannot rename peer {_short(key)} to {_short(change.rename_to)}: "
+                    "that key is taken",
+                    errno=errno_mod.EEXIST,
+                )
+            keys.discard(key)
+        key = change.rename_to or key
+        if change.remove:
+            keys.discard(key)
+        elif not change.update_only and key != own:
+            keys.add(key)
+
+
+def _own_key_after(device: device_mod.Device, request: SetRequest) -> bytes | None:
+    if request.private_key is None:
+        return device.public_key
+    if request.private_key == _ZERO_KEY:
+        return None
+    return noise.public_key(request.private_key)
+
+
+def _short(key: bytes) -> str:
+    return key.hex()[:8] + "…"
+
+
+def _apply_peer(
+    device: device_mod.Device, change: PeerChange, renames: list[tuple[bytes, bytes]]
+) -> None:
     # A section for the device's own public key is ignored, as wireguard-go does.
     if change.public_key == device.public_key:
         return
+    if change.rename_to is not None and change.rename_to != change.public_key:
+        if device.rename_peer(change.public_key, change.rename_to) is not None:
+            renames.append((change.public_key, change.rename_to))
+        change = dataclasses.replace(change, public_key=change.rename_to)
+        if change.public_key == device.public_key:
+            return
     peer = device.peers.get(change.public_key)
     if change.remove:
         if peer is not None:

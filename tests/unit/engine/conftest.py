@@ -185,8 +185,8 @@ def make_wire(
         device_mod.Device(rng=Rng(seed + 1000), wall_clock=clock.wall, timers=config),
         ("192.0.2.2", 51821),
     )
-    a.device.private_key = Rng(seed + 1)(32)
-    b.device.private_key = Rng(seed + 2)(32)
+    a.device.set_private_key(Rng(seed + 1)(32), now=clock.monotonic())
+    b.device.set_private_key(Rng(seed + 2)(32), now=clock.monotonic())
     assert a.device.public_key is not None and b.device.public_key is not None
     peer_b = a.device.add_peer(b.device.public_key)
     peer_a = b.device.add_peer(a.device.public_key)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from podwire.agent.engine import actions, constants, counters, noise
+from podwire.agent.engine import actions, constants, counters
 from podwire.agent.engine.counters import Drop
 
 A4, B4, A6, B6 = "10.0.1.1", "10.0.2.1", "fd00:1::1", "fd00:2::1"
@@ -144,23 +144,6 @@ def test_a_replayed_transport_datagram_is_dropped(wire: Any, packets: Any) -> No
     assert len(wire.b.delivered) == 1
 
 
-def test_changing_the_private_key_drops_sessions_and_a_peer_with_our_key(
-    wire: Any, packets: Any, rng_factory: Any
-) -> None:
-    wire.send(wire.a, packets.ipv4(A4, B4, b"before"))
-    new_key = rng_factory(99)(32)
-    wire.a.device.add_peer(noise.public_key(new_key))
-    wire.a.device.private_key = new_key
-    assert noise.public_key(new_key) not in wire.a.device.peers
-    assert wire.a.device.public_key == noise.public_key(new_key)
-    wire.clock.advance(6)  # past the rekey timeout, so a may initiate again
-    wire.send(wire.a, packets.ipv4(A4, B4, b"after"))
-    # b does not know a's new key: nothing more is delivered, and no old key is used.
-    assert wire.b.delivered == [packets.ipv4(A4, B4, b"before")]
-    assert wire.sent_by("a")[-1].kind == constants.MESSAGE_INITIATION
-    assert wire.b.device.counters.drops[Drop.NO_PEER] == 1
-
-
 def test_peer_configuration_surface(wire: Any) -> None:
     dev = wire.a.device
     key = wire.b.device.public_key
@@ -175,7 +158,7 @@ def test_peer_configuration_surface(wire: Any) -> None:
         peer.public_key = b"x" * 32
     dev.remove_all_peers()
     assert dev.peers == {} and len(dev.allowed_ips) == 0
-    dev.private_key = bytes(32)
+    dev.set_private_key(bytes(32), now=wire.clock.monotonic())
     assert dev.private_key is None and dev.public_key is None
 
 

@@ -246,8 +246,8 @@ def test_two_devices_with_injected_keys_exchange_the_reference_handshake() -> No
     at_i, at_r = ("192.0.2.1", 51820), ("192.0.2.9", 51820)
     initiator = device.Device(rng=_scripted_rng(I_EPHEMERAL, I_INDEX), wall_clock=lambda: WALL)
     responder = device.Device(rng=_scripted_rng(R_EPHEMERAL, R_INDEX), wall_clock=lambda: WALL)
-    initiator.private_key = I_STATIC
-    responder.private_key = R_STATIC
+    initiator.set_private_key(I_STATIC, now=0.0)
+    responder.set_private_key(R_STATIC, now=0.0)
     peer_r = initiator.add_peer(noise.public_key(R_STATIC))
     peer_i = responder.add_peer(noise.public_key(I_STATIC))
     peer_r.preshared_key = peer_i.preshared_key = PSK

@@ -111,7 +111,7 @@ class Harness:
     def __init__(self, tmp_path: pathlib.Path) -> None:
         self.clock = clock_mod.FakeClock()
         self.device = device_mod.Device(rng=os.urandom, wall_clock=self.clock.wall)
-        self.device.private_key = os.urandom(32)
+        self.device.set_private_key(os.urandom(32), now=self.clock.monotonic())
         self.tun = FakeTun()
         self.bind = FakeBind(on_empty=lambda: self.engine.stop("drained"))
         self.listener = ipc.open_listener(tmp_path / "wgx.sock")
@@ -233,7 +233,7 @@ def test_a_legitimate_peer_gets_through_a_flood_with_its_cookie(harness: Harness
     """Peer a loses its session during the flood: it gets a cookie, and its retry with mac2
     is answered although a hundred sources keep flooding."""
     a = device_mod.Device(rng=os.urandom, wall_clock=harness.clock.wall)
-    a.private_key = os.urandom(32)
+    a.set_private_key(os.urandom(32), now=harness.clock.monotonic())
     assert a.public_key is not None and harness.device.public_key is not None
     b_peer = a.add_peer(harness.device.public_key)
     b_peer.endpoint = B_ENDPOINT

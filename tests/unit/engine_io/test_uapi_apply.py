@@ -22,7 +22,7 @@ def make_device() -> device_mod.Device:
 def apply(device: device_mod.Device, *lines: str) -> None:
     request = uapi.parse_request(("\n".join(["set=1", *lines]) + "\n\n").encode())
     assert isinstance(request, uapi.SetRequest)
-    uapi.apply_set(device, request)
+    uapi.apply_set(device, request, now=0.0)
 
 
 def get(device: device_mod.Device) -> list[str]:
@@ -140,7 +140,7 @@ def test_get_then_set_round_trips(
     peers: dict[bytes, tuple[list[ipaddress.IPv4Network | ipaddress.IPv6Network], int, bool]],
 ) -> None:
     device = make_device()
-    device.private_key = bytes.fromhex(PRIV)
+    device.set_private_key(bytes.fromhex(PRIV), now=0.0)
     for key, (prefixes, keepalive, v6) in peers.items():
         if key == device.public_key:
             continue
@@ -160,5 +160,5 @@ def test_get_then_set_round_trips(
         ("set=1\n" + "".join(f"{line}\n" for line in settable) + "\n").encode()
     )
     assert isinstance(request, uapi.SetRequest)
-    uapi.apply_set(copy, request)
+    uapi.apply_set(copy, request, now=0.0)
     assert uapi.serialize_get(copy) == shown
