@@ -201,7 +201,8 @@ class Controller:
         ):
             if not self.leading():
                 return
-            self._log.info("rotation_" + action.kind, node=action.name, message=action.message)
+            say = self._log.warning if action.kind == "timed_out" else self._log.info
+            say("rotation_" + action.kind, node=action.name, message=action.message)
             getattr(self, f"_rotation_{action.kind}")(action, by_name[action.name], now)
 
     def _rotation_queue(self, action: rotation.Action, obj: Obj, now: float) -> None:

@@ -7,14 +7,15 @@ import signal
 import time
 
 from podwire.sandbox import controlplane
-
 from tests.integration.operator.conftest import Operators, wait_for
 
 LEASE_DURATION = 15.0  # the default, so the takeover measured is the one a cluster sees
 
 
 def _holder(cp: controlplane.ControlPlane, namespace: str) -> str:
-    proc = cp.kubectl("get", "lease", "podwire-operator", "-n", namespace, "-o", "json", check=False)
+    proc = cp.kubectl(
+        "get", "lease", "podwire-operator", "-n", namespace, "-o", "json", check=False
+    )
     if proc.returncode != 0:
         return ""
     return str(json.loads(proc.stdout)["spec"].get("holderIdentity") or "")
