@@ -275,7 +275,9 @@ class Engine:
                 "private_key_changed",
                 public_key=short_key(self.device.public_key or b""),
                 previous_key=None if previous is None else short_key(previous.identity.public_key),
-                previous_key_until=None if previous is None else round(previous.until, 3),
+                previous_key_answered_for=(
+                    None if previous is None else self.device.timer_config.previous_key_grace
+                ),
             )
         # A new endpoint or keepalive interval may have work due right now.
         self._perform(self.device.tick(self._clock()))

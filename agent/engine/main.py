@@ -16,8 +16,8 @@ Environment:
                             with wireguard-go. Logs are JSON unless stdout is a terminal.
   PODWIRE_ENGINE_TIMERS     a test knob, never for production: shortens the protocol's timers,
                             e.g. "rekey_after_time=6,reject_after_time=10,rekey_attempt_time=9"
-                            (names are the fields of timers.ProtocolTimers, values in seconds
-                            or messages).
+                            or "previous_key_grace=5" (names are the fields of
+                            timers.ProtocolTimers, values in seconds or messages).
 """
 
 from __future__ import annotations

@@ -343,6 +343,7 @@ def _check_renames(device: device_mod.Device, request: SetRequest) -> None:
                     errno=errno_mod.EEXIST,
                 )
             keys.discard(key)
+            keys.add(change.rename_to)  # renamed, it exists whatever update_only says
         key = change.rename_to or key
         if change.remove:
             keys.discard(key)

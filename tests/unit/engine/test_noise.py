@@ -347,3 +347,31 @@ def test_a_low_order_ephemeral_is_refused() -> None:
     with pytest.raises(noise.HandshakeError) as err:
         noise.consume_initiation(message, responder, lambda key: hs_r, now=0.0)
     assert err.value.reason == Drop.BAD_DH
+
+
+def test_a_previous_identity_answers_with_the_reference_keys() -> None:
+    """After a key change the responder's handshake is precomputed for its new key; an
+    initiation made to the previous one is consumed with that identity (ss worked out
+    afresh) and yields the reference's keys. With the new identity it fails."""
+    ref = Reference().handshake(PSK)
+    previous = noise.StaticIdentity(R_STATIC)
+    current = noise.StaticIdentity(bytes.fromhex("c0" + "55" * 30 + "45"))
+    initiator = noise.StaticIdentity(I_STATIC)
+    hs_i = noise.Handshake(previous.public_key, PSK)
+    hs_i.precompute(initiator)
+    hs_r = noise.Handshake(initiator.public_key, PSK)
+    hs_r.precompute(current)
+    init = noise.create_initiation(
+        hs_i, initiator, ephemeral_private=I_EPHEMERAL, sender_index=I_INDEX, wall_time=WALL
+    )
+    with pytest.raises(noise.HandshakeError):
+        noise.consume_initiation(init, current, lambda key: hs_r, now=50.0)
+    assert noise.consume_initiation(init, previous, lambda key: hs_r, now=50.0) is hs_r
+    assert hs_r.precomputed_for == current.public_key  # the precomputation stays the current's
+    resp = noise.create_response(hs_r, ephemeral_private=R_EPHEMERAL, sender_index=R_INDEX)
+    noise.consume_response(resp, hs_i, initiator)
+    kp_i = noise.begin_session(hs_i, now=50.0)
+    assert (kp_i.sending_key, kp_i.receiving_key) == (
+        ref["initiator_send"],
+        ref["initiator_receive"],
+    )

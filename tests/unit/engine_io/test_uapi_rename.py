@@ -8,7 +8,9 @@ import errno
 import ipaddress
 import os
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from podwire.agent import wgdevice
 from podwire.agent.datapath import uapi as client
@@ -180,3 +182,62 @@ def test_the_agents_client_encodes_a_rename_the_engine_applies() -> None:
         peers=[wgdevice.PeerChange(_b64(NEW), renamed_from=_b64(NEW))]
     )
     assert plain == f"set=1\npublic_key={NEW}\n\n"
+
+
+# Against a naive model: the sections applied one by one, a rename onto a taken key a failure.
+
+_POOL = [bytes([n]) * 32 for n in (0xA1, 0xB2, 0xC3, 0xD4)]
+_SECTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(_POOL),
+        st.one_of(st.none(), st.sampled_from(_POOL)),
+        st.sampled_from(["", "remove=true", "update_only=true"]),
+    ),
+    max_size=5,
+)
+
+
+def _naive(
+    start: dict[bytes, set[str]], sections: list[tuple[bytes, bytes | None, str]]
+) -> dict[bytes, set[str]] | None:
+    """Each peer's allowed-ips after the sections, or None where a rename meets a taken key."""
+    peers = {key: set(nets) for key, nets in start.items()}
+    for key, rename_to, flag in sections:
+        if rename_to is not None and key in peers and rename_to != key:
+            if rename_to in peers:
+                return None
+            peers[rename_to] = peers.pop(key)
+        key = rename_to or key
+        if flag == "remove=true":
+            peers.pop(key, None)
+        elif flag != "update_only=true":
+            peers.setdefault(key, set())
+    return peers
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(start=st.sets(st.sampled_from(_POOL)), sections=_SECTIONS)
+def test_sets_with_renames_agree_with_the_naive_model(
+    start: set[bytes], sections: list[tuple[bytes, bytes | None, str]]
+) -> None:
+    initial = {key: {f"10.{key[0]}.0.0/16"} for key in start}
+    device = make_device(*(f"public_key={k.hex()}\nallowed_ip={n}" for k, (n,) in initial.items()))
+    before = get(device)
+    lines = []
+    for key, rename_to, flag in sections:
+        lines.append(f"public_key={key.hex()}")
+        lines += [f"rename_to={rename_to.hex()}"] if rename_to is not None else []
+        lines += [flag] if flag else []
+    expected = _naive(initial, sections)
+    if expected is None:
+        with pytest.raises(uapi.UapiError) as caught:
+            apply(device, *lines)
+        assert caught.value.errno == errno.EEXIST
+        assert get(device) == before
+        return
+    apply(device, *lines)
+    got = {
+        key: {str(net) for net in device.allowed_ips.entries_for_peer(peer)}
+        for key, peer in device.peers.items()
+    }
+    assert got == expected
