@@ -6,6 +6,12 @@ back actions to perform (send a datagram, deliver a packet to TUN). Nothing here
 sleeps, reads a clock or raises on what a peer sends: every malformed or unauthenticated
 datagram is dropped and counted in `counters`, which the I/O layer logs.
 
+A key rotation loses nothing. A new private key keeps every session, and the replaced key
+stays a second identity, answered for a grace (`ProtocolTimers.previous_key_grace`), so a
+peer that has not heard of the new key yet still rekeys with the old one. A peer renamed in
+place (`rename_peer`, when its key rotated) keeps its sessions, routes and counters and
+initiates with its new key at once; its old session carries the data until the new one is up.
+
 The datapath is split as wireguard-go splits its device: `indextable` (what a receiver index
 names), `send` (TUN to UDP, and the handshake messages we send), `receive` (UDP to TUN, and
 the handshake messages we consume) and `expiry` (what the timers do when they fire). The
@@ -103,8 +109,10 @@ class Device:
             return
         replaced = self.identity
         self.identity = noise.StaticIdentity(bytes(key)) if key is not None else None
-        rotated = replaced is not None and self.identity is not None
-        self.previous = self._previous(replaced, now) if rotated else None
+        self.previous = None
+        if replaced is not None and self.identity is not None:
+            self.previous = self._previous(replaced, now)
+        rotated = self.previous is not None
         public = self.public_key
         self.checker.set_public_key(public)
         if public is not None and public in self.peers:
@@ -115,8 +123,7 @@ class Device:
                 self.index.forget_handshake(p)
                 p.expire_current_keypairs()
 
-    def _previous(self, replaced: noise.StaticIdentity | None, now: float) -> PreviousIdentity:
-        assert replaced is not None
+    def _previous(self, replaced: noise.StaticIdentity, now: float) -> PreviousIdentity:
         checker = cookie.CookieChecker()
         checker.set_public_key(replaced.public_key)
         return PreviousIdentity(replaced, checker, now + self.timer_config.previous_key_grace)
@@ -148,8 +155,8 @@ class Device:
         p = self.peers.get(old)
         if p is None or old == new:
             return p
-        if new in self.peers:
-            raise ValueError("a peer with the new key exists")
+        if new in self.peers or new == self.public_key:
+            raise ValueError("a peer (or the device itself) has the new key")
         del self.peers[old]
         p.rename(new)
         p.handshake.precompute(self.identity)
