@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from podwire.api import wgnode
 
 DEFAULT_SOCKET = "/var/run/podwire/agent.sock"
 PLUGIN_GROUP = "podwire.cli"
@@ -37,7 +40,98 @@ def _parser(plugins: Iterable[Plugin] | None = None) -> argparse.ArgumentParser:
         c.add_argument("-o", "--output", choices=["table", "json"], default="table")
         c.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's API socket")
         c.set_defaults(handler=_agent_command)
+    r = sub.add_parser(
+        "rotate-key",
+        help="give a node a new key: this node over the local API, another through the cluster",
+        description=(
+            "Without --node or --all, asks this node's agent over its local API. With --node, "
+            f"sets {wgnode.ROTATE_ANNOTATION} on that node's WireguardNode through the kubeconfig (as "
+            "`kubectl annotate` can) and waits for its agent to rotate; with --all, queues every "
+            "node for the operator, which rotates them one at a time."
+        ),
+    )
+    who = r.add_mutually_exclusive_group()
+    who.add_argument("--node", help="the node whose key to rotate")
+    who.add_argument("--all", action="store_true", help="a rolling rotation of every node")
+    r.add_argument("--kubeconfig", help="default: $KUBECONFIG, then ~/.kube/config")
+    r.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's API socket")
+    r.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for --node (0: do not wait)"
+    )
+    r.set_defaults(handler=_rotate_key)
     return p
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    if not args.node and not args.all:
+        return _rotate_here(args.socket)
+    import kubernetes
+
+    from podwire.agent import kube
+
+    path = args.kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    try:
+        client = kube.Client(kubeconfig=path)
+        now = wgnode.format_precise_time(time.time())
+        if args.all:
+            names = [o["metadata"]["name"] for o in client.list_all("wgnodes")[0]]
+            for name in names:
+                client.patch_wgnode_metadata(
+                    name, {"metadata": {"annotations": {wgnode.ROTATION_QUEUED_ANNOTATION: now}}}
+                )
+            print(f"queued {len(names)} nodes for a rolling rotation by podwire-operator")
+            return 0
+        before = client.get_wgnode(args.node)
+        if before is None:
+            print(f"podwire: no WireguardNode {args.node}", file=sys.stderr)
+            return 1
+        client.patch_wgnode_metadata(
+            args.node, {"metadata": {"annotations": {wgnode.ROTATE_ANNOTATION: now}}}
+        )
+    except (kube.KubeError, OSError, kubernetes.config.ConfigException) as e:
+        print(f"podwire: {e}", file=sys.stderr)
+        return 1
+    old_key = before["spec"]["publicKey"]
+    print(f"asked node {args.node} for a new key (was {old_key})")
+    if args.timeout <= 0:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            obj = client.get_wgnode(args.node) or {}
+        except kube.KubeError:
+            continue
+        key = obj.get("spec", {}).get("publicKey")
+        rotated = obj.get("status", {}).get("keyRotatedAt")
+        if (
+            key
+            and key != old_key
+            and rotated
+            and wgnode.parse_time(rotated) >= int(wgnode.parse_time(now))
+        ):
+            print(f"node {args.node} has a new key: {key}")
+            return 0
+    print(
+        f"podwire: node {args.node} did not rotate within {args.timeout:.0f} s; is its agent "
+        "running? `kubectl describe wgnode` shows its Events",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _rotate_here(socket_path: str) -> int:
+    import grpc
+
+    from podwire.api.podwire.v1 import agent_pb2
+
+    try:
+        msg = _stub(socket_path).RotateKey(agent_pb2.RotateKeyRequest(), timeout=30)
+    except grpc.RpcError as e:
+        print(f"podwire: the agent at {socket_path} did not rotate: {e.details()}", file=sys.stderr)
+        return 1
+    print(f"new public key: {msg.public_key}")
+    return 0
 
 
 def discover_plugins() -> list[Plugin]:
@@ -109,7 +203,7 @@ def _agent_command(args: argparse.Namespace) -> int:
             f"reconciled:  {_age(msg.last_reconcile)}{' error: ' + msg.last_reconcile_error if msg.last_reconcile_error else ''}"
         )
         print(f"mtu:         {msg.mtu or '-'}")
-        print(f"key rotated: {_age(msg.key_rotated_at)}")
+        print(f"key made:    {_age(msg.key_rotated_at)}")
         conditions = ", ".join(f"{c.type}={c.status}" for c in msg.conditions)
         print(f"conditions:  {conditions or '-'}")
         print("components:")

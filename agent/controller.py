@@ -222,7 +222,10 @@ class Controller:
         self._resumed = False
         public = self.keys.public_key
         self.log.info("key_rotated", public_key=public, how=how)
-        self.recorder.record("Normal", "KeyRotated", f"new public key {public} ({how})")
+        own = self.publisher.watches.wgnode(self.publisher.node_name)
+        self.recorder.record(
+            "Normal", "KeyRotated", f"new public key {public} ({how})", involved=own
+        )
         if not self._confirm_until:  # resumed: the device got the key at start
             self._confirm_since = self.keys.made_wall
             self._confirm_until = self.clock.monotonic() + CONFIRM_PERIOD
@@ -310,7 +313,12 @@ class Controller:
         except Exception as e:
             self.rotations_failed += 1
             self.log.error("key_rotation_failed", error=str(e))
-            self.recorder.record("Warning", "KeyRotationFailed", f"the new key was not stored: {e}")
+            self.recorder.record(
+                "Warning",
+                "KeyRotationFailed",
+                f"the new key was not stored: {e}",
+                involved=self.publisher.watches.wgnode(self.publisher.node_name),
+            )
             raise
         failpoint.reached("rotation-stored")
         public = key.public_key_b64()

@@ -15,6 +15,7 @@ import sys
 import time
 
 import grpc
+from underlay import capture_underlay
 
 from podwire.agent import keys
 from podwire.api.podwire.v1 import agent_pb2, agent_pb2_grpc
@@ -71,21 +72,6 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def _capture(
-    cluster: topology.Cluster, tmp_path: pathlib.Path
-) -> tuple[subprocess.Popen[bytes], pathlib.Path]:
-    pcap, log = tmp_path / "underlay.pcap", tmp_path / "tcpdump.log"
-    proc = cluster.factory.spawn(
-        cluster.underlay,
-        ["tcpdump", "-i", cluster.bridge, "-n", "-U", "-w", str(pcap), "net 10.244.0.0/16"],
-        log_path=log,
-    )
-    netns_mod.wait_until(
-        lambda: "listening on" in log.read_text(), timeout=10, what="tcpdump to listen"
-    )
-    return proc, pcap
-
-
 def test_fail_closed_keeps_traffic_to_an_unprogrammed_node_off_the_wire(
     cluster: topology.Cluster, tmp_path: pathlib.Path
 ) -> None:
@@ -100,7 +86,7 @@ def test_fail_closed_keeps_traffic_to_an_unprogrammed_node_off_the_wire(
     _wait_ready(cluster, "node1", "node2")
     assert n1.pods[0].ns.ping(n2.pods[0].ip, count=2, timeout=10), "the tunnel itself works"
 
-    capture, pcap = _capture(cluster, tmp_path)
+    capture, pcap = capture_underlay(cluster, tmp_path)
     try:
         for src in (n1.pods[0], n2.pods[0]):
             src.ns.ping(n3.pods[0].ip, count=3, timeout=2, interval=0.2)
