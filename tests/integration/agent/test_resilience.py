@@ -16,20 +16,25 @@ def _wgnode(cluster: topology.Cluster, name: str) -> dict:
     return json.loads(cluster.cp.kubectl("get", "wgnode", name, "-o", "json").stdout)
 
 
-def _ready(cluster: topology.Cluster, name: str) -> bool:
+def _ready(cluster: topology.Cluster, name: str, *, peers: int | None = None) -> bool:
     out = cluster.cp.kubectl("get", "wgnode", name, "-o", "json", check=False)
     if out.returncode != 0:
         return False
-    conds = json.loads(out.stdout).get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    status = json.loads(out.stdout).get("status", {})
+    if peers is not None and status.get("peers") != peers:
+        return False
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
 
 
 @pytest.fixture
 def two(cluster: topology.Cluster) -> topology.Cluster:
     for i in (1, 2):
         cluster.start_agent(cluster.add_node(f"node{i}"))
+    # Ready says the agent's components are healthy, not that it has seen the other node yet.
     netns_mod.wait_until(
-        lambda: _ready(cluster, "node1") and _ready(cluster, "node2"), timeout=60, what="Ready"
+        lambda: _ready(cluster, "node1", peers=1) and _ready(cluster, "node2", peers=1),
+        timeout=60,
+        what="both nodes Ready, each with the other as its peer",
     )
     return cluster
 
