@@ -30,7 +30,7 @@ Obj = dict[str, Any]
 COMPONENT: Final = "podwire-operator"
 CONFLICT: Final = "Conflict"
 NO_CONFLICT: Final = "NoConflict"
-DEBOUNCE: Final = 0.1  # changes that arrive together are handled in one pass
+DEBOUNCE: Final = 0.5  # changes that arrive together (status updates of many agents) make one pass
 PATCH_RETRIES: Final = 3
 
 

@@ -93,7 +93,8 @@ class Elector:
                 return self._renew(record)
             return self._wait_or_take(record)
         except kube.KubeError as e:
-            self.connected, self.last_error = e.status is not None, str(e)
+            # Refused (403) counts too: a replica that cannot hold the lease is not ready.
+            self.connected, self.last_error = False, str(e)
             self._log.warning("lease_call_failed", error=str(e))
             return self.retry_period
 
@@ -150,7 +151,8 @@ class Elector:
         try:
             written = call(body)
         except kube.KubeError as e:
-            if e.status == 409:  # someone else wrote the lease first: look again soon
+            if e.status == 409:  # someone else wrote the lease first: step down, look again
+                self._lost()
                 self._log.info("lease_taken_by_another", error=str(e))
                 return self.retry_period
             raise

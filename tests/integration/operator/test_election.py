@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import signal
 import time
 
@@ -73,3 +74,19 @@ def test_a_replica_that_stops_gives_the_lease_up_at_once(
     handover = time.monotonic() - stopped
     print(f"handover after SIGTERM: {handover:.2f}s")
     assert handover < 4  # a retry period or so, not a lease duration
+
+
+def test_a_replica_that_cannot_reach_the_apiserver_is_alive_but_not_ready(
+    crds: controlplane.ControlPlane, operators: Operators, tmp_path: pathlib.Path
+) -> None:
+    config = json.loads(crds.kubectl("config", "view", "--raw", "-o", "json").stdout)
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{controlplane.free_port()}"
+    kubeconfig = tmp_path / "nowhere.kubeconfig"
+    kubeconfig.write_text(json.dumps(config))
+    op = operators.start("op-nowhere", f"--kubeconfig={kubeconfig}")
+
+    wait_for(lambda: op.get("/readyz")[0] == 503, timeout=10, what="/readyz failing")
+    _, text = op.get("/readyz")
+    assert "not ready: cannot reach the apiserver" in text, text
+    assert op.get("/healthz")[0] == 200  # waiting for the apiserver is no reason to restart
+    assert not op.leading()

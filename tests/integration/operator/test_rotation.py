@@ -174,3 +174,24 @@ def test_keys_older_than_the_interval_are_rotated_on_schedule(
     cond = objects.condition(old, "KeyRotation")
     assert cond is not None and cond["status"] == "True"
     assert op.metrics()['podwire_operator_rotations_total{result="done"}'] == 1.0
+
+
+def test_a_new_leader_carries_on_the_rotation_where_the_old_one_stopped(
+    operators: Operators, objects: Objects, nodes: list[str]
+) -> None:
+    queued = rfc3339(time.time())
+    for name in nodes:
+        objects.annotate(name, **{QUEUED: queued})
+    fast = ("--lease-duration=4s", "--renew-period=1s")
+    with FakeAgents(objects, nodes, set()) as agents:  # nobody answers yet
+        first = operators.start("op-first", *fast)
+        wait_for(lambda: REQUESTED in _annotations(objects, nodes[0]), timeout=10, what="the first node requested")  # fmt: skip
+        second = operators.start("op-second", *fast)
+        first.kill()
+        wait_for(second.leading, timeout=10, what="the second replica leading")
+        agents.answering.update(nodes)
+        wait_for(lambda: all(QUEUED not in _annotations(objects, n) for n in nodes), timeout=60, what="every rotation done")  # fmt: skip
+
+    assert agents.order == nodes
+    assert agents.most_at_once == 1
+    assert second.metrics()['podwire_operator_rotations_total{result="done"}'] == 3.0
