@@ -132,6 +132,10 @@ def test_a_rotation_loses_no_packet(bed: Any, order: str) -> None:
         what="a's handshake with b's new key",
     )
     assert [line[0] for line in a.dump()[1:]] == [public]
+    delay = (_peer(a).last_handshake or 0.0) - renamed_at
+    print(f"{order}: a's handshake with Kb' {delay:.3f}s after the rename")
+    if order == "key_then_rename":
+        assert delay < 1.0, "a did not handshake with the new key at once"
     assert a.ns.ping(b.tunnel, count=3, timeout=5) and b.ns.ping(a.tunnel, count=3, timeout=5)
     (renamed,) = _events(a, "peer_renamed")
     assert renamed["peer"] == public[:8] and renamed["previous_key"] == b.public_key[:8]
