@@ -133,6 +133,21 @@ class PeerChange:
     renamed_from: str | None = None  # base64: the peer's key before a rotation
 
 
+def without_renames(changes: Iterable[PeerChange]) -> list[PeerChange]:
+    """The same changes for a device that cannot rename a peer (the kernel, wireguard-go):
+    the new peer is made first, taking the allowed-ips so no packet finds no peer, then the
+    old one removed. Its sessions go with it; a greeting starts the handshake at once."""
+    out: list[PeerChange] = []
+    for change in changes:
+        old = change.renamed_from
+        if old is None or old == change.public_key:
+            out.append(change)
+            continue
+        out.append(dataclasses.replace(change, renamed_from=None))
+        out.append(PeerChange(old, remove=True))
+    return out
+
+
 def greeting(public_keys: Sequence[str]) -> tuple[list[PeerChange], list[PeerChange]]:
     """Two requests that make the device send each peer a keepalive now, and no more later.
 
@@ -206,11 +221,11 @@ class PeerTable:
         self._give(change.public_key, change.allowed_ips, kept)
 
     def _rename(self, old: str, new: str) -> None:
-        peer = self._peers.pop(old, None)
-        if peer is None:
+        if old not in self._peers:
             return
         if new in self._peers:
             raise ValueError(f"cannot rename peer {old} to {new}: a peer with that key exists")
+        peer = self._peers.pop(old)
         self._peers[new] = dataclasses.replace(peer, public_key=new)
         for net in peer.allowed_ips:
             self._owner[net] = new

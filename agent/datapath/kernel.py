@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from podwire.agent import wgdevice
@@ -44,17 +43,8 @@ class KernelBackend:
         return wireguard.read_device(self.device, netns=self.netns)
 
     def apply(self, changes: Sequence[wgdevice.PeerChange]) -> None:
-        for change in changes:
-            if change.renamed_from is not None and change.renamed_from != change.public_key:
-                # The kernel cannot rename a peer: the new one takes the allowed-ips first (so
-                # no packet finds no peer), then the old one goes. Its sessions go with it; the
-                # reconciler's greeting starts the handshake with the new key at once.
-                wireguard.set_peer(
-                    self.device, dataclasses.replace(change, renamed_from=None), netns=self.netns
-                )
-                gone = wgdevice.PeerChange(change.renamed_from, remove=True)
-                wireguard.set_peer(self.device, gone, netns=self.netns)
-                continue
+        # The kernel cannot rename a peer: see wgdevice.without_renames.
+        for change in wgdevice.without_renames(changes):
             wireguard.set_peer(self.device, change, netns=self.netns)
 
     def features(self) -> tuple[str, ...]:

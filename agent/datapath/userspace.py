@@ -6,6 +6,7 @@ configured exactly as `wg` would configure it, so `wg show` works here as on the
 
 from __future__ import annotations
 
+import errno
 import pathlib
 from collections.abc import Sequence
 
@@ -69,8 +70,17 @@ class UserspaceBackend:
         return self.client.get()
 
     def apply(self, changes: Sequence[wgdevice.PeerChange]) -> None:
-        if changes:
+        if not changes:
+            return
+        try:
             self.client.set(peers=changes)
+        except uapi.UapiError as e:
+            # An engine without podwire-engine's rename_to= (wireguard-go as `engine`) refuses
+            # the whole request, so nothing of it applied: send it without renames.
+            renames = any(c.renamed_from not in (None, c.public_key) for c in changes)
+            if abs(e.errno) != errno.EINVAL or not renames:  # wireguard-go answers -22
+                raise
+            self.client.set(peers=wgdevice.without_renames(changes))
 
     def features(self) -> tuple[str, ...]:
         return self._link.applied

@@ -8,6 +8,7 @@ veth 192.0.2.1/24 ------ veth ------------- 192.0.2.2/24
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import pathlib
 import random
@@ -146,6 +147,24 @@ def test_the_agents_record_of_the_device_matches_what_the_device_reads_back(
         got = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in backend.read().peers}
         want = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in table.peers()}
         assert got == want, f"round {round_}: the record and {kind} disagree"
+    # A node that rotated its key: renamed on podwire-engine, remade on wireguard-go (which
+    # refuses rename_to=, so the backend sends the request again without it).
+    endpoint = wgdevice.Endpoint("192.0.2.1", PORT)
+    desired = [reconcile.DesiredPeer("n0", peer_keys[0], endpoint, (nets[0], nets[1]))]
+    for changes in (
+        reconcile.plan_changes(reconcile.plan_peers(desired, table.peers(), synced=True)),
+    ):
+        backend.apply(changes)
+        table.apply(changes)
+    rotated = [
+        dataclasses.replace(desired[0], public_key=keys.PrivateKey.generate().public_key_b64())
+    ]
+    plan = reconcile.plan_peers(rotated, table.peers(), synced=True)
+    assert len(plan.rename) == 1 and not plan.add and not plan.remove
+    backend.apply(reconcile.plan_changes(plan))
+    table.apply(reconcile.plan_changes(plan))
+    got = {(p.public_key, p.endpoint, frozenset(p.allowed_ips)) for p in backend.read().peers}
+    assert got == {(rotated[0].public_key, endpoint, frozenset({nets[0], nets[1]}))}
     # A device that is replaced is noticed by its identity, cheaply.
     before = backend.identity()
     assert before is not None

@@ -182,3 +182,25 @@ def test_a_rename_keeps_the_peers_counters_and_refuses_a_taken_key() -> None:
     # An unknown old key: a plain change on the new key.
     device.apply_change(wgdevice.PeerChange(KEYS[3], allowed_ips=(NETS[3],), renamed_from=KEYS[7]))
     assert device.get(KEYS[3]).allowed_ips == (NETS[3],)  # type: ignore[union-attr]
+
+
+def test_without_renames_makes_the_new_peer_before_removing_the_old() -> None:
+    device = wgdevice.PeerTable()
+    _sync(device, [_desired(0, 1, 2)], synced=True)
+    rename = wgdevice.PeerChange(
+        KEYS[5], ENDPOINTS[0], (NETS[1], NETS[2]), replace_allowed_ips=True, renamed_from=KEYS[0]
+    )
+    made, removed = wgdevice.without_renames([rename])
+    assert made.renamed_from is None and made.public_key == KEYS[5]
+    assert removed == wgdevice.PeerChange(KEYS[0], remove=True)
+    device.apply([made, removed])
+    (peer,) = device.peers()
+    assert peer.public_key == KEYS[5] and set(peer.allowed_ips) == {NETS[1], NETS[2]}
+
+
+def test_a_refused_rename_leaves_the_old_peer() -> None:
+    device = wgdevice.PeerTable()
+    _sync(device, [_desired(0, 1), _desired(1, 2)], synced=True)
+    with pytest.raises(ValueError, match="exists"):
+        device.apply_change(wgdevice.PeerChange(KEYS[1], renamed_from=KEYS[0]))
+    assert {p.public_key for p in device.peers()} == {KEYS[0], KEYS[1]}
