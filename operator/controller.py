@@ -117,16 +117,18 @@ class Controller:
         if not (self.nodes.synced and self.wgnodes.synced):
             return
         self.counts.passes += 1
-        try:
-            nodes = self.nodes.snapshot()
-            self._remove_stale(self._wgnodes(), nodes)
-            self._flag_conflicts(self._wgnodes(), nodes)
-            self._rotate(self._wgnodes())
-            self.counts.last_error = ""
-        except Exception as e:  # the apiserver went away mid-pass: the next pass tries again
-            self.counts.errors += 1
-            self.counts.last_error = str(e)
-            self._log.warning("pass_failed", error=str(e))
+        nodes = self.nodes.snapshot()
+        failed = []
+        # Each duty on its own: one that fails (the apiserver away, an object refused) does not
+        # hold up the others; the next pass tries it again.
+        for duty in (self._remove_stale, self._flag_conflicts, self._rotate):
+            try:
+                duty(self._wgnodes(), nodes)
+            except Exception as e:
+                failed.append(str(e))
+                self._log.warning("pass_failed", duty=duty.__name__.lstrip("_"), error=str(e))
+        self.counts.errors += bool(failed)
+        self.counts.last_error = "; ".join(failed)
 
     def _wgnodes(self) -> list[Obj]:
         """The informer's copies, each replaced by the object our last write returned while
@@ -191,7 +193,7 @@ class Controller:
 
     # -- rotation ------------------------------------------------------------------------------
 
-    def _rotate(self, wgnodes: list[Obj]) -> None:
+    def _rotate(self, wgnodes: list[Obj], nodes: list[Obj]) -> None:
         now = self.clock.wall()
         views = [rotation.read(o) for o in wgnodes]
         self.counts.queued = sum(1 for v in views if v.queued_at is not None)
