@@ -13,6 +13,8 @@ from podwire.agent import clock as clock_mod
 from podwire.agent import component, kube
 from podwire.operator import config, controller, elector, leases, server
 
+STOP_WAIT = 10.0  # the longest a lease call may take
+
 
 class Operator:
     def __init__(self, cfg: config.Config, client: kube.Client, *, clock: clock_mod.Clock | None = None) -> None:  # fmt: skip
@@ -52,8 +54,12 @@ class Operator:
 
     def stop(self) -> None:
         self._stop.set()
+        self.controller.changed()  # out of its wait at once
         self.nodes.stop()
         self.wgnodes.stop()
+        # No write of ours may land after the lease is given up, nor race the release itself.
+        self.controller.join(STOP_WAIT)
+        self.elector.join(STOP_WAIT)
         self.elector.release()
         self.http.stop()
 

@@ -93,6 +93,11 @@ class Controller:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def join(self, timeout: float) -> None:
+        """Waits for the loop to end (after stop is set), a write in flight included."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def health(self) -> component.Health:
         if not (self.nodes.synced and self.wgnodes.synced):
             return component.degraded("waiting for the Node and WireguardNode lists")

@@ -74,6 +74,11 @@ class Elector:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def join(self, timeout: float) -> None:
+        """Waits for the loop to end (after stop is set), a write in flight included."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             wait = self.step()
