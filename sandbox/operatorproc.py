@@ -19,7 +19,9 @@ from podwire.sandbox import controlplane, record, supervisor
 
 ROLE = "operator"
 BIN = pathlib.Path(sys.executable).parent
-NAMESPACE = "kube-system"
+# Where the sandbox's `helm template podwire` (no -n) puts the operator's ServiceAccount and its
+# Lease Role: with a token of default/podwire-operator as kubeconfig it runs under the chart's RBAC.
+NAMESPACE = "default"
 # Short enough that a sandbox shows a takeover and a stale object's removal while one watches.
 DEFAULT_FLAGS = ("--stale-grace=10s", "--rotation-deadline=60s")
 
