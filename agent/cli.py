@@ -65,8 +65,6 @@ def _parser(plugins: Iterable[Plugin] | None = None) -> argparse.ArgumentParser:
 def _rotate_key(args: argparse.Namespace) -> int:
     if not args.node and not args.all:
         return _rotate_here(args.socket)
-    import kubernetes
-
     from podwire.agent import kube
 
     path = args.kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
@@ -88,7 +86,7 @@ def _rotate_key(args: argparse.Namespace) -> int:
         client.patch_wgnode_metadata(
             args.node, {"metadata": {"annotations": {wgnode.ROTATE_ANNOTATION: now}}}
         )
-    except (kube.KubeError, OSError, kubernetes.config.ConfigException) as e:
+    except (kube.KubeError, OSError) as e:
         print(f"podwire: {e}", file=sys.stderr)
         return 1
     old_key = before["spec"]["publicKey"]

@@ -51,12 +51,17 @@ class Client:
     """Typed calls on the resources podwire uses, returning and taking plain dicts."""
 
     def __init__(self, *, kubeconfig: str | None = None) -> None:
-        if kubeconfig:
-            self.api = kubernetes.config.new_client_from_config(config_file=kubeconfig)
-        else:
-            cfg = kubernetes.client.Configuration()
-            kubernetes.config.load_incluster_config(client_configuration=cfg)
-            self.api = kubernetes.client.ApiClient(cfg)
+        """Raises KubeError when the kubeconfig (or the in-cluster config) cannot be used."""
+        try:
+            if kubeconfig:
+                self.api = kubernetes.config.new_client_from_config(config_file=kubeconfig)
+            else:
+                cfg = kubernetes.client.Configuration()
+                kubernetes.config.load_incluster_config(client_configuration=cfg)
+                self.api = kubernetes.client.ApiClient(cfg)
+        except Exception as e:  # a ConfigException, an OSError, a YAML error, a missing key...
+            where = kubeconfig or "the in-cluster service account"
+            raise KubeError(f"cannot use {where} to reach the apiserver: {e}") from None
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
 

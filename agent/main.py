@@ -22,7 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"podwire-agent: configuration: {e}", file=sys.stderr)
         return 2
-    client = kube.Client(kubeconfig=str(cfg.kubeconfig) if cfg.kubeconfig else None)
+    try:
+        client = kube.Client(kubeconfig=str(cfg.kubeconfig) if cfg.kubeconfig else None)
+    except kube.KubeError as e:
+        print(f"podwire-agent: {e}", file=sys.stderr)
+        return 1
     agent = app.build(cfg, client=client)
     agent.http = metrics.HttpServer(agent, port=cfg.metrics_port, host=cfg.metrics_address)
     agent.local_api = api.ApiServer(agent, cfg.api_socket)
