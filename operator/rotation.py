@@ -24,7 +24,7 @@ from typing import Any, Final, Literal
 from podwire.api import wgnode
 from podwire.operator import election
 
-QUEUE_ANNOTATION: Final = "podwire.io/rotation-queued-at"
+QUEUE_ANNOTATION: Final = wgnode.ROTATION_QUEUED_ANNOTATION
 REQUEST_ANNOTATION: Final = wgnode.ROTATE_ANNOTATION
 CONDITION: Final = "KeyRotation"
 IN_PROGRESS, COMPLETED, DEADLINE = "InProgress", "Completed", "Deadline"

@@ -66,13 +66,17 @@ def test_the_apiserver_accepts_everything_the_chart_renders(
         for line in rendered.stdout.splitlines()
         if line.startswith("kind:")
     ]
+    # The agent's and the operator's (a Deployment with its disruption budget, and a Role for
+    # its Lease beside the Events Roles).
     assert sorted(kinds) == [
-        "ClusterRole",
-        "ClusterRoleBinding",
+        *["ClusterRole"] * 2,
+        *["ClusterRoleBinding"] * 2,
         "DaemonSet",
-        "Role",
-        "RoleBinding",
-        "ServiceAccount",
+        "Deployment",
+        "PodDisruptionBudget",
+        *["Role"] * 3,
+        *["RoleBinding"] * 3,
+        *["ServiceAccount"] * 2,
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
     ]
