@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import yaml
 
 from podwire.sandbox import controlplane
 
@@ -228,24 +227,3 @@ def objects(crds: controlplane.ControlPlane) -> Iterator[Objects]:
         yield objs
     finally:
         objs.clean()
-
-
-@pytest.fixture(scope="session")
-def rotation_status(crds: controlplane.ControlPlane) -> Iterator[None]:
-    """The served CRD with status.peersOnCurrentKey, the field the agents report a rotation's
-    progress in. Added (and taken away again) only when the chart's CRD lacks it: the apiserver
-    prunes a status field its schema does not know."""
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    status = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
-    if "peersOnCurrentKey" in status["properties"]:
-        yield
-        return
-    path = "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/peersOnCurrentKey"
-    field = {"type": "integer", "format": "int32", "minimum": 0}
-    patch = json.dumps([{"op": "add", "path": path, "value": field}])
-    name = f"{crd['spec']['names']['plural']}.{crd['spec']['group']}"
-    crds.kubectl("patch", "crd", name, "--type=json", "-p", patch)
-    try:
-        yield
-    finally:
-        crds.kubectl("replace", "-f", str(CRD_FILE), check=False)

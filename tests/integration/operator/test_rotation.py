@@ -93,7 +93,7 @@ def _under_way(obj: dict[str, Any]) -> bool:
 
 
 @pytest.fixture
-def nodes(objects: Objects, rotation_status: None) -> Iterator[list[str]]:
+def nodes(objects: Objects) -> Iterator[list[str]]:
     names = [objects.name(f"n{i}") for i in range(1, 4)]
     for i, name in enumerate(names, start=1):
         objects.node(name, pod_cidrs=[f"10.253.{i}.0/24"])
