@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from podwire.sandbox import controlplane, netns, record, supervisor, tools, topology
+from podwire.sandbox import controlplane, netns, operatorproc, record, supervisor, tools, topology
 from podwire.sandbox import status as status_mod
 
 STANDARD_DIR = "/run/podwire-sandbox"
@@ -277,6 +277,8 @@ class _Up:
                 self._node(i)
             step = "agents"
             self._agents()
+            step = "operator"
+            self._operator()
             step = "nodes Ready"
             self._wait_ready()
             step = "pods reachable"
@@ -360,6 +362,17 @@ class _Up:
         self.progress.step(f"starting {self.n} agents ({self.datapath} datapath) and relays")
         for node in self.cluster.nodes.values():
             _start_node_processes(self.cluster, node, datapath=self.datapath)
+
+    def _operator(self) -> None:
+        """Two podwire-operator replicas, as the chart's Deployment runs them: one leads (a
+        Lease), the other waits; each authenticates as the chart's operator account."""
+        self.progress.step("starting podwire-operator (2 replicas, leader election on a Lease)")
+        token = self.cp.mint_token(operatorproc.NAMESPACE, "podwire-operator", duration="24h")
+        workdir = self.directory / "operator"
+        workdir.mkdir(mode=0o700, exist_ok=True)
+        kubeconfig = self.cp.kubeconfig_for_token(token, workdir / "operator.kubeconfig")
+        operatorproc.start(self.st, kubeconfig=kubeconfig, workdir=workdir)
+        self._checkpoint()
 
     def _wait_ready(self) -> None:
         names = [n.name for n in self.st.nodes]
@@ -459,11 +472,13 @@ def _remove(st: record.Record, progress: Progress) -> None:
         engine = find_engine(n)
         if engine is not None and not any(p.pid == engine.pid for p in st.processes):
             st.processes.append(engine)
-    order = ("agent", "engine", "apiproxy", "kube-apiserver", "etcd")
-    procs = sorted(st.processes, key=lambda p: order.index(p.role) if p.role in order else 0)
-    live = [p for p in procs if p.alive()]
+    # Those that act on the cluster first (so none reacts to the others going), the apiserver
+    # and its store last; a role not named here is stopped first of all, never left running.
+    order = ("operator", "agent", "engine", "apiproxy", "kube-apiserver", "etcd")
+    live = [p for p in st.processes if p.alive()]
     if live:
         progress.step(f"stopping {len(live)} processes ...")
+    supervisor.stop_all(p for p in live if p.role not in order)
     for role in order:
         supervisor.stop_all(p for p in live if p.role == role)
     names = list(dict.fromkeys([*st.namespaces, *_unrecorded_namespaces(st)]))

@@ -7,6 +7,7 @@ each node's device (`wg show DEV dump`), reachability from one ping per ordered 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from podwire.sandbox import controlplane, netns, record, tools
+from podwire.sandbox import controlplane, netns, operatorproc, record, tools
 
 
 def collect(st: record.Record, cp: controlplane.ControlPlane) -> dict[str, Any]:
@@ -57,6 +58,7 @@ def collect(st: record.Record, cp: controlplane.ControlPlane) -> dict[str, Any]:
         "nodes": nodes,
         "pods": pods,
         "connectivity": connectivity(st),
+        "operators": [dataclasses.asdict(r) for r in operatorproc.status(st)],
     }
 
 
@@ -152,6 +154,21 @@ def render(status: dict[str, Any], *, as_json: bool, out: TextIO = sys.stdout) -
         )
     p(_table(rows))
     p("")
+    if status.get("operators"):
+        rows = [["OPERATOR", "PID", "ALIVE", "LEADER", "READY", "METRICS"]]
+        for o in status["operators"]:
+            rows.append(
+                [
+                    o["identity"],
+                    str(o["pid"]),
+                    "yes" if o["alive"] else "no",
+                    "yes" if o["leader"] else "no",
+                    "yes" if o["ready"] else "no",
+                    f"127.0.0.1:{o['metrics_port']}",
+                ]
+            )
+        p(_table(rows))
+        p("")
     rows = [["NODE", "PEER", "ENDPOINT", "HANDSHAKE", "RX", "TX"]]
     now = time.time()
     for n in status["nodes"]:

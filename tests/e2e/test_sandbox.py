@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import tools
 
 
@@ -61,8 +62,22 @@ def test_up_brings_a_three_node_cluster_all_pods_reachable_and_encrypted(
     unreachable = [c for c in status["connectivity"] if not c["ok"]]
     assert not unreachable
 
+    # The operator: two replicas under the chart's RBAC, one leading (the other waits).
+    def operators() -> list[dict]:
+        got = json.loads(cli(sandbox.directory, "sandbox", "status", "-o", "json").stdout)
+        return list(got["operators"])
+
+    netns_mod.wait_until(
+        lambda: sum(o["leader"] for o in operators()) == 1, timeout=30, what="one operator leads"
+    )
+    assert [(o["identity"], o["alive"], o["ready"]) for o in operators()] == [
+        ("operator1", True, True),
+        ("operator2", True, True),
+    ]
+
     table = cli(sandbox.directory, "sandbox", "status").stdout
     assert "30/30 pod pairs reachable" in table and "FAIL" not in table
+    assert "OPERATOR" in table and "operator1" in table
 
     proof = cli(sandbox.directory, "sandbox", "verify", "-o", "json")
     assert proof.returncode == 0, proof.stdout + proof.stderr
