@@ -13,8 +13,9 @@ strictMode podwire's table and rules, are put back if someone removed them (an E
 and a route that would carry remote pod traffic past the device is reported (an Event, the
 Encrypted condition's reason, a metric) for as long as it is there.
 
-A device found empty is new (first start, or restored after a loss): the peers added to it are
-greeted, so they drop the sessions they had with its predecessor now, not 15 s from now.
+Every peer added is greeted (a keepalive, which starts a handshake): the peers of a new device
+drop the sessions they had with its predecessor now, not 15 s from now, and a node that joins
+gets its session at once from whichever end learns of the other second.
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ class Reconciler:
         self._table: wgdevice.PeerTable | None = None
         self._routes: set[wgdevice.IPNetwork] | None = None
         self._next_full_read = 0.0
-        self._greet = False
         self._reported: set[tuple[str, str]] = set()
         self._competing_reported: set[str] = set()
         self._guarded = False
@@ -132,7 +132,6 @@ class Reconciler:
         backend = self.datapath.require()
         if self._table is None or now >= self._next_full_read:
             self._table = wgdevice.PeerTable(backend.read().peers)
-            self._greet = self._greet or len(self._table) == 0
             self._routes = None
             self._next_full_read = now + self.resync_period
         table = self._table
@@ -142,15 +141,15 @@ class Reconciler:
             backend.apply(changes)
             table.apply(changes)
             self._log_plan(plan)
-            # A new device greets every peer it gains; a peer that rotated its key is greeted
-            # always, so the handshake with its new key starts now, not at the next packet.
-            greet = [p.public_key for p in plan.add] if self._greet else []
-            greet += [r.peer.public_key for r in plan.rename]
+            # Every peer gained is greeted, so the session exists before the first packet needs
+            # it: a new device's peers drop their sessions with its predecessor now, and a node
+            # that joins later gets an answer at once (its own greeting reached us before we
+            # knew its key, and WireGuard retries only after 5 s). A peer that rotated its key
+            # is greeted so the handshake with the new key starts now.
+            greet = [p.public_key for p in plan.add] + [r.peer.public_key for r in plan.rename]
             if greet:
                 for request in wgdevice.greeting(greet):
                     backend.apply(request)
-        if synced:
-            self._greet = False
 
     def _program_routes(self, desired: tuple[reconcile.DesiredPeer, ...], *, synced: bool) -> None:
         routes = self.datapath.routes

@@ -641,3 +641,15 @@ def test_an_unexpected_error_in_a_turn_does_not_end_the_loop(
         synced.controller.stop()
     assert calls["n"] >= 2, "the loop went on after the error"
     assert synced.agent.reconciler.outcome.passes >= passes + 2
+
+
+def test_a_node_that_joins_later_is_greeted_too(synced: AgentHarness) -> None:
+    """Both ends greet: a new node's own greeting reaches this node before this node knows its
+    key and is dropped, and WireGuard retries only after 5 s; this node's greeting, sent as it
+    adds the newcomer, makes the session at once (seen as 5 s without traffic between two
+    freshly started nodes)."""
+    synced.backend.applied.clear()
+    n4 = other_node(4)
+    synced.join(n4)
+    synced.step()
+    assert synced.backend.greeted() == [n4.public_key]
