@@ -37,10 +37,6 @@ DEBOUNCE: Final = 0.05  # a burst of watch events (a relist of 5,000 objects) ma
 GUARD_INTERVAL: Final = 10.0  # between passes, the backstop and rules are checked this often
 BACKOFF_MIN: Final = 1.0
 BACKOFF_MAX: Final = 16.0
-# The kernel holds one private key and stops sending on its sessions when it changes, so on the
-# kernel datapath the new key is published first and put on the device this long after: the
-# peers' watches have renamed the node's peer by then, and its first handshake is answered.
-KERNEL_ANNOUNCE: Final = 1.0
 # After a rotation, the device is read every turn for this long, counting the peers that have
 # handshaken with the new key (status.peersOnCurrentKey), or until all have.
 CONFIRM_PERIOD: Final = 180.0
@@ -90,7 +86,6 @@ class Controller:
         self._unapplied = ""  # why the stored key is not on the device yet, after a rotation
         self._rotating = False  # a rotation not complete (stored, not yet published)
         self._resumed = False  # ... and it was cut short by a restart
-        self._apply_at = 0.0  # kernel: when a published new key goes on the device
         self._handled_request = ""  # the last rotation annotation acted on (or refused)
         self._confirm_since = 0.0  # wall time the current key went on the device
         self._confirm_until = 0.0  # monotonic; 0: not counting
@@ -159,28 +154,23 @@ class Controller:
             return True
 
     def _keep_key(self) -> None:
-        """The stored key reaches the device and the WireguardNode in the datapath's order.
+        """The stored key goes on the device first and is published after, so peers never get
+        a key the device does not hold; a rotation whose device step failed is finished here
+        on a later turn.
 
-        podwire-engine keeps answering for its previous key and keeps its sessions, so there the
-        key goes on the device first and is published after: peers never get a key the device
-        does not hold. The kernel drops its sessions' sending side when its key changes, so
-        there the key is published first, and put on the device KERNEL_ANNOUNCE later, once
-        the peers know it. A rotation whose device step failed is finished here on a later turn.
+        podwire-engine keeps its sessions and answers for its previous key meanwhile, so its
+        peers lose nothing. The kernel stops sending on its sessions when its key changes: its
+        packets wait (staged) for the handshake with the new key, which succeeds once a peer
+        has learnt the key from its watch and greeted back. Publishing first instead was
+        measured worse in the kernel tier: peers that cannot rename (the kernel, wireguard-go)
+        drop the old session as soon as they see the key, so the node's packets were lost
+        until its own device switched.
         """
         if self.keys.interrupted and not self._rotating:
             # The last agent stopped mid-rotation; the device got the stored key at start.
             self._rotating = self._resumed = True
             self.log.info("key_rotation_resumed", public_key=self.keys.public_key)
-        kernel = self.datapath.kind == "kernel"
-        if kernel or not self._unapplied:
-            was = self.publisher.published
-            self.publisher.keep()
-            if self._rotating and self.publisher.published and not was:
-                failpoint.reached("rotation-published")
-                self._apply_at = self.clock.monotonic() + KERNEL_ANNOUNCE
-        if self._unapplied and (
-            not kernel or (self.publisher.published and self.clock.monotonic() >= self._apply_at)
-        ):
+        if self._unapplied:
             try:
                 self.datapath.set_private_key(self.keys.key.raw)
             except Exception as e:  # no device, or its UAPI refused: the next turn tries again
@@ -189,11 +179,11 @@ class Controller:
             self._unapplied = ""
             failpoint.reached("rotation-applied")
             self._key_applied()
-            if not kernel:
-                self.publisher.keep()
-                if self.publisher.published:
-                    failpoint.reached("rotation-published")
-        if self._rotating and not self._unapplied and self.publisher.published:
+        was = self.publisher.published
+        self.publisher.keep()
+        if self._rotating and self.publisher.published:
+            if not was:
+                failpoint.reached("rotation-published")
             self._finish_rotation()
 
     def _key_applied(self) -> None:
@@ -326,16 +316,16 @@ class Controller:
         self._rotating = True
         self._unapplied = "the new key is not on the device yet"
         self._keep_key()
-        if self._rotating and not self.publisher.published:  # the loop keeps trying
+        if self._rotating:  # the loop keeps trying
             raise RuntimeError(
                 self._unapplied
                 or f"the new key is stored but not published yet: {self.publisher.last_error}"
             )
-        return public, wall  # on the kernel datapath the device gets it KERNEL_ANNOUNCE later
+        return public, wall
 
     def health(self) -> component.Health:
         out = self.reconciler.outcome
-        if self._unapplied and self.datapath.kind != "kernel":
+        if self._unapplied:
             return component.degraded(f"{self._unapplied}; retrying every turn")
         if self._retry_at:
             return component.degraded(

@@ -9,13 +9,14 @@ node, on its device and in its WireguardNode.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from underlay import capture_underlay
@@ -23,7 +24,7 @@ from underlay import capture_underlay
 from podwire.agent import failpoint, keys
 from podwire.api import wgnode
 from podwire.sandbox import netns as netns_mod
-from podwire.sandbox import tools, topology
+from podwire.sandbox import operatorproc, tools, topology
 
 PODWIRE = str(pathlib.Path(sys.executable).with_name("podwire"))
 
@@ -248,3 +249,138 @@ def test_an_agent_killed_mid_rotation_recovers_to_one_key(
     sent, lost, _ = ping.result()
     print(f"\nkilled after the key was {step}: {lost} of {sent} pings lost")
     assert n1.pods[0].ns.ping(n2.pods[0].ip, count=3, timeout=10), "traffic flows again"
+
+
+@pytest.fixture
+def operator(three: topology.Cluster, tmp_path: pathlib.Path) -> Iterator[Callable[..., None]]:
+    """Starts one podwire-operator against the cluster, in a namespace of its own (its Lease),
+    with the flags given; stopped and its namespace deleted at the end."""
+    namespace = f"pw-op-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    three.cp.kubectl("create", "namespace", namespace)
+
+    def start(*flags: str) -> None:
+        operatorproc.start(
+            three.record,
+            kubeconfig=three.cp.kubeconfig,
+            workdir=tmp_path,
+            replicas=1,
+            namespace=namespace,
+            flags=("--resync=1s", *flags),
+        )
+
+    try:
+        yield start
+    finally:
+        operatorproc.stop(three.record)
+        three.cp.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def _rotated_at(cluster: topology.Cluster, name: str) -> float:
+    text = _wgnode(cluster, name).get("status", {}).get("keyRotatedAt")
+    return wgnode.parse_time(text) if text else 0.0
+
+
+def _kube_events(cluster: topology.Cluster, reason: str) -> list[str]:
+    out = cluster.cp.kubectl(
+        "get", "events", "-A", "--field-selector", f"reason={reason}", "-o", "json"
+    ).stdout
+    return [e["involvedObject"].get("name", "") for e in json.loads(out)["items"]]
+
+
+def test_a_scheduled_rotation_goes_one_node_at_a_time_and_loses_no_packet(
+    three: topology.Cluster,
+    operator: Callable[..., None],
+    traffic: list[Ping | Stream],
+    tmp_path: pathlib.Path,
+) -> None:
+    names = ["node1", "node2", "node3"]
+    n1, n2, n3 = (three.nodes[n] for n in names)
+    before = {n: keys.load(three.nodes[n].key_path).public_key_b64() for n in names}
+    capture, pcap = capture_underlay(three, tmp_path)
+    pings = [
+        Ping(n1.pods[0], n2.pods[0], seconds=25),
+        Ping(n2.pods[0], n3.pods[0], seconds=25),
+        Ping(n3.pods[1], n1.pods[1], seconds=25),
+    ]
+    traffic.extend(pings)
+    # The keys were made as the agents started: with a 10 s interval all three fall due
+    # within seconds, and one round (a second or two) ends long before the next is due.
+    operator("--key-rotation-interval=10s", "--rotation-deadline=30s")
+    netns_mod.wait_until(
+        lambda: (
+            all(keys.load(three.nodes[n].key_path).public_key_b64() != before[n] for n in names)
+            and all(_consistent(three, three.nodes[n]) for n in names)
+        ),
+        timeout=40,
+        what="every node rotated once",
+    )
+    operatorproc.stop(three.record)  # no second round while the pings run on
+    results = [p.result() for p in pings]
+    netns_mod.stop_process(capture)
+    print(
+        "\nscheduled rotation of three nodes: "
+        + "; ".join(f"{p.what}: {r[1]} of {r[0]} lost, max rtt {r[2]:.1f} ms" for p, r in zip(pings, results, strict=True))
+    )  # fmt: skip
+    for p, (sent, lost, _) in zip(pings, results, strict=True):
+        assert lost == 0, f"{p.what}: {lost} of {sent} pings lost across the rotations"
+    leaked = subprocess.run(["tcpdump", "-r", str(pcap), "-n"], capture_output=True, text=True)
+    assert leaked.stdout.strip() == "", f"pod traffic in clear on the underlay:\n{leaked.stdout}"
+    # One at a time: each node was asked only once the one before had finished.
+    order = sorted(names, key=lambda n: _rotated_at(three, n))
+    requested = {
+        n: wgnode.parse_time(_wgnode(three, n)["metadata"]["annotations"][wgnode.ROTATE_ANNOTATION])
+        for n in names
+    }
+    for earlier, later in itertools.pairwise(order):
+        assert requested[later] >= _rotated_at(three, earlier), (
+            f"{later} was asked at {requested[later]} before {earlier} finished"
+        )
+    assert set(names) <= set(_kube_events(three, "KeyRotated")), "an Event on each node"
+
+
+def test_a_node_whose_agent_is_stopped_is_reported_and_the_rotation_goes_on(
+    three: topology.Cluster, operator: Callable[..., None]
+) -> None:
+    n1, n2, n3 = (three.nodes[f"node{i}"] for i in (1, 2, 3))
+    key3 = keys.load(n3.key_path).public_key_b64()
+    three.stop_agent(n3)  # its engine keeps forwarding; nobody answers for the node
+    ping = Ping(n1.pods[0], n2.pods[0], seconds=45)
+    operator("--rotation-deadline=8s")
+    cli = subprocess.run(
+        [PODWIRE, "rotate-key", "--all", "--kubeconfig", str(three.cp.kubeconfig)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0 and "queued 3 nodes" in cli.stdout, cli.stdout + cli.stderr
+
+    def everyone_had_a_turn() -> bool:
+        objs = [_wgnode(three, f"node{i}") for i in (1, 2, 3)]
+        return not any(
+            wgnode.ROTATION_QUEUED_ANNOTATION in (o["metadata"].get("annotations") or {})
+            for o in objs
+        )
+
+    netns_mod.wait_until(everyone_had_a_turn, timeout=90, what="the queue to empty")
+    assert "node3" in _kube_events(three, "KeyRotationTimedOut"), "node3 reported"
+    conditions = {c["type"]: c for c in _wgnode(three, "node3")["status"].get("conditions", [])}
+    assert conditions["KeyRotation"]["status"] == "False"
+    assert conditions["KeyRotation"]["reason"] == "Deadline"
+    assert keys.load(n3.key_path).public_key_b64() == key3, "node3 never half-rotated"
+    # node1 and node2 rotated, and traffic between them never stopped.
+    for node in (n1, n2):
+        assert (
+            _wgnode(three, node.name)["spec"]["publicKey"]
+            == keys.load(node.key_path).public_key_b64()
+        )
+    sent, lost, _ = ping.result()
+    print(f"\nrolling rotation with node3's agent stopped: node1 -> node2 {lost} of {sent} lost")
+    assert lost == 0
+    # node3's agent back: it learns the new keys and everyone is consistent again.
+    three.start_agent(n3)
+    netns_mod.wait_until(
+        lambda: all(_consistent(three, n) for n in (n1, n2, n3)),
+        timeout=60,
+        what="node3 to follow the new keys",
+    )
+    assert n3.pods[0].ns.ping(n1.pods[0].ip, count=3, timeout=10)

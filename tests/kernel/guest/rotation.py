@@ -3,12 +3,15 @@
 Run by tests/kernel/test_rotation.py with the peer's kind (wireguard-go, podwire-engine or
 kernel); prints one JSON line. The kernel holds one private key and stops sending on its
 sessions when it changes, so a rotation on the kernel datapath costs a handshake; this measures
-the gap it leaves, in podwire's order and, for comparison, in the naive one:
+the gap it leaves, in podwire's order and, for comparison, in the one it replaced:
 
-  podwire  t0 the new key is published; a's watch changes b's peer at t0 + WATCH_LATENCY;
-           b's device takes the key at t0 + KERNEL_ANNOUNCE and greets its peers
-           (agent/controller.py `_keep_key`)
-  naive    b's device takes the key at t0 and greets; a changes b's peer at t0 + WATCH_LATENCY
+  podwire        b's device takes the key at t0 and greets its peers, then the key is
+                 published; a's watch changes b's peer at t0 + WATCH_LATENCY
+                 (agent/controller.py `_keep_key`)
+  publish_first  the key is published at t0; a changes b's peer at t0 + WATCH_LATENCY; b's
+                 device takes it PUBLISH_FIRST_DELAY later, once its peers know it (an order
+                 tried and measured worse: a peer that cannot rename drops its session with b
+                 at once, and b's packets on it are lost until b switches)
 
 b is programmed with the agent's own code (KernelBackend.set_private_key, then the requests of
 wgdevice.greeting). a is programmed as its peer would be: podwire-engine and the kernel by
@@ -46,7 +49,7 @@ from pyroute2 import netns as pr_netns
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import datapath
 
-from podwire.agent import config, controller, keys, reconcile, wgdevice
+from podwire.agent import config, keys, reconcile, wgdevice
 from podwire.agent.datapath import backend as backend_mod
 from podwire.agent.datapath import kernel, supervisor, userspace
 from podwire.agent.datapath import routes as routes_mod
@@ -61,7 +64,8 @@ WATCH_LATENCY = 0.1  # from the key's publication to a's agent acting on it
 STREAM_RATE = "4M"  # the TCP stream's pace: an emulated CPU carries the pings beside it
 B_TUNNEL, A_TUNNEL = "10.244.1.1", "10.244.2.1"
 B_HOST, A_HOST = "192.0.2.1", "192.0.2.2"
-ORDERS = ("podwire", "naive")
+ORDERS = ("podwire", "publish_first")
+PUBLISH_FIRST_DELAY = 1.0  # seconds from publishing to b's device change, in that order
 _REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", re.M)
 
 
@@ -237,9 +241,9 @@ def _measure(
     a_follows = ("a_follows", a, lambda: _a_follows(peer_kind, _here(a), old_public, new))
     b_rotates = ("b_rotates", b, lambda: _b_rotates(_here(b), new))
     steps: list[tuple[str, Node, Callable[[], None], float]] = (
-        [(*a_follows, WATCH_LATENCY), (*b_rotates, controller.KERNEL_ANNOUNCE)]
+        [(*b_rotates, 0.0), (*a_follows, WATCH_LATENCY)]
         if order == "podwire"
-        else [(*b_rotates, 0.0), (*a_follows, WATCH_LATENCY)]
+        else [(*a_follows, WATCH_LATENCY), (*b_rotates, PUBLISH_FIRST_DELAY)]
     )
     logs = logs / order
     logs.mkdir()
@@ -302,7 +306,7 @@ def _since(when: float | None, t0: float) -> float | None:
 def main(peer_kind: str) -> dict:
     facts: dict = {"peer_kind": peer_kind, "iperf3": shutil.which("iperf3") is not None,
                    "rate_per_s": round(1 / RATE), "watch_latency": WATCH_LATENCY,
-                   "kernel_announce": controller.KERNEL_ANNOUNCE}  # fmt: skip
+                   "publish_first_delay": PUBLISH_FIRST_DELAY}  # fmt: skip
     logs = pathlib.Path(tempfile.mkdtemp())
     try:
         with netns_mod.factory("pwr") as f:
