@@ -277,7 +277,10 @@ class Controller:
             return
         self._handled_request = request
         try:
-            self._rotate(reason=f"requested by {wgnode.ROTATE_ANNOTATION}={request}")
+            self._rotate(
+                reason=f"requested by {wgnode.ROTATE_ANNOTATION}={request}",
+                not_before=wgnode.parse_time(request),
+            )
         except Exception as e:  # reported by _rotate; the loop goes on with the old key
             self.log.warning("rotation_not_complete", error=str(e))
 
@@ -294,10 +297,13 @@ class Controller:
         self.wake()
         return public, wall
 
-    def _rotate(self, *, reason: str) -> tuple[str, float]:
+    def _rotate(self, *, reason: str, not_before: float = 0.0) -> tuple[str, float]:
+        """`not_before`: the time a request was made at, by the requester's clock. The key is
+        dated no earlier, so one asked for by a clock ahead of ours still counts as its answer
+        (the operator compares status.keyRotatedAt with the time it asked at)."""
         if self._rotating:
             raise RuntimeError("a rotation is still under way; try again when it is done")
-        wall = self.clock.wall()
+        wall = max(self.clock.wall(), not_before)
         try:
             key = self.keys.rotate(wall=wall)
         except Exception as e:

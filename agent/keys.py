@@ -218,6 +218,11 @@ def finish_rotation(path: os.PathLike[str] | str = DEFAULT_PATH) -> None:
         _fsync_folder(previous)
 
 
+def date(path: os.PathLike[str] | str, wall: float) -> None:
+    """Sets when the key in the file counts as made (its modification time)."""
+    os.utime(path, (wall, wall), follow_symlinks=False)
+
+
 def made_at(path: os.PathLike[str] | str = DEFAULT_PATH) -> float:
     """When the key in the file was written (unix time): its age, across restarts."""
     return os.stat(path, follow_symlinks=False).st_mtime

@@ -46,9 +46,11 @@ class KeyStore:
         pass
 
     def rotate(self, *, wall: float) -> keys.PrivateKey:
-        """A new key, written atomically over the old, which is kept until `finish`."""
+        """A new key, written atomically over the old, which is kept until `finish`, and dated
+        `wall` (the key file's time is the key's age)."""
         with self._lock:
             self._key = keys.rotate(self.path)
+            keys.date(self.path, wall)  # its age after a restart is the one reported now
             self.made_wall = self.rotated_wall = wall
             self.interrupted = False
             return self._key

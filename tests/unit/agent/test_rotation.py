@@ -184,3 +184,18 @@ def test_metrics_tell_the_key_age_and_the_rotations(synced: AgentHarness) -> Non
     assert _metric(synced, "podwire_key_rotations_total", result="done") == 1
     assert _metric(synced, "podwire_key_rotations_total", result="failed") == 0
     assert _metric(synced, "podwire_peers_on_current_key") == 0
+
+
+def test_a_request_from_a_clock_ahead_is_answered_with_a_key_no_older_than_it(
+    synced: AgentHarness,
+) -> None:
+    """The operator compares status.keyRotatedAt with the time it asked at, by its own clock:
+    a node whose clock is behind must still show a key at least as new as the request, or the
+    operator would wait for it until its deadline."""
+    ahead = synced.clock.wall() + 30  # the requester's clock is 30 s ahead of this node's
+    _request(synced, ahead)
+    synced.step()
+    status = synced.api.wgnodes[AgentHarness.NODE]["status"]
+    assert wgnode.parse_time(status["keyRotatedAt"]) >= int(ahead)
+    assert synced.agent.keys.made_wall >= ahead
+    assert keys.made_at(synced.cfg.key_path) >= int(ahead), "a restart reports the same age"
