@@ -153,6 +153,7 @@ def build(
         open_backend=open_backend or _opener(cfg),
         routes=routes_mod.Routes(cfg.device, strict=cfg.strict_mode),
         clock=clock or clock_mod.MonotonicClock(),
+        apiserver=client.server_url,
     )
 
 
@@ -167,8 +168,12 @@ def assemble(
     open_backend: datapath_mod.OpenBackend,
     routes: datapath_mod.RoutesLike,
     clock: clock_mod.Clock,
+    apiserver: str = "",
 ) -> Agent:
-    """Every component of one agent, wired to what it needs; the unit tests pass fakes here."""
+    """Every component of one agent, wired to what it needs; the unit tests pass fakes here.
+
+    `apiserver` is the URL the agent reaches the apiserver at: its address is guarded like a
+    node's (no peer's pod CIDR may cover it)."""
     broadcaster = events.Broadcaster()
     recorder = events.Recorder(broadcaster, emit=emit, wall=clock.wall)
     keys = keystore.KeyStore(cfg.key_path)
@@ -189,6 +194,7 @@ def assemble(
         keys=keys,
         recorder=recorder,
         clock=clock,
+        protected=reconcile.server_addresses(apiserver),
     )
     pub = publisher.Publisher(
         node_name=cfg.node_name,

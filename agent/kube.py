@@ -62,6 +62,7 @@ class Client:
         except Exception as e:  # a ConfigException, an OSError, a YAML error, a missing key...
             where = kubeconfig or "the in-cluster service account"
             raise KubeError(f"cannot use {where} to reach the apiserver: {e}") from None
+        self.server_url: str = self.api.configuration.host  # https://host:port
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
 

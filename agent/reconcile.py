@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import ipaddress
+import urllib.parse
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
@@ -106,6 +107,16 @@ class RoutePlan:
     @property
     def empty(self) -> bool:
         return not (self.add or self.remove)
+
+
+def server_addresses(url: str) -> tuple[wgdevice.IPAddress, ...]:
+    """The address in an apiserver URL (`https://10.0.0.1:6443`, `https://[fd00::1]`), when it
+    is one; a host name gives none (resolving it is not this pure module's business)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return (ipaddress.ip_address(host),)
+    except ValueError:
+        return ()
 
 
 def desired_peers(

@@ -62,8 +62,10 @@ class Reconciler:
         keys: keystore.KeyStore,
         recorder: events.Recorder,
         clock: clock_mod.Clock,
+        protected: tuple[wgdevice.IPAddress, ...] = (),
     ) -> None:
         self.node_name = node_name
+        self.protected = protected  # the apiserver's address: no pod CIDR may cover it
         self.resync_period = resync_period
         self.datapath = datapath
         self.watches = watches
@@ -104,6 +106,7 @@ class Reconciler:
                 self.node_name,
                 own_public_key=self.keys.public_key,
                 cluster_pod_cidrs=self.datapath.cluster_pod_cidrs,
+                protected=self.protected,
             )
             self._program_peers(desired.peers, synced=synced, now=started)
             self._program_routes(desired.peers, synced=synced)

@@ -295,7 +295,12 @@ class FakeApi:
     def emit_event(self, *, involved: Obj, reason: str, message: str, event_type: str) -> None:
         self._check()
         self.events.append(
-            {"name": involved["metadata"]["name"], "reason": reason, "type": event_type}
+            {
+                "name": involved["metadata"]["name"],
+                "reason": reason,
+                "type": event_type,
+                "message": message,
+            }
         )
 
 
@@ -373,7 +378,9 @@ class AgentHarness:
     CIDR = "10.244.1.0/24"
     CLUSTER_CIDR = "10.244.0.0/16"
 
-    def __init__(self, key_path: pathlib.Path, *, resync_period: float = 300.0) -> None:
+    def __init__(
+        self, key_path: pathlib.Path, *, resync_period: float = 300.0, apiserver: str = ""
+    ) -> None:
         self.cfg = config.Config(
             node_name=self.NODE,
             key_path=key_path,
@@ -400,6 +407,7 @@ class AgentHarness:
             open_backend=self._open_backend,
             routes=self.routes,
             clock=self.clock,
+            apiserver=apiserver,
         )
         self._local = self.agent.broadcaster.subscribe()
 

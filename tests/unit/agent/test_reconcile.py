@@ -738,3 +738,14 @@ def test_out_of_range_messages_say_what_and_why(cluster: Cluster) -> None:
     assert "10.244.4.0/24" not in outside
     covers = by[("node-e", "PodCIDRCoversNodeAddress")]
     assert "10.244.5.9" in covers and "node-e" in covers
+
+
+def test_the_apiserver_address_is_read_from_its_url() -> None:
+    assert reconcile.server_addresses("https://10.96.0.1:443") == (
+        ipaddress.ip_address("10.96.0.1"),
+    )
+    assert reconcile.server_addresses("https://[fd00::1]:6443") == (
+        ipaddress.ip_address("fd00::1"),
+    )
+    assert reconcile.server_addresses("https://kubernetes.default.svc") == ()
+    assert reconcile.server_addresses("") == ()

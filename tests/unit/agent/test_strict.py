@@ -53,6 +53,21 @@ def test_a_node_whose_pod_cidr_covers_a_node_address_is_refused(h: AgentHarness)
     assert h.conditions()[wgnode.PEERS_REFUSED][0] == "True"
 
 
+def test_a_node_whose_pod_cidr_covers_the_apiserver_is_refused(tmp_path: pathlib.Path) -> None:
+    """The apiserver the agent talks to (its kubeconfig's or in-cluster address) is guarded
+    like a node's: routed into the tunnel, the agents would lose the apiserver."""
+    h = AgentHarness(tmp_path / "private.key", apiserver="https://10.244.3.7:6443")
+    h.start()
+    n2, n3 = agentfakes.other_node(2), agentfakes.other_node(3)  # n3 holds 10.244.3.0/24
+    h.list(n2, n3)
+    h.step()
+    assert set(h.peers()) == {n2.public_key}
+    assert h.kube_events(reconcile.POD_CIDR_COVERS_NODE_ADDRESS) == ["n3"]
+    (event,) = (e for e in h.api.events if e["reason"] == reconcile.POD_CIDR_COVERS_NODE_ADDRESS)
+    assert "covers 10.244.3.7, an address of the apiserver" in event["message"]
+    assert h.conditions()[wgnode.PEERS_REFUSED][0] == "True"
+
+
 def _metric(h: AgentHarness, name: str) -> float | None:
     for family in metrics.AgentCollector(h.agent).collect():
         for sample in family.samples:
