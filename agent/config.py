@@ -76,6 +76,9 @@ class Features:
     gro: bool = True
     big_tcp: bool = True
     udp_gro_forwarding: bool = True
+    # Threaded NAPI on the kernel WireGuard device, so its receive work can move off the core
+    # the packets arrived on (Calico does the same); sysfs `threaded`, Linux 5.12.
+    threaded_napi: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -189,6 +192,7 @@ FEATURE_ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_GRO": "gro",
     "PODWIRE_BIG_TCP": "big_tcp",
     "PODWIRE_UDP_GRO_FORWARDING": "udp_gro_forwarding",
+    "PODWIRE_THREADED_NAPI": "threaded_napi",
 }
 
 

@@ -5,7 +5,8 @@ conflict (409) is retried against the object as it is now. It is the node's own 
 kept: a spec someone else changed (or an object someone deleted) is put back and reported, with
 a Warning Event on the object, a log line and `repairs`, which /metrics exports. The status is what an operator reads
 in `kubectl get wgnodes`: the endpoint and pod CIDRs in use, the datapath and its features, the
-peers, when the key was rotated, and the conditions declared in `wgnode`. It is written when it
+peers, when the key was rotated, the advisories (the node's kernel settings that cost
+WireGuard throughput, surveyed again at each resync), and the conditions declared in `wgnode`. It is written when it
 changed, never for its own sake, so thousands of agents do not load the apiserver for nothing.
 """
 
@@ -81,6 +82,7 @@ class Publisher:
         # Set by the controller once a rotation's key is on the device: how many peers have
         # handshaken with it since (status.peersOnCurrentKey); None before any rotation.
         self.peers_on_current_key: int | None = None
+        self._next_survey = 0.0  # monotonic; the device surveyed itself when it came up
         self.log = log.get("publisher", node=node_name)
 
     def start(self) -> None:
@@ -174,6 +176,7 @@ class Publisher:
 
     def write_status(self) -> None:
         """Patches the status if it changed since the last write; failures are retried next pass."""
+        self._survey_at_resync()
         own = self.watches.wgnode(self.node_name)
         if own is None:
             return
@@ -185,6 +188,18 @@ class Publisher:
             self._status_sent = body
         except self.api_error as e:
             self.log.warning("status_update_failed", error=str(e))
+
+    def _survey_at_resync(self) -> None:
+        """The node's settings are read again once per resync period, not on every pass: they
+        change by an operator's hand (a reboot, ethtool), and each read costs syscalls."""
+        if self.datapath.backend is None:
+            return
+        now = self.clock.monotonic()
+        if self._next_survey and now < self._next_survey:
+            return
+        if self._next_survey:
+            self.datapath.survey()
+        self._next_survey = now + self.reconciler.resync_period
 
     def current_conditions(self) -> tuple[wgnode.Condition, ...]:
         """The conditions as the status would carry them now (for the local API)."""
@@ -210,6 +225,7 @@ class Publisher:
             conditions=self.conditions(old.conditions),
             datapath=self.datapath.kind if self.datapath.kind in wgnode.DATAPATHS else None,  # type: ignore[arg-type]
             features=self.datapath.features,
+            advisories=tuple(wgnode.Advisory(a.name, a.message) for a in self.datapath.advisories),
             peers=peers,
             key_rotated_at=wgnode.format_time(made) if made else old.key_rotated_at,
             peers_on_current_key=peers if on_current is None else min(on_current, peers),

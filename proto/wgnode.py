@@ -268,6 +268,30 @@ def format_time(epoch_seconds: float) -> str:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Advisory:
+    """One entry of status.advisories: a kernel setting on the node that costs WireGuard
+    throughput (`name`), and what to change and why (`message`)."""
+
+    name: str
+    message: str
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ResourceError("an advisory needs a name", field="status.advisories")
+
+    @classmethod
+    def from_dict(cls, data: object, *, name: str | None = None) -> Advisory:
+        obj = _mapping(data, "status.advisories[]", name=name)
+        return cls(
+            name=_str(obj.get("name"), "status.advisories[].name", name=name),
+            message=_str(obj.get("message", ""), "status.advisories[].message", name=name),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "message": self.message}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Status:
     """What a node's agent reports about itself, for people and for the operator."""
 
@@ -280,6 +304,9 @@ class Status:
     key_rotated_at: str | None = None
     observed_generation: int | None = None
     peers_on_current_key: int | None = None  # peers that have handshaken with the current key
+    # The node's settings that cost WireGuard throughput; written with `advisoryCount`, their
+    # number, because a printer column's JSONPath cannot count a list.
+    advisories: tuple[Advisory, ...] = ()
 
     def __post_init__(self) -> None:
         if self.datapath is not None and self.datapath not in DATAPATHS:
@@ -311,6 +338,7 @@ class Status:
                 peers_on_current_key=_optional_int(
                     obj.get("peersOnCurrentKey"), "status.peersOnCurrentKey", name=name
                 ),
+                advisories=_advisories(obj, name=name),
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,7 +359,23 @@ class Status:
             out["observedGeneration"] = self.observed_generation
         if self.peers_on_current_key is not None:
             out["peersOnCurrentKey"] = self.peers_on_current_key
+        out["advisories"] = [a.to_dict() for a in self.advisories]
+        out["advisoryCount"] = len(self.advisories)
         return out
+
+
+def _advisories(obj: Mapping[str, Any], *, name: str | None) -> tuple[Advisory, ...]:
+    """status.advisories; advisoryCount, written beside them, must count them."""
+    items = _list(obj.get("advisories", []), "status.advisories", name=name)
+    found = tuple(Advisory.from_dict(a, name=name) for a in items)
+    count = _optional_int(obj.get("advisoryCount"), "status.advisoryCount", name=name)
+    if count is not None and count != len(found):
+        raise ResourceError(
+            f"status.advisoryCount is {count} but status.advisories has {len(found)}",
+            name=name,
+            field="status.advisoryCount",
+        )
+    return found
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

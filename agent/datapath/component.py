@@ -6,7 +6,9 @@ once (before the agent waits for anything, so pod traffic with no peer is droppe
 in clear), and `bring_up` opens the backend for the underlay address and gives the device the
 node's key and port. `restore` does that again for a device that was lost. `guard`, on every
 pass, puts back what of the backstop (and with strictMode, podwire's table and rules) someone
-removed, and reports routes that would carry pod traffic past the device.
+removed, and reports routes that would carry pod traffic past the device. `survey`, when the
+device comes up and at each resync (the publisher's call), reads the node's kernel settings
+that cost WireGuard throughput and keeps them as advisories.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from podwire.agent import component, keystore, reconcile, wgdevice
+from podwire.agent import advisories, component, keystore, reconcile, wgdevice
 from podwire.agent.datapath import backend as backend_mod
+from podwire.agent.datapath import link
 from podwire.agent.datapath import routes as routes_mod
 
 
@@ -39,6 +42,20 @@ class RoutesLike(Protocol):
 OpenBackend = Callable[[str | None], backend_mod.Backend]  # underlay address -> backend
 
 
+class Surveyor(Protocol):
+    """Reads the node's settings for the advisories (link.survey; the unit tests' fake)."""
+
+    def __call__(
+        self,
+        datapath: str,
+        device: str,
+        features: tuple[str, ...],
+        *,
+        underlay_address: str | None,
+        netns: str | None,
+    ) -> advisories.Facts: ...
+
+
 class Datapath:
     name = "datapath"
 
@@ -52,6 +69,8 @@ class Datapath:
         open_backend: OpenBackend,
         routes: RoutesLike,
         keys: keystore.KeyStore,
+        netns: str | None = None,
+        surveyor: Surveyor = link.survey,
     ) -> None:
         self.device = device
         self.listen_port = listen_port
@@ -66,6 +85,9 @@ class Datapath:
         self.mtu = 0
         self.fail_closed_installed = False
         self.underlay_address: str | None = None
+        self.netns = netns  # where the device lives: None, the agent's own namespace
+        self.surveyor = surveyor
+        self.advisories: tuple[advisories.Advisory, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -95,6 +117,21 @@ class Datapath:
         self.features = tuple(b.features())
         self.mtu = b.mtu()
         self.identity = b.identity()
+        self.survey()
+
+    def survey(self) -> None:
+        """Reads the node's settings again and keeps what to advise; the features too, which a
+        device can gain after it came up (threaded NAPI once it has peers)."""
+        b = self.require()
+        self.features = tuple(b.features())
+        facts = self.surveyor(
+            b.datapath,
+            self.device,
+            self.features,
+            underlay_address=self.underlay_address,
+            netns=self.netns,
+        )
+        self.advisories = advisories.find(facts)
 
     @property
     def strict_mode(self) -> bool:
@@ -131,4 +168,8 @@ class Datapath:
         if self.backend is None:
             return component.degraded(f"{closed}; no device yet")
         features = ", ".join(self.features) or "none"
-        return component.ok(f"{closed}; {self.kind} device {self.device}, features: {features}")
+        advised = ", ".join(a.name for a in self.advisories) or "none"
+        return component.ok(
+            f"{closed}; {self.kind} device {self.device}, features: {features},"
+            f" advisories: {advised}"
+        )

@@ -46,6 +46,7 @@ class KernelBackend:
         # The kernel cannot rename a peer: see wgdevice.without_renames.
         for change in wgdevice.without_renames(changes):
             wireguard.set_peer(self.device, change, netns=self.netns)
+        self._link.keep_threaded_napi()  # a device's first peer gives it NAPI to thread
 
     def features(self) -> tuple[str, ...]:
         return self._link.applied

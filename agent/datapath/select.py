@@ -28,6 +28,7 @@ def open_backend(
         gro=cfg.features.gro,
         big_tcp=cfg.features.big_tcp,
         udp_gro_forwarding=cfg.features.udp_gro_forwarding,
+        threaded_napi=cfg.features.threaded_napi,
     )
     command = engine_command or ((str(cfg.engine),) if cfg.engine else None)
     user = userspace.UserspaceBackend(

@@ -45,6 +45,25 @@ def enable_udp_gro_forwarding(device: str, *, netns: str | None = None) -> str:
             io.close()
 
 
+def udp_gro_forwarding(device: str, *, netns: str | None = None) -> bool | None:
+    """Whether the feature is on; None when the device does not offer it or cannot be asked."""
+    try:
+        io = _ethtool_in(netns)
+    except OSError:
+        return None
+    try:
+        io.change_ifname(device)
+        feature = _features(io).features.get(UDP_GRO_FORWARDING)
+        if feature is None or not feature.available:
+            return None
+        return bool(feature.enable)
+    except Exception:  # the ioctl layer raises several kinds; all mean "cannot tell"
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            io.close()
+
+
 def _features(io: Any) -> Any:
     """The features of the device io is bound to, by ethtool's names."""
     return pr_ethtool.EthtoolFeatures.from_ioctl(

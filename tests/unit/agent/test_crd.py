@@ -121,6 +121,8 @@ def test_status_is_schemad_with_standard_conditions(crd: dict[str, Any]) -> None
         "keyRotatedAt",
         "peersOnCurrentKey",
         "observedGeneration",
+        "advisories",
+        "advisoryCount",
     }
     assert status["datapath"]["enum"] == list(wgnode.DATAPATHS)
     cond = status["conditions"]["items"]
@@ -150,6 +152,7 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
         "Datapath": (".status.datapath", "string"),
         "Peers": (".status.peers", "integer"),
         "Ready": ('.status.conditions[?(@.type=="Ready")].status', "string"),
+        "Advisories": (".status.advisoryCount", "integer"),
         "Key Age": (".status.keyRotatedAt", "date"),
         "Age": (".metadata.creationTimestamp", "date"),
     }

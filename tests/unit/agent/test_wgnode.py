@@ -43,6 +43,8 @@ def test_round_trip_of_a_full_resource(
         "peers": 2,
         "keyRotatedAt": "2026-01-01T00:00:00Z",
         "observedGeneration": 3,
+        "advisories": [{"name": "init_on_alloc", "message": "boot with init_on_alloc=0"}],
+        "advisoryCount": 1,
     }
     raw = make_wgnode("node-b", new_public_key(), status=status)
     raw["metadata"]["annotations"] = {wgnode.ROTATE_ANNOTATION: "2026-01-02T00:00:00Z"}
@@ -102,6 +104,9 @@ def test_status_body_leaves_unset_fields_out(new_public_key: Callable[[], str]) 
         "datapath": "userspace",
         "features": [],
         "peers": 0,
+        # Always written: an empty list must replace the last one in a merge patch.
+        "advisories": [],
+        "advisoryCount": 0,
     }
 
 
