@@ -71,6 +71,10 @@ class Servicer(agent_pb2_grpc.AgentServicer):
                 agent_pb2.ComponentHealth(name=name, ok=h.ok, message=h.message)
                 for name, h in a.health()
             ],
+            advisories=[
+                agent_pb2.Advisory(name=adv.name, message=adv.message)
+                for adv in a.datapath.advisories
+            ],
         )
 
     def ListPeers(self, request: Any, context: Any) -> agent_pb2.ListPeersResponse:

@@ -204,6 +204,9 @@ def _agent_command(args: argparse.Namespace) -> int:
         print(f"key made:    {_age(msg.key_rotated_at)}")
         conditions = ", ".join(f"{c.type}={c.status}" for c in msg.conditions)
         print(f"conditions:  {conditions or '-'}")
+        print(f"advisories:  {len(msg.advisories) or '-'}")
+        for adv in msg.advisories:
+            print(f"  {adv.name}: {adv.message}")
         print("components:")
         rows = [["  NAME", "OK", "HEALTH"]]
         rows += [[f"  {c.name}", "yes" if c.ok else "no", c.message] for c in msg.components]

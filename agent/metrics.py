@@ -95,6 +95,15 @@ class AgentCollector(Collector):
         for name, h in a.health():
             healthy.add_metric([name], 1 if h.ok else 0)
         yield healthy
+        advised = GaugeMetricFamily(
+            "podwire_advisory",
+            "1 for each kernel setting on the node that costs WireGuard throughput"
+            " (`podwire status` and status.advisories say what to change)",
+            labels=["name"],
+        )
+        for adv in a.datapath.advisories:
+            advised.add_metric([adv.name], 1)
+        yield advised
         yield from self._peers(a)
 
     def _peers(self, a: app.Agent) -> Iterator[Any]:

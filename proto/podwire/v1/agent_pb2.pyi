@@ -38,7 +38,7 @@ class Condition(_message.Message):
     def __init__(self, type: _Optional[str] = ..., status: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., last_transition_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("node_name", "public_key", "listen_port", "datapath", "device", "features", "nodes_synced", "wgnodes_synced", "last_reconcile", "last_reconcile_error", "peer_count", "mtu", "key_rotated_at", "conditions", "components")
+    __slots__ = ("node_name", "public_key", "listen_port", "datapath", "device", "features", "nodes_synced", "wgnodes_synced", "last_reconcile", "last_reconcile_error", "peer_count", "mtu", "key_rotated_at", "conditions", "components", "advisories")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     LISTEN_PORT_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class Status(_message.Message):
     KEY_ROTATED_AT_FIELD_NUMBER: _ClassVar[int]
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    ADVISORIES_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     public_key: str
     listen_port: int
@@ -69,7 +70,16 @@ class Status(_message.Message):
     key_rotated_at: _timestamp_pb2.Timestamp
     conditions: _containers.RepeatedCompositeFieldContainer[Condition]
     components: _containers.RepeatedCompositeFieldContainer[ComponentHealth]
-    def __init__(self, node_name: _Optional[str] = ..., public_key: _Optional[str] = ..., listen_port: _Optional[int] = ..., datapath: _Optional[_Union[Datapath, str]] = ..., device: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., nodes_synced: _Optional[bool] = ..., wgnodes_synced: _Optional[bool] = ..., last_reconcile: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_reconcile_error: _Optional[str] = ..., peer_count: _Optional[int] = ..., mtu: _Optional[int] = ..., key_rotated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ...) -> None: ...
+    advisories: _containers.RepeatedCompositeFieldContainer[Advisory]
+    def __init__(self, node_name: _Optional[str] = ..., public_key: _Optional[str] = ..., listen_port: _Optional[int] = ..., datapath: _Optional[_Union[Datapath, str]] = ..., device: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., nodes_synced: _Optional[bool] = ..., wgnodes_synced: _Optional[bool] = ..., last_reconcile: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_reconcile_error: _Optional[str] = ..., peer_count: _Optional[int] = ..., mtu: _Optional[int] = ..., key_rotated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., advisories: _Optional[_Iterable[_Union[Advisory, _Mapping]]] = ...) -> None: ...
+
+class Advisory(_message.Message):
+    __slots__ = ("name", "message")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    message: str
+    def __init__(self, name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ComponentHealth(_message.Message):
     __slots__ = ("name", "ok", "message")
