@@ -8,7 +8,8 @@ the tests make network namespaces as the integration tier does on the host.
 
 One boot for the tier (under software emulation some 20 s to boot and as much again to import
 the agent's modules); the VM is stopped, and killed by PID if it will not stop, whatever the
-tests did.
+tests did. It boots with `init_on_alloc=1` (this Debian kernel's own default, said on the
+command line so that the agent can tell); test_advisories.py boots a second VM with `=0`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ PRELOAD = (
     "podwire.sandbox.tools",
 )
 BOOT_TIMEOUT = 300.0
+# The session VM's kernel parameters: the agent reads init_on_alloc from the command line.
+SESSION_CMDLINE = ("init_on_alloc=1",)
 SETUP_HINT = "run `hack/setup.sh` (or `make test`): it installs QEMU, virtme-ng and the kernel"
 
 
@@ -80,8 +83,16 @@ def kernel_image() -> pathlib.Path:
 class GuestVM:
     """One VM: boot() it, run() commands in it, stop() it; the shared folder is `shared`."""
 
-    def __init__(self, shared: pathlib.Path, *, cpus: int = 2, memory: str = "1G") -> None:
+    def __init__(
+        self,
+        shared: pathlib.Path,
+        *,
+        cpus: int = 2,
+        memory: str = "1G",
+        append: Sequence[str] = SESSION_CMDLINE,
+    ) -> None:
         self.shared = shared
+        self.append = tuple(append)  # kernel command-line parameters
         self.cpus = cpus
         self.memory = memory
         self.console = shared / "console.log"
@@ -101,6 +112,8 @@ class GuestVM:
             "--rwdir", str(self.shared), "--cwd", str(REPO),
             "--exec", f"{sys.executable} {GUEST_SERVE} {self.shared} --preload {','.join(PRELOAD)}",
         ]  # fmt: skip
+        for parameter in self.append:
+            args += ["--append", parameter]
         # This machine's /dev/kvm may be present and still unusable (nested virtualization):
         # software emulation unless told that KVM works.
         if os.environ.get("PODWIRE_VM_KVM") != "1":
@@ -208,6 +221,19 @@ def _descendants(pid: int) -> list[int]:
 _running: list[GuestVM] = []
 
 
+@contextlib.contextmanager
+def booted(shared: pathlib.Path, *, append: Sequence[str]) -> Iterator[GuestVM]:
+    """Another VM, for a test that needs other kernel parameters; stopped (or killed) after."""
+    guest = GuestVM(shared, append=append)
+    _running.append(guest)
+    try:
+        guest.boot()
+        yield guest
+    finally:
+        guest.stop()
+        _running.remove(guest)
+
+
 @pytest.fixture(scope="session")
 def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
     """One booted VM for the whole tier; stopped (or killed) afterwards, even on failure."""
@@ -221,6 +247,15 @@ def vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
     finally:
         guest.stop()
         _running.remove(guest)
+
+
+@pytest.fixture(scope="module")
+def vm_init_on_alloc_off(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    """A second VM, booted with `init_on_alloc=0`, for the module that asks for it."""
+    shared = pathlib.Path(tmp_path_factory.mktemp("vm-init-on-alloc-off"))
+    with booted(shared, append=("init_on_alloc=0",)) as guest:
+        print(f"\nkernel {guest.kernel} with init_on_alloc=0: ready in {guest.boot_seconds:.1f}s")
+        yield guest
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:

@@ -31,7 +31,7 @@ def facts(vm: Any) -> dict[str, Any]:
 def test_every_feature_is_in_force_and_reported(facts: dict[str, Any]) -> None:
     case = facts["all_on"]
     assert case["datapath"] == "kernel"
-    assert case["reported"] == ["gro", "big_tcp", "udp_gro_forwarding"]
+    assert case["reported"] == ["gro", "big_tcp", "udp_gro_forwarding", "threaded_napi"]
     sizes = case["sizes"]
     assert sizes["tso_max_size"] > LEGACY, "this kernel's WireGuard takes segments above 64 KiB"
     assert sizes["gro_max_size"] == BIG
@@ -41,21 +41,21 @@ def test_every_feature_is_in_force_and_reported(facts: dict[str, Any]) -> None:
 
 def test_gro_turned_off_stays_off(facts: dict[str, Any]) -> None:
     case = facts["gro_off"]
-    assert case["reported"] == ["big_tcp", "udp_gro_forwarding"]
+    assert case["reported"] == ["big_tcp", "udp_gro_forwarding", "threaded_napi"]
     assert case["sizes"]["gro_max_size"] == LEGACY
     assert case["sizes"]["gro_ipv4_max_size"] == BIG, "BIG TCP is still on"
 
 
 def test_big_tcp_turned_off_stays_off(facts: dict[str, Any]) -> None:
     case = facts["big_tcp_off"]
-    assert case["reported"] == ["gro", "udp_gro_forwarding"]
+    assert case["reported"] == ["gro", "udp_gro_forwarding", "threaded_napi"]
     assert {name: case["sizes"][name] for name in BIG_TCP} == dict.fromkeys(BIG_TCP, LEGACY)
     assert case["sizes"]["gro_max_size"] == BIG, "GRO is still on"
 
 
 def test_udp_gro_forwarding_turned_off_is_not_turned_on(facts: dict[str, Any]) -> None:
     case = facts["udp_gro_forwarding_off"]
-    assert case["reported"] == ["gro", "big_tcp"]
+    assert case["reported"] == ["gro", "big_tcp", "threaded_napi"]
     assert case["udp_gro_forwarding"] == "off"
 
 
@@ -73,6 +73,6 @@ def test_an_agent_restarted_with_features_off_takes_them_back(facts: dict[str, A
 
 def test_tcp_crosses_kernel_wireguard_with_every_feature_on(facts: dict[str, Any]) -> None:
     traffic = facts["traffic"]
-    assert traffic["features"] == [["gro", "big_tcp", "udp_gro_forwarding"]] * 2
+    assert traffic["features"] == [["gro", "big_tcp", "udp_gro_forwarding", "threaded_napi"]] * 2
     assert traffic["bytes_received"] == 16 * 2**20
     assert traffic["intact"], "what arrived is what was sent (SHA-256)"

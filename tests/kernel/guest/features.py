@@ -50,7 +50,8 @@ CASES = {
     "udp_gro_forwarding_off": {"PODWIRE_UDP_GRO_FORWARDING": "false"},
 }
 PAYLOAD = 16 * 2**20
-ALL_OFF = {"PODWIRE_GRO": "0", "PODWIRE_BIG_TCP": "0", "PODWIRE_UDP_GRO_FORWARDING": "0"}
+ALL_OFF = {"PODWIRE_GRO": "0", "PODWIRE_BIG_TCP": "0", "PODWIRE_UDP_GRO_FORWARDING": "0",
+           "PODWIRE_THREADED_NAPI": "0"}  # fmt: skip
 
 
 def _sizes(ns: netns_mod.Netns, dev: str) -> dict[str, int | None]:
