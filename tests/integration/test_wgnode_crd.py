@@ -55,6 +55,10 @@ def test_agent_body_is_accepted_and_printed_by_kubectl(
         datapath="userspace",
         features=(),
         peers=2,
+        advisories=(
+            wgnode.Advisory("init_on_alloc", "boot with init_on_alloc=0"),
+            wgnode.Advisory("threaded_napi", "turn threaded_napi on"),
+        ),
     )
     body = read.status_body()
     body["status"] = status.to_dict()
@@ -71,6 +75,9 @@ def test_agent_body_is_accepted_and_printed_by_kubectl(
         "DATAPATH",
         "PEERS",
         "READY",
+        "ADVISORIES",
+        "KEY",
+        "AGE",
         "AGE",
     ]
     row = out[1].split()
@@ -78,6 +85,9 @@ def test_agent_body_is_accepted_and_printed_by_kubectl(
     assert row[2] == "192.0.2.10:51871"
     assert "10.244.1.0/24" in row[3] and "fd00:10:244:1::/64" in row[3]
     assert row[4:7] == ["userspace", "2", "True"]
+    assert row[7] == "2", "the Advisories column counts status.advisories"
+    got = wgnode.WireguardNode.from_dict(client.get_wgnode(name))
+    assert got.status is not None and got.status.advisories == status.advisories
     # The short name works too.
     assert name in apiserver.kubectl("get", "wgnode", name).stdout
 
