@@ -22,6 +22,9 @@ def _run(vm: Any, label: str) -> dict[str, Any]:
     for case in ("fresh_off", "off", "on", "on_resync"):
         print(f"  {case}: threaded {got[case]['threaded']}, features {got[case]['features']}, "
               f"advisories {sorted(got[case]['advisories'])}")  # fmt: skip
+    for case in ("offloads_off", "offloads_on"):
+        print(f"  {case}: udp-gro-forwarding {got[case]['ethtool']}, features "
+              f"{got[case]['features']}, advisories {sorted(got[case]['advisories'])}")  # fmt: skip
     return got
 
 
@@ -71,3 +74,13 @@ def test_every_feature_on_leaves_no_offload_advice(on: dict[str, Any]) -> None:
     assert {"gro", "big_tcp", "udp_gro_forwarding", "threaded_napi"} <= set(
         on["on_resync"]["features"]
     )
+
+
+def test_offloads_turned_off_are_advised_and_not_once_on(on: dict[str, Any]) -> None:
+    low, high = on["offloads_off"], on["offloads_on"]
+    assert low["ethtool"] == "off"
+    assert {"gro_limits", "udp_gro_forwarding"} <= set(low["advisories"])
+    assert "gro_max_size 65536" in low["advisories"]["gro_limits"]
+    assert "big_tcp" not in low["advisories"], "this kernel has BIG TCP: not unavailable"
+    assert high["ethtool"] == "on"
+    assert not {"gro_limits", "udp_gro_forwarding", "big_tcp"} & set(high["advisories"])

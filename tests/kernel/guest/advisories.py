@@ -30,6 +30,15 @@ pr_config.default_communicate_timeout = 30
 pr_config.default_create_socket_timeout = 60
 
 PEER_KEY = keys.PrivateKey.generate()
+OFFLOADS_OFF = {"PODWIRE_GRO": "0", "PODWIRE_BIG_TCP": "0", "PODWIRE_UDP_GRO_FORWARDING": "0"}
+
+
+def _ethtool(ns: netns_mod.Netns, dev: str) -> str:
+    """The underlay's UDP GRO forwarding as `ethtool -k` says it."""
+    for line in ns.run("ethtool", "-k", dev).stdout.splitlines():
+        if line.strip().startswith("rx-udp-gro-forwarding:"):
+            return line.split(":", 1)[1].strip()
+    return "absent"
 
 
 def _threaded(ns: netns_mod.Netns, dev: str) -> str:
@@ -111,6 +120,17 @@ def main() -> dict:
         facts["on"] = _report(on, node, dev)
         on.survey()
         facts["on_resync"] = _report(on, node, dev)
+
+        # GRO, BIG TCP and UDP GRO forwarding turned off, on a node of their own (the first
+        # agent turned its underlay's forwarding on), then the agent restarted with them on.
+        node, peer = f.namespace("n"), f.namespace("p")
+        underlay, _ = f.veth(node, peer, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24")
+        node.ip("route", "add", "default", "via", "192.0.2.2")
+        dev = f.unique("w")
+        low = _datapath(node, dev, OFFLOADS_OFF, folder)
+        facts["offloads_off"] = {**_report(low, node, dev), "ethtool": _ethtool(node, underlay)}
+        high = _datapath(node, dev, {}, folder)
+        facts["offloads_on"] = {**_report(high, node, dev), "ethtool": _ethtool(node, underlay)}
     return facts
 
 
