@@ -5,9 +5,10 @@ conflict (409) is retried against the object as it is now. It is the node's own 
 kept: a spec someone else changed (or an object someone deleted) is put back and reported, with
 a Warning Event on the object, a log line and `repairs`, which /metrics exports. The status is what an operator reads
 in `kubectl get wgnodes`: the endpoint and pod CIDRs in use, the datapath and its features, the
-peers, when the key was rotated, the advisories (the node's kernel settings that cost
-WireGuard throughput, surveyed again at each resync), and the conditions declared in `wgnode`. It is written when it
-changed, never for its own sake, so thousands of agents do not load the apiserver for nothing.
+peers, when the key was rotated, the advisories (the node's kernel settings that cost WireGuard
+throughput, surveyed again each resync period), and the conditions declared in `wgnode`. It is
+written when it changed, never for its own sake, so thousands of agents do not load the
+apiserver for nothing.
 """
 
 from __future__ import annotations
