@@ -45,6 +45,11 @@ class WgnodeApi(Protocol):
     def patch_wgnode_status(self, name: str, patch: Obj) -> Obj: ...
 
 
+# A watch outage shorter than this (an apiserver restart, with the watches' backoff after it)
+# is not written into the status; one that lasts longer is.
+QUIET_WATCH_OUTAGE = 120.0
+
+
 class Publisher:
     name = "publisher"
 
@@ -83,6 +88,7 @@ class Publisher:
         # Set by the controller once a rotation's key is on the device: how many peers have
         # handshaken with it since (status.peersOnCurrentKey); None before any rotation.
         self.peers_on_current_key: int | None = None
+        self._unsynced_since = 0.0  # monotonic: since when the watches have not been synced
         self._next_survey = 0.0  # monotonic; the device surveyed itself when it came up
         self.log = log.get("publisher", node=node_name)
 
@@ -176,8 +182,22 @@ class Publisher:
             )
 
     def write_status(self) -> None:
-        """Patches the status if it changed since the last write; failures are retried next pass."""
+        """Patches the status if it changed since the last write; failures are retried next pass.
+
+        Not while the watches have been down for less than QUIET_WATCH_OUTAGE: every agent
+        writing "not Ready" the moment a recovering apiserver answers (then "Ready" once its
+        watches relist) is a herd of writes into it and churn for nothing. /readyz and
+        `podwire status` say it at once; a watch down for longer (the apiserver answers, the
+        watch does not) is reported in the status too.
+        """
         self._survey_at_resync()
+        now = self.clock.monotonic()
+        if self.watches.synced:
+            self._unsynced_since = 0.0
+        else:
+            self._unsynced_since = self._unsynced_since or now
+            if now - self._unsynced_since < QUIET_WATCH_OUTAGE:
+                return
         own = self.watches.wgnode(self.node_name)
         if own is None:
             return

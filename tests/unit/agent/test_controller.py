@@ -14,7 +14,7 @@ import time
 import agentfakes
 import pytest
 
-from podwire.agent import keys, metrics, wgdevice
+from podwire.agent import keys, metrics, publisher, wgdevice
 from podwire.api import wgnode
 
 AgentHarness = agentfakes.AgentHarness
@@ -255,6 +255,9 @@ def test_a_peer_gone_meanwhile_is_removed_when_the_watch_relists(
 def test_peers_programmed_is_false_while_the_apiserver_is_away(synced: AgentHarness) -> None:
     synced.wgnodes.fail("watch wgnodes: connection refused")
     synced.step()
+    assert synced.conditions()[wgnode.READY][0] == "True", "a short outage is not written"
+    synced.advance(publisher.QUIET_WATCH_OUTAGE)
+    synced.step()
     status, reason, _ = synced.conditions()[wgnode.PEERS_PROGRAMMED]
     assert (status, reason) == ("False", "WaitingForSync")
     assert synced.conditions()[wgnode.READY][0] == "False"
@@ -350,6 +353,7 @@ def test_a_refusal_that_returns_is_reported_again(
 
 def test_publish_retries_a_conflict(h: AgentHarness) -> None:
     h.api.conflicts = 2
+    h.list()
     h.step()
     assert h.api.conflicts == 0
     assert h.api.wgnodes[AgentHarness.NODE]["spec"]["publicKey"] == h.agent.keys.public_key

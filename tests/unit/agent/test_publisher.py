@@ -167,3 +167,28 @@ def test_a_rotation_the_device_refused_is_not_published_until_the_device_has_the
     assert h.backend.read().public_key == new
     assert spec(h)["publicKey"] == new
     assert metrics.readiness(h.agent)[0] == 200
+
+
+def test_no_status_is_written_while_the_watches_are_down(
+    h: AgentHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an apiserver outage the agents must not all write "not Ready" and then "Ready"
+    again the moment it answers (thousands of writes into a recovering apiserver, and churn
+    a user sees in every resourceVersion): while its watches are down an agent does not know
+    its own object as it is, so it writes nothing; once they are back, only a real change."""
+    writes: list[dict[str, Any]] = []
+    real = h.api.patch_wgnode_status
+
+    def counted(name: str, patch: dict[str, Any]) -> Any:
+        writes.append(patch)
+        return real(name, patch)
+
+    monkeypatch.setattr(h.api, "patch_wgnode_status", counted)
+    h.nodes.fail("connection refused")  # the watches lost the apiserver; writes get through
+    h.wgnodes.fail("connection refused")
+    h.advance(400)  # a resync pass comes due meanwhile
+    h.step()
+    assert writes == [], "a status written while the watches were down"
+    h.list(agentfakes.other_node(2))  # back, with the same cluster
+    h.step()
+    assert writes == [], "nothing changed, yet the status was written again"
