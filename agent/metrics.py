@@ -9,18 +9,14 @@ double-booked.
 
 from __future__ import annotations
 
-import http.server
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from podwire.agent import app, component
+from podwire.agent import app, probes
 
 
 class AgentCollector(Collector):
@@ -133,44 +129,12 @@ class AgentCollector(Collector):
         yield tx
 
 
-REQUEST_TIMEOUT = 5.0  # a client that says nothing for this long is disconnected
-MAX_CONNECTIONS = 16  # connections served at once; more are closed at once
+REQUEST_TIMEOUT = probes.REQUEST_TIMEOUT
+MAX_CONNECTIONS = probes.MAX_CONNECTIONS
 
 
-class _BoundedServer(http.server.ThreadingHTTPServer):
-    """A thread per connection, up to a bound: the probes must not starve behind idle clients."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: Any, *, max_connections: int) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self.refused = 0
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.refused += 1
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class HttpServer:
-    """The probes' and Prometheus' HTTP server, as a component."""
-
-    name = "http"
+class HttpServer(probes.ProbeServer):
+    """The agent's probes and Prometheus endpoint (agent/probes.py serves them)."""
 
     def __init__(
         self,
@@ -182,76 +146,18 @@ class HttpServer:
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.agent = agent
-        self.port = port
-        self.host = host
-        self.request_timeout = request_timeout
-        self.max_connections = max_connections
-        self._server: _BoundedServer | None = None
-
-    @property
-    def bound_port(self) -> int:
-        """The port it listens on (the one the kernel chose, for port 0)."""
-        return int(self._server.server_address[1]) if self._server else 0
-
-    def start(self) -> None:
-        registry = prometheus_client.CollectorRegistry()
-        registry.register(AgentCollector(self.agent))
-        self._server = _BoundedServer(
-            (self.host, self.port),
-            _handler(self.agent, registry, request_timeout=self.request_timeout),
-            max_connections=self.max_connections,
+        super().__init__(
+            collector=AgentCollector(agent),
+            alive=lambda: (True, ""),  # it answers: the process is not wedged
+            ready=agent.ready,
+            healths=agent.health,
+            host=host,
+            port=port,
+            request_timeout=request_timeout,
+            max_connections=max_connections,
         )
-        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def health(self) -> component.Health:
-        if self._server is None:
-            return component.degraded("not serving")
-        return component.ok(f"serving on {self.host}:{self.bound_port}")
 
 
 def readiness(agent: app.Agent) -> tuple[int, str]:
     """The /readyz answer: the verdict, then one line per component."""
-    ready, reason = agent.ready()
-    lines = ["ready" if ready else f"not ready: {reason}"]
-    lines += [f"{name}: {'ok' if h.ok else 'not ok'}: {h.message}" for name, h in agent.health()]
-    return (200 if ready else 503), "\n".join(lines) + "\n"
-
-
-def _handler(
-    agent: app.Agent, registry: prometheus_client.CollectorRegistry, *, request_timeout: float
-) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        # Set on the connection's socket: a request not read within it ends the connection.
-        timeout = request_timeout
-
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                self._reply(200, b"ok\n")
-            elif self.path == "/readyz":
-                code, text = readiness(agent)
-                self._reply(code, text.encode())
-            elif self.path == "/metrics":
-                self._reply(
-                    200,
-                    prometheus_client.generate_latest(registry),
-                    prometheus_client.CONTENT_TYPE_LATEST,
-                )
-            else:
-                self._reply(404, b"not found\n")
-
-        def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # probes every few seconds would drown the agent's own log
-
-    return Handler
+    return probes.readiness(agent.ready, agent.health)

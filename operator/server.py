@@ -7,20 +7,14 @@ healthy). /readyz: it reaches the apiserver, leading or waiting, with one line p
 
 from __future__ import annotations
 
-import http.server
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from podwire.agent import component
+from podwire.agent import component, probes
 from podwire.operator import controller as controller_mod
-
-REQUEST_TIMEOUT = 5.0
 
 
 class Operator(Protocol):
@@ -78,73 +72,17 @@ class OperatorCollector(Collector):
         yield CounterMetricFamily("podwire_operator_pass_errors", "Passes that failed", value=counts.errors)  # fmt: skip
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: Any) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, handler)
-
-
-class HttpServer:
-    name = "http"
+class HttpServer(probes.ProbeServer):
+    """The operator's probes and Prometheus endpoint (agent/probes.py serves them, with the
+    agent's request timeout and bound on connections)."""
 
     def __init__(self, operator: Operator, *, host: str, port: int) -> None:
         self.operator = operator
-        self.host = host
-        self.port = port
-        self._server: _Server | None = None
-
-    @property
-    def bound_port(self) -> int:
-        return int(self._server.server_address[1]) if self._server else 0
-
-    def start(self) -> None:
-        registry = prometheus_client.CollectorRegistry()
-        registry.register(OperatorCollector(self.operator))
-        self._server = _Server((self.host, self.port), _handler(self.operator, registry))
-        threading.Thread(target=self._server.serve_forever, name="http", daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-
-def _lines(operator: Operator, verdict: str) -> str:
-    rows = [f"{name}: {'ok' if h.ok else 'not ok'}: {h.message}" for name, h in operator.health()]
-    return "\n".join([verdict, *rows]) + "\n"
-
-
-def _handler(
-    operator: Operator, registry: prometheus_client.CollectorRegistry
-) -> type[http.server.BaseHTTPRequestHandler]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = REQUEST_TIMEOUT
-
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                alive, why = operator.alive()
-                self._reply(200 if alive else 503, b"ok\n" if alive else f"{why}\n".encode())
-            elif self.path == "/readyz":
-                ready, why = operator.ready()
-                text = _lines(operator, "ready" if ready else f"not ready: {why}")
-                self._reply(200 if ready else 503, text.encode())
-            elif self.path == "/metrics":
-                body = prometheus_client.generate_latest(registry)
-                self._reply(200, body, prometheus_client.CONTENT_TYPE_LATEST)
-            else:
-                self._reply(404, b"not found\n")
-
-        def _reply(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # probes every few seconds would drown the operator's own log
-
-    return Handler
+        super().__init__(
+            collector=OperatorCollector(operator),
+            alive=operator.alive,
+            ready=operator.ready,
+            healths=operator.health,
+            host=host,
+            port=port,
+        )
