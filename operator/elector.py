@@ -136,19 +136,21 @@ class Elector:
 
     def _put(self, record: election.Record) -> float:
         now = self.clock.wall()
-        body = {
+        spec = election.spec(self.identity, duration=self.duration, now_wall=now, previous=record)
+        return self._write(self.api.replace, self._lease(record.resource_version, spec))
+
+    def _lease(self, resource_version: str | None, spec: Any) -> dict[str, Any]:
+        """The Lease to write over the one read at `resource_version` (409 if it changed)."""
+        return {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {
                 "name": self.api.name,
                 "namespace": self.api.namespace,
-                "resourceVersion": record.resource_version,
+                "resourceVersion": resource_version,
             },
-            "spec": election.spec(
-                self.identity, duration=self.duration, now_wall=now, previous=record
-            ),
+            "spec": spec,
         }
-        return self._write(self.api.replace, body)
 
     def _write(self, call: Callable[[Any], Any], body: Any) -> float:
         """Writes the lease; we lead from the moment the write was sent, not answered."""
@@ -183,16 +185,10 @@ class Elector:
         if not self.leading or self._record is None:
             return
         self._renewed_mono = None
-        body = {
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": self.api.name,
-                "namespace": self.api.namespace,
-                "resourceVersion": self._record.resource_version,
-            },
-            "spec": election.released_spec(self._record, now_wall=self.clock.wall()),
-        }
+        body = self._lease(
+            self._record.resource_version,
+            election.released_spec(self._record, now_wall=self.clock.wall()),
+        )
         try:
             self.api.replace(body)
             self._log.info("lease_released")
