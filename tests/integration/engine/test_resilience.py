@@ -9,12 +9,12 @@ ns a (engine)                          ns b (wireguard-go or engine)
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import sys
 import time
 from typing import Any
 
+import enginelog
 import pytest
 
 from podwire.agent.engine.counters import Drop
@@ -99,20 +99,8 @@ def test_traffic_never_stops_across_rekeys(bed: Any, peer_kind: str) -> None:
     print(f"{lost} of 300 pings lost, longest gap {longest_gap:.2f}s")
     assert longest_gap < 1.0, f"traffic stopped for {longest_gap:.2f}s"
 
-    handshakes = _events(w.a, "handshake_completed")
+    handshakes = enginelog.events(w.a.log, "handshake_completed")
     assert len(handshakes) >= 3, f"expected rekeys, saw {len(handshakes)} handshakes"
-
-
-def _events(side: Any, name: str) -> list[dict[str, Any]]:
-    events = []
-    for line in side.log.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == name:
-            events.append(event)
-    return events
 
 
 GARBAGE = r"""
@@ -158,7 +146,7 @@ def test_garbage_datagrams_are_dropped_and_counted(bed: Any) -> None:
 
     w.a.stop()
     assert w.a.proc.returncode == 0
-    (stopping,) = _events(w.a, "engine_stopping")
+    (stopping,) = enginelog.events(w.a.log, "engine_stopping")
     assert stopping["reason"] == "SIGTERM"
     for reason in (Drop.SHORT, Drop.UNKNOWN_TYPE, Drop.BAD_MAC1, Drop.UNKNOWN_RECEIVER):
         assert stopping[reason.value] > 0, (reason, stopping)

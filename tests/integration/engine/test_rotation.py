@@ -12,12 +12,12 @@ from __future__ import annotations
 import base64
 import dataclasses
 import itertools
-import json
 import re
 import subprocess
 import time
 from typing import Any
 
+import enginelog
 import pytest
 
 from podwire.agent import wgdevice
@@ -80,21 +80,9 @@ def _handshake_after(side: Any, key: str, wall: float) -> bool:
     return peer.public_key == key and (peer.last_handshake or 0.0) > wall
 
 
-def _events(side: Any, name: str) -> list[dict[str, Any]]:
-    found = []
-    for line in side.log.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == name:
-            found.append(event)
-    return found
-
-
 def _stopping_counters(side: Any) -> dict[str, Any]:
     side.stop()
-    (stopping,) = _events(side, "engine_stopping")
+    (stopping,) = enginelog.events(side.log, "engine_stopping")
     return stopping
 
 
@@ -137,9 +125,12 @@ def test_a_rotation_loses_no_packet(bed: Any, order: str) -> None:
     if order == "key_then_rename":
         assert delay < 1.0, "a did not handshake with the new key at once"
     assert a.ns.ping(b.tunnel, count=3, timeout=5) and b.ns.ping(a.tunnel, count=3, timeout=5)
-    (renamed,) = _events(a, "peer_renamed")
+    (renamed,) = enginelog.events(a.log, "peer_renamed")
     assert renamed["peer"] == public[:8] and renamed["previous_key"] == b.public_key[:8]
-    assert not _events(a, "peer_removed") and len(_events(a, "peer_added")) == 1
+    assert (
+        not enginelog.events(a.log, "peer_removed")
+        and len(enginelog.events(a.log, "peer_added")) == 1
+    )
 
 
 def test_the_previous_key_is_answered_in_its_grace_only(bed: Any) -> None:
