@@ -17,6 +17,10 @@ DEBIAN_PACKAGES=(
   iperf3 tcpdump ethtool
   # the kernel tier: QEMU, and busybox for virtme-ng's initramfs
   qemu-system-x86 busybox-static xz-utils
+  # the image (Dockerfile, built without a daemon by hack/image.sh) and the sandbox's real
+  # nodes: runc, not crun (crun refuses this machine's hybrid cgroups)
+  podman buildah mmdebstrap runc uidmap fuse-overlayfs
+  containerd containernetworking-plugins iptables conntrack
 )
 
 missing=()
@@ -26,8 +30,8 @@ done
 if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
   SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # The virtual environment is rebuilt when pyproject.toml changes.
