@@ -23,6 +23,11 @@ from typing import Any, Final, Literal, TypeAlias, get_args
 from podwire.api import wgnode
 
 Datapath: TypeAlias = Literal["auto", "kernel", "userspace"]
+# Who runs the userspace engine. child: the agent starts one when none serves the device (a
+# process that outlives the agent, but not the agent's container). external: never the agent;
+# the engine's own DaemonSet runs it, so restarting or upgrading the agent's container leaves
+# it, and its traffic, alone; the agent waits for its UAPI socket.
+EngineMode: TypeAlias = Literal["child", "external"]
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_KEY_PATH: Final = pathlib.Path("/var/lib/podwire/private.key")
@@ -106,12 +111,18 @@ class Config:
     # The userspace engine to start when the device has none: podwire-engine by default; any
     # program with wireguard-go's command line and UAPI socket will do (benchmarks use that).
     engine: pathlib.Path | None = None
+    engine_mode: EngineMode = "child"
 
     def __post_init__(self) -> None:
         _check_node_name(self.node_name)
         if self.datapath not in get_args(Datapath):
             raise ConfigError(
                 "datapath", f"must be one of {', '.join(get_args(Datapath))}, got {self.datapath!r}"
+            )
+        if self.engine_mode not in get_args(EngineMode):
+            raise ConfigError(
+                "engine_mode",
+                f"must be one of {', '.join(get_args(EngineMode))}, got {self.engine_mode!r}",
             )
         _check_port("listen_port", self.listen_port)
         _check_device(self.device)
@@ -187,6 +198,7 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_RESYNC_PERIOD": "resync_period",
     "KUBECONFIG": "kubeconfig",
     "PODWIRE_ENGINE": "engine",
+    "PODWIRE_ENGINE_MODE": "engine_mode",
 }
 FEATURE_ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_GRO": "gro",
@@ -366,6 +378,7 @@ _CONVERT: Final[Mapping[str, Any]] = {
     "resync_period": _to_seconds,
     "kubeconfig": _to_optional_path,
     "engine": _to_optional_path,
+    "engine_mode": _to_str,
 }
 
 

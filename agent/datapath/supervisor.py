@@ -1,8 +1,14 @@
-"""Starts the userspace engine as a process that outlives the agent.
+"""Finds the userspace engine serving the device, and starts it when that is the agent's job.
 
-The engine runs in its own session and is never signalled or waited for by the agent:
-restarting the agent must not cut traffic, so the next agent finds the engine's live UAPI
-socket and carries on configuring it. Starting is done when the socket answers.
+In `child` mode the agent starts the engine as a process that outlives the agent: its own
+session, never signalled or waited for by the agent, so the next agent finds the engine's live
+UAPI socket and carries on configuring it. Starting is done when the socket answers. A
+container's restart still kills it with the agent, as it kills every process of the container.
+
+In `external` mode (the chart's, for the userspace datapath) the agent never starts an engine:
+the engine's own DaemonSet runs it beside the agent, sharing the socket folder through a host
+path, so restarting or upgrading the agent's container leaves the engine and its traffic alone.
+The agent waits for the socket, saying what it waits for, while the fail-closed backstop holds.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from podwire.agent import log
 from podwire.agent.datapath import uapi
 
 START_TIMEOUT: Final = 15.0
+# In external mode: how often the agent looks for the engine's socket, and says it still waits.
+EXTERNAL_POLL: Final = 0.2
+EXTERNAL_REPORT_EVERY: Final = 30.0
 # The engine's log on the host: past this size it becomes `<log>.1` (replacing the one before)
 # and a new log begins, at a start here and while the engine runs (its own rotation), so the
 # two together stay near twice this.
@@ -51,11 +61,45 @@ class Engine:
     netns: str | None = None
     start_timeout: float = START_TIMEOUT
     process: subprocess.Popen[bytes] | None = None  # only when this agent started it
+    external: bool = False  # never start one: the engine's own DaemonSet runs it
+    found: bool = False  # an engine has answered this agent
 
     def ensure_running(self) -> None:
-        """An engine serves the device's socket: the one found there, or one started now."""
-        if not self.client.alive():
+        """An engine serves the device's socket: the one found there, or (in child mode) one
+        started now. In external mode the first call waits until the engine's DaemonSet
+        serves it (the agent has nothing to do before); later calls, the watchdog's after the
+        engine went away, raise at once, so the control loop keeps turning and the agent's
+        health says what is missing."""
+        if self.client.alive():
+            self.found = True
+            return
+        if not self.external:
             self._start()
+        elif self.found:
+            raise uapi.UapiError(
+                self.device, "find the engine", errno.ENOENT, self.absent_message()
+            )
+        else:
+            self._wait_for_external()
+        self.found = True
+
+    def absent_message(self) -> str:
+        """What the agent waits for in external mode, for its log and its health line."""
+        return (
+            f"no userspace engine serves {self.client.path} (engine mode external: the agent"
+            " starts none; the engine's DaemonSet runs podwire-engine on this node);"
+            " fail-closed holds meanwhile"
+        )
+
+    def _wait_for_external(self) -> None:
+        logger = log.get("datapath")
+        reported = float("-inf")
+        while not self.client.alive():
+            if time.monotonic() - reported >= EXTERNAL_REPORT_EVERY:
+                logger.warning("engine_absent", device=self.device, reason=self.absent_message())
+                reported = time.monotonic()
+            time.sleep(EXTERNAL_POLL)
+        logger.info("engine_found", device=self.device)
 
     def _start(self) -> None:
         args: Sequence[str] = [*self.command, self.device]

@@ -1,6 +1,7 @@
 """A userspace WireGuard (podwire-engine, wireguard-go) as the agent's device, over UAPI.
 
-The engine is started if no live UAPI socket serves the device (see `supervisor`) and then
+The engine is found by its live UAPI socket, or started if none serves the device and the engine
+mode is `child` (see `supervisor`; in `external` mode its own DaemonSet runs it), and then
 configured exactly as `wg` would configure it, so `wg show` works here as on the kernel.
 """
 
@@ -10,7 +11,7 @@ import errno
 import pathlib
 from collections.abc import Sequence
 
-from podwire.agent import wgdevice
+from podwire.agent import config, wgdevice
 from podwire.agent.datapath import link, supervisor, uapi
 
 
@@ -30,6 +31,7 @@ class UserspaceBackend:
         underlay_address: str | None = None,
         wanted: link.Wanted = link.ALL,
         start_timeout: float = supervisor.START_TIMEOUT,
+        engine_mode: config.EngineMode = "child",
     ) -> None:
         self.device = device
         self.netns = netns
@@ -42,6 +44,7 @@ class UserspaceBackend:
             log_path=engine_log,
             netns=netns,
             start_timeout=start_timeout,
+            external=engine_mode == "external",
         )
         self._link = link.Link(device, netns, mtu, underlay_address, wanted)
 

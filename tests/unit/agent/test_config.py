@@ -204,3 +204,13 @@ def test_a_config_is_valid_by_construction() -> None:
         config.Config(node_name="n", fail_closed=False, datapath="fast")  # type: ignore[arg-type]
     with pytest.raises(config.ConfigError, match="cluster_pod_cidrs"):
         config.Config(node_name="n")
+
+
+def test_engine_mode_is_child_unless_the_chart_says_external() -> None:
+    assert config.load(environ=BASE_ENV).engine_mode == "child"
+    env = {**BASE_ENV, "PODWIRE_ENGINE_MODE": "external"}
+    assert config.load(environ=env).engine_mode == "external"
+    with pytest.raises(config.ConfigError) as err:
+        config.load(environ={**BASE_ENV, "PODWIRE_ENGINE_MODE": "sidecar"})
+    assert err.value.setting == "engine_mode"
+    assert "child, external" in str(err.value) and "'sidecar'" in str(err.value)
