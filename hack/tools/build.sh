@@ -77,6 +77,49 @@ build_kube() {
   stamp kube "$KUBE_VERSION"
 }
 
+# The node components (kubelet, controller manager, scheduler) of the sandbox's kubelet runtime,
+# from the same wrapper module and pin as kube-apiserver. The version is stamped in with ldflags,
+# else Nodes report v0.0.0-master.
+build_kubenode() {
+  fresh kubenode "$KUBE_VERSION" kubelet kube-controller-manager kube-scheduler && return 0
+  build_kube
+  local dir="$root/hack/tools/kube"
+  local ldflags="-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION"
+  ldflags+=" -X k8s.io/component-base/version.gitMajor=1"
+  ldflags+=" -X k8s.io/component-base/version.gitMinor=$(echo "${KUBE_VERSION#v1.}" | cut -d. -f1)"
+  ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+  timed kubenode bash -c "cd '$dir' && go build -trimpath -ldflags '$ldflags' -o '$bin/' \
+    k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler"
+  stamp kubenode "$KUBE_VERSION"
+}
+
+# The pod sandbox ("pause") image for containerd, made here with no registry: a static Go
+# pause binary of our own (hack/tools/pause) in a one-layer image written as a docker-archive,
+# which `ctr images import` reads. The pin is a hash of the source, so an edit rebuilds it.
+PAUSE_IMAGE=podwire.local/pause:3.10
+build_pause() {
+  local dir="$root/hack/tools/pause" out="$cache/pause"
+  local pin; pin="$(cat "$dir/main.go" "$dir/go.mod" | sha256sum | cut -c1-16) $PAUSE_IMAGE"
+  fresh pause "$pin" pause && [[ -f "$out/pause.tar" ]] && return 0
+  timed pause bash -c "cd '$dir' && go build -trimpath -ldflags '-s -w' -o '$bin/pause' ."
+  rm -rf "$out" && mkdir -p "$out/rootfs" "$out/archive"
+  install -m 0755 "$bin/pause" "$out/rootfs/pause"
+  tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$out/rootfs" \
+    -cf "$out/archive/layer.tar" pause
+  local diff; diff=$(sha256sum "$out/archive/layer.tar" | cut -d' ' -f1)
+  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/pause"]},%s}' \
+    "\"rootfs\":{\"type\":\"layers\",\"diff_ids\":[\"sha256:$diff\"]}" >"$out/config.json"
+  local cfg; cfg=$(sha256sum "$out/config.json" | cut -d' ' -f1)
+  mv "$out/config.json" "$out/archive/$cfg.json"
+  printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["layer.tar"]}]' "$cfg" "$PAUSE_IMAGE" \
+    >"$out/archive/manifest.json"
+  tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$out/archive" \
+    -cf "$out/pause.tar" .
+  echo "$PAUSE_IMAGE" >"$out/name"
+  stamp pause "$pin"
+}
+
 build_helm() {
   fresh helm "$HELM_VERSION" helm && return 0
   local dir="$root/hack/tools/helm"
@@ -94,11 +137,13 @@ build_wireguard_go() {
 }
 
 tools=("$@")
-[[ ${#tools[@]} -gt 0 ]] || tools=(wireguard-go etcd helm kube)
+[[ ${#tools[@]} -gt 0 ]] || tools=(wireguard-go etcd helm kube kubenode pause)
 for t in "${tools[@]}"; do
   case $t in
     etcd) build_etcd ;;
     kube) build_kube ;;
+    kubenode) build_kubenode ;;
+    pause) build_pause ;;
     helm) build_helm ;;
     wireguard-go) build_wireguard_go ;;
     *) log "unknown tool: $t"; exit 2 ;;

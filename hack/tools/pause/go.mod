@@ -1,0 +1,3 @@
+module podwire.local/tools/pause
+
+go 1.26.8
