@@ -1,107 +1,288 @@
-"""bench/throughput: TCP throughput through podwire's engine, against its baselines.
+"""bench/throughput: podwire's engine against the WireGuard implementations it must keep up with.
 
-Two namespaces over a veth pair; iperf3 runs one TCP stream for --seconds each way through:
-the bare veth (the ceiling), upstream wireguard-go on both sides (the userspace baseline),
-podwire-engine on both sides, and podwire-engine facing wireguard-go. Every figure is printed
-with its ratio to wireguard-go measured in the same run.
+Two namespaces over a veth pair; a tunnel between them made of the same implementation on both
+sides, or podwire-engine facing upstream wireguard-go:
 
     ns a  wg 10.99.0.1/24 ==== tunnel ==== wg 10.99.0.2/24  ns b
           veth 192.0.2.1/24 ----------- veth 192.0.2.2/24
 
-Usage (root): .venv/bin/python bench/throughput.py [--seconds 10]
+For each case, each measurement --runs times (median reported): one TCP stream a->b and b->a
+(iperf3, --seconds), four streams a->b, iperf3's retransmits on the single stream, the idle
+round trip (ping), 64-byte UDP packets per second received, and CPU seconds per GB of the two
+tunnel processes with their RSS before the first and after the last run. Ratios are to
+upstream wireguard-go in the same run; the table goes to stdout and all figures to --json.
+With --soak N the engine pair carries one stream for N seconds, RSS read before and after.
+
+Every process (iperf3, the tunnels) runs in namespaces the run creates; the kernel's socket
+buffer limits are those of a fresh namespace for every case, and every tunnel forces its own
+buffer sizes (SO_RCVBUFFORCE) as wireguard-go does, so no global setting is touched.
+boringtun is built by bench/boringtun.sh (cargo, crates.io) when missing; if that fails the
+table says so and goes on without it.
+
+Usage (root): .venv/bin/python bench/throughput.py [--seconds 10] [--runs 3] [--cases a,b]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import re
 import signal
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 
 from podwire.sandbox import netns, supervisor, tools
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENGINE = str(pathlib.Path(sys.executable).parent / "podwire-engine")
-ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+BORINGTUN = ROOT / ".cache" / "tools" / "bin" / "boringtun-cli"
+ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "WG_SUDO": "1"}
+BASE = "wireguard-go"
+CASES: dict[str, tuple[str | None, str | None]] = {
+    "bare veth": (None, None),
+    "debian-wireguard-go": ("debian", "debian"),
+    "wireguard-go": ("wggo", "wggo"),
+    "boringtun": ("boringtun", "boringtun"),
+    "engine <-> engine": ("engine", "engine"),
+    "engine -> wireguard-go": ("engine", "wggo"),
+}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+Tunnel = tuple[netns.NetnsFactory, netns.Netns, netns.Netns, str, list[int]]
 
 
-def _iperf(
-    f: netns.NetnsFactory,
-    a: netns.Netns,
-    b: netns.Netns,
-    server_ip: str,
-    seconds: int,
-    reverse: bool,
-) -> float:
+def command(kind: str, dev: str) -> list[str]:
+    if kind == "engine":
+        return [ENGINE, "-f", dev]
+    if kind == "wggo":
+        return [tools.path("wireguard-go"), "-f", dev]
+    if kind == "debian":
+        return [tools.debian_wireguard_go(), "-f", dev]
+    return [str(BORINGTUN), "-f", "--disable-drop-privileges", dev]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        match = re.search(r"VmRSS:\s+(\d+)", pathlib.Path(f"/proc/{pid}/status").read_text())
+        total += int(match.group(1)) if match else 0
+    return total / 1024
+
+
+def iperf(t: Tunnel, *extra: str, seconds: int) -> dict[str, object]:
+    """One iperf3 client run from a to b; its JSON."""
+    f, a, b, server_ip, _ = t
     server = f.spawn(b, ["iperf3", "-s", "-1", "-B", server_ip])
     try:
         supervisor.wait_until(
-            lambda: b.run("ss", "-ltn", check=False).stdout.count(":5201") > 0,
-            timeout=10,
-            what="iperf3",
+            lambda: ":5201" in b.run("ss", "-ltn", check=False).stdout, timeout=10, what="iperf3"
         )
-        args = ["iperf3", "-c", server_ip, "-t", str(seconds), "-J", *(["-R"] if reverse else [])]
-        out = a.run(*args, timeout=seconds + 30)
-        return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+        out = a.run(
+            "iperf3", "-c", server_ip, "-t", str(seconds), "-J", *extra, timeout=seconds + 40
+        )
+        result: dict[str, object] = json.loads(out.stdout)
+        return result
     finally:
         supervisor.stop(server)
 
 
-def measure(
-    kinds: tuple[str | None, str | None], seconds: int, workdir: pathlib.Path
-) -> tuple[float, float]:
-    with netns.factory(prefix="pwb") as f:
-        a, b = f.namespace("a"), f.namespace("b")
-        f.veth(a, b, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24")
-        if kinds == (None, None):
-            return _iperf(f, a, b, "192.0.2.2", seconds, False), _iperf(
-                f, a, b, "192.0.2.2", seconds, True
-            )
-        keys = [tools.wg_keypair(), tools.wg_keypair()]
-        for i, (ns, kind) in enumerate(zip((a, b), kinds, strict=True)):
-            dev = f.unique("w")
-            binary = ENGINE if kind == "engine" else tools.path("wireguard-go")
-            f.spawn(ns, [binary, "-f", dev], log_path=workdir / f"{dev}.log", env=ENV)
-            sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")
-            supervisor.wait_until(
-                lambda s=sock, n=ns, d=dev: s.exists() and n.link_exists(d), timeout=20, what=dev
-            )
-            keyfile = workdir / f"{dev}.key"
-            keyfile.write_text(keys[i][0] + "\n")
-            keyfile.chmod(0o600)
-            peer = 1 - i
-            ns.run(
-                "wg", "set", dev, "private-key", str(keyfile), "listen-port", "51820", "peer", keys[peer][1],
-                "endpoint", f"192.0.2.{peer + 1}:51820", "allowed-ips", "10.99.0.0/24",
-            )  # fmt: skip
-            ns.ip("addr", "add", f"10.99.0.{i + 1}/24", "dev", dev)
-            ns.ip("link", "set", dev, "up")
-        if not a.ping("10.99.0.2", count=3, timeout=10):
-            raise SystemExit(f"{kinds}: no tunnel")
-        return _iperf(f, a, b, "10.99.0.2", seconds, False), _iperf(
-            f, a, b, "10.99.0.2", seconds, True
+def tcp(t: Tunnel, seconds: int, *extra: str) -> tuple[float, int, float]:
+    """(Gbit/s received, retransmits, CPU seconds per GB of the tunnel processes)."""
+    before = cpu_seconds(t[4]) if t[4] else 0.0
+    end = iperf(t, *extra, seconds=seconds)["end"]
+    assert isinstance(end, dict)
+    received, sent = end["sum_received"], end["sum_sent"]
+    cpu = (cpu_seconds(t[4]) - before) if t[4] else 0.0
+    gigabytes = received["bytes"] / 1e9
+    return (
+        received["bits_per_second"] / 1e9,
+        int(sent.get("retransmits", 0)),
+        cpu / gigabytes if gigabytes else 0.0,
+    )
+
+
+def udp_pps(t: Tunnel, seconds: int) -> float:
+    end = iperf(t, "-u", "-l", "64", "-b", "0", seconds=seconds)["end"]
+    assert isinstance(end, dict)
+    s = end.get("sum_received") or end["sum"]
+    packets = s.get("packets", 0) - s.get("lost_packets", 0)
+    return packets / max(s.get("seconds", seconds), 1e-9)
+
+
+def ping_ms(t: Tunnel) -> float:
+    _, a, _, server_ip, _ = t
+    out = a.run("ping", "-n", "-q", "-c", "30", "-i", "0.05", server_ip, check=False).stdout
+    match = re.search(r"= [\d.]+/([\d.]+)/", out)
+    return float(match.group(1)) if match else float("nan")
+
+
+def tunnel(
+    f: netns.NetnsFactory, kinds: tuple[str | None, str | None], workdir: pathlib.Path
+) -> Tunnel:
+    a, b = f.namespace("a"), f.namespace("b")
+    f.veth(a, b, a_addr="192.0.2.1/24", b_addr="192.0.2.2/24")
+    if kinds == (None, None):
+        return f, a, b, "192.0.2.2", []
+    keys = [tools.wg_keypair(), tools.wg_keypair()]
+    pids = []
+    for i, (ns, kind) in enumerate(zip((a, b), kinds, strict=True)):
+        assert kind is not None
+        dev = f.unique("w")
+        proc = f.spawn(ns, command(kind, dev), log_path=workdir / f"{dev}.log", env=ENV)
+        pids.append(proc.pid)
+        sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")
+        supervisor.wait_until(
+            lambda s=sock, n=ns, d=dev: s.exists() and n.link_exists(d), timeout=30, what=dev
         )
+        keyfile = workdir / f"{dev}.key"
+        keyfile.write_text(keys[i][0] + "\n")
+        keyfile.chmod(0o600)
+        peer = 1 - i
+        ns.run(
+            "wg", "set", dev, "private-key", str(keyfile), "listen-port", "51820", "peer", keys[peer][1],
+            "endpoint", f"192.0.2.{peer + 1}:51820", "allowed-ips", "10.99.0.0/24",
+        )  # fmt: skip
+        ns.ip("addr", "add", f"10.99.0.{i + 1}/24", "dev", dev)
+        ns.ip("link", "set", dev, "up")
+    if not a.ping("10.99.0.2", count=3, timeout=10):
+        raise RuntimeError(f"{kinds}: no tunnel")
+    return f, a, b, "10.99.0.2", pids
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def measure(
+    kinds: tuple[str | None, str | None], seconds: int, runs: int, workdir: pathlib.Path
+) -> dict[str, float]:
+    with netns.factory(prefix="pwb") as f:
+        t = tunnel(f, kinds, workdir)
+        rss_before = rss_mib(t[4])
+        fwd, rev, four, retrans, cpu, pps, rtt = [], [], [], [], [], [], []
+        for _ in range(runs):
+            gbps, retransmits, cpu_per_gb = tcp(t, seconds)
+            fwd.append(gbps)
+            retrans.append(float(retransmits))
+            cpu.append(cpu_per_gb)
+            rev.append(tcp(t, seconds, "-R")[0])
+            four.append(tcp(t, seconds, "-P", "4")[0])
+            pps.append(udp_pps(t, seconds))
+            rtt.append(ping_ms(t))
+        return {
+            "tcp1_gbps": median(fwd),
+            "tcp1_reverse_gbps": median(rev),
+            "tcp4_gbps": median(four),
+            "retransmits": median(retrans),
+            "ping_ms": median(rtt),
+            "udp64_kpps": median(pps) / 1e3,
+            "cpu_s_per_gb": median(cpu),
+            "rss_mib_before": rss_before,
+            "rss_mib_after": rss_mib(t[4]),
+            "runs": {"tcp1_gbps": fwd, "tcp1_reverse_gbps": rev, "tcp4_gbps": four},  # type: ignore[dict-item]
+        }
+
+
+def soak(seconds: int, workdir: pathlib.Path) -> dict[str, float]:
+    """One engine-to-engine stream for seconds: the engines' RSS before and after."""
+    with netns.factory(prefix="pwb") as f:
+        t = tunnel(f, ("engine", "engine"), workdir)
+        before = rss_mib(t[4])
+        gbps = tcp(t, seconds)[0]
+        return {"seconds": seconds, "gbps": gbps, "rss_mib_before": before, "rss_mib_after": rss_mib(t[4])}  # fmt: skip
+
+
+def setup_boringtun() -> str:
+    """'' when boringtun is there (built now if it was missing), else why not."""
+    if BORINGTUN.exists():
+        return ""
+    print("building boringtun-cli (cargo install, once) ...", file=sys.stderr)
+    proc = subprocess.run([str(ROOT / "bench" / "boringtun.sh")], capture_output=True, text=True)
+    if proc.returncode != 0 or not BORINGTUN.exists():
+        return "cargo install boringtun-cli failed: " + proc.stderr.strip().splitlines()[-1:][0]
+    return ""
+
+
+COLUMNS: list[tuple[str, str, Callable[[float], str]]] = [
+    ("tcp1_gbps", "1 TCP Gb/s", lambda v: f"{v:.2f}"),
+    ("tcp1_reverse_gbps", "reverse", lambda v: f"{v:.2f}"),
+    ("tcp4_gbps", "4 TCP Gb/s", lambda v: f"{v:.2f}"),
+    ("retransmits", "retrans", lambda v: f"{v:.0f}"),
+    ("ping_ms", "ping ms", lambda v: f"{v:.3f}"),
+    ("udp64_kpps", "64B kpps", lambda v: f"{v:.0f}"),
+    ("cpu_s_per_gb", "CPU s/GB", lambda v: f"{v:.2f}"),
+    ("rss_mib_before", "RSS MiB", lambda v: f"{v:.0f}"),
+    ("rss_mib_after", "after", lambda v: f"{v:.0f}"),
+]
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    base = results.get(BASE, {})
+    lines = [f"{'case':<26}" + "".join(f"{title:>12}" for _, title, _ in COLUMNS)]
+    for name, r in results.items():
+        lines.append(f"{name:<26}" + "".join(f"{fmt(r[key]):>12}" for key, _, fmt in COLUMNS))
+        if base and name != BASE:
+            ratios = [r[key] / base[key] if base.get(key) else float("nan") for key, *_ in COLUMNS]
+            lines.append(f"{'  ratio to ' + BASE:<26}" + "".join(f"{x:>12.2f}" for x in ratios[:7]))
+    return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=int, default=10)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
+    p.add_argument("--soak", type=int, default=0, help="seconds of one engine stream for RSS")
+    p.add_argument("--json", default="", help="where to write the figures (default: a temp file)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="podwire-bench-"))
-    cases = {
-        "bare veth": (None, None),
-        "wireguard-go <-> wireguard-go": ("wggo", "wggo"),
-        "engine <-> engine": ("engine", "engine"),
-        "engine <-> wireguard-go": ("engine", "wggo"),
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    skipped: dict[str, str] = {}
+    if "boringtun" in names:
+        why = setup_boringtun()
+        if why:
+            skipped["boringtun"] = why
+    results: dict[str, dict[str, float]] = {}
+    started = time.time()
+    for name in names:
+        if name in skipped:
+            continue
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        try:
+            results[name] = measure(CASES[name], args.seconds, args.runs, workdir)
+        except (RuntimeError, tools.ToolMissing, subprocess.SubprocessError) as exc:
+            skipped[name] = str(exc)
+    report: dict[str, object] = {
+        "seconds": args.seconds,
+        "runs": args.runs,
+        "results": results,
+        "skipped": skipped,
+        "wall_seconds": round(time.time() - started),
     }
-    results = {name: measure(kinds, args.seconds, workdir) for name, kinds in cases.items()}
-    base = results["wireguard-go <-> wireguard-go"]
-    print(f"\n{'path':<32}{'a->b Gbit/s':>12}{'b->a Gbit/s':>12}{'ratio to wireguard-go':>24}")
-    for name, (fwd, rev) in results.items():
-        print(f"{name:<32}{fwd:>12.3f}{rev:>12.3f}{fwd / base[0]:>12.2f}{rev / base[1]:>12.2f}")
-    print(json.dumps({k: {"forward_gbps": v[0], "reverse_gbps": v[1]} for k, v in results.items()}))
+    if args.soak:
+        report["soak"] = soak(args.soak, workdir)
+    print(table(results))
+    for name, why in skipped.items():
+        print(f"{name}: not measured ({why})")
+    if "soak" in report:
+        print("soak:", json.dumps(report["soak"]))
+    out = pathlib.Path(args.json) if args.json else workdir / "throughput.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"figures: {out}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """The engine's I/O loop: the one place that reads clocks and touches TUN, UDP and UAPI.
 
-One thread, one selector. Each wakeup drains what is ready in batches (up to BATCH packets
-from the TUN device, BATCH datagrams from each UDP socket) and hands every packet to the
-Device, whose answer is a list of actions: datagrams to send, packets to deliver. The Device's
+One thread, one selector. Each wakeup drains what is ready in batches (up to BATCH reads
+from the TUN device, about BATCH datagrams from each UDP socket) and hands every packet to the
+Device, whose answer is a list of actions: datagrams to send, packets to deliver. A batch's
+datagrams leave together (trains to one endpoint in one GSO call) and its packets reach TUN
+together (TCP segments of one flow in one write), which is where the offloads pay. The Device's
 tick runs every TICK_INTERVAL seconds, or earlier when it names a nearer deadline. UAPI
 requests are answered between batches, so `wg` never waits behind more than one batch.
 
@@ -78,6 +80,8 @@ class Engine:
         self._under_load_until = now - UNDER_LOAD_HOLD
         self._routing_loops_told: set[bytes] = set()
         self._last_counters: dict[str, int] = {}
+        self._gso_off_told = False
+        self._coalescing_off_told = False
         device.listen_port = bind.port
         self._selector.register(tun.fd, selectors.EVENT_READ, self._on_tun)
         self._selector.register(uapi_listener, selectors.EVENT_READ, self._on_accept)
@@ -147,12 +151,36 @@ class Engine:
             else:
                 self.log.warning("unknown_action", action=type(action).__name__)
 
+    def _perform_batch(self, actions: Iterable[actions_mod.Action]) -> None:
+        """Performs a batch's actions: its datagrams in one go, its packets in another."""
+        datagrams: list[tuple[bytes, actions_mod.Endpoint]] = []
+        packets: list[bytes] = []
+        for action in actions:
+            if type(action) is actions_mod.SendDatagram:
+                datagrams.append((action.data, action.endpoint))
+            elif type(action) is actions_mod.DeliverPacket:
+                packets.append(action.packet)
+            else:
+                self.log.warning("unknown_action", action=type(action).__name__)
+        if datagrams:
+            self.bind.send_batch(datagrams)
+            if self.bind.gso_off_reason and not self._gso_off_told:
+                self._gso_off_told = True
+                self.log.warning("udp_gso_off", reason=self.bind.gso_off_reason)
+        if packets:
+            self.tun.write_batch(packets)
+            if self.tun.vnet_hdr and not self.tun.coalescing and not self._coalescing_off_told:
+                self._coalescing_off_told = True
+                self.log.warning("tun_coalescing_off", reason="the kernel refused a GSO write")
+
     def _on_tun(self, _mask: int) -> None:
         packets = self.tun.read_batch(BATCH)
         now = self._clock()
         send_packet = self.device.send_packet
+        actions: list[actions_mod.Action] = []
         for packet in packets:
-            self._perform(send_packet(packet, now))
+            actions += send_packet(packet, now)
+        self._perform_batch(actions)
 
     def _on_udp(self, sock: socket.socket) -> Callable[[int], None]:
         def on_readable(_mask: int) -> None:
@@ -162,8 +190,10 @@ class Engine:
             device.under_load = now < self._under_load_until
             handshakes = device.handshake_messages
             receive = device.receive_datagram
+            actions: list[actions_mod.Action] = []
             for data, source in datagrams:
-                self._perform(receive(data, source, now))
+                actions += receive(data, source, now)
+            self._perform_batch(actions)
             if device.handshake_messages - handshakes >= UNDER_LOAD_BACKLOG:
                 self._on_handshake_backlog(now)
 
@@ -318,7 +348,18 @@ class Engine:
         counts["tun_read_errors"] = self.tun.read_errors
         counts["tun_write_errors"] = self.tun.write_errors
         counts["udp_send_errors"] = self.bind.send_errors
+        counts["tun_bad_offload"] = self.tun.bad_offload
+        counts["tun_coalesced_writes"] = self.tun.coalesced_writes
+        counts["udp_gso_sends"] = self.bind.gso_sends
+        counts["udp_gro_receives"] = self.bind.gro_receives
         return counts
+
+    def offloads(self) -> list[str]:
+        """The offloads in force now, by name: TUN's (vnet_hdr, csum, tso4, ...), UDP's."""
+        names = ["vnet_hdr", *self.tun.offloads] if self.tun.vnet_hdr else []
+        if self.tun.coalescing:
+            names.append("tun_coalescing")
+        return names + self.bind.offloads()
 
     def _log_counters(self) -> None:
         counts = self.counters()

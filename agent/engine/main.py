@@ -191,8 +191,16 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
         engine = loop.Engine(device=device, tun=tun, bind=bind, uapi_listener=listener)
         cleanup.callback(engine.close)
         _stop_on_signals(engine, cleanup)
+        receive_buffer, send_buffer = bind.buffer_sizes()
         engine.log.info(
-            "engine_started", device=name, socket=str(path), port=bind.port, mtu=device.mtu
+            "engine_started",
+            device=name,
+            socket=str(path),
+            port=bind.port,
+            mtu=device.mtu,
+            offloads=engine.offloads(),
+            udp_receive_buffer=receive_buffer,
+            udp_send_buffer=send_buffer,
         )
         on_ready()
         engine.run()

@@ -152,35 +152,50 @@ def split_tcp(packet: bytes, mss: int, *, v6: bool) -> list[bytes]:
     payload = memoryview(packet)[head_len:]
     starts = range(0, max(1, len(payload)), mss)
     last = len(starts) - 1
-    return [
-        _tcp_segment(packet, ihl, head_len, index, mss, payload[start : start + mss], last=last)
-        for index, start in enumerate(starts)
-    ]
-
-
-def _tcp_segment(
-    packet: bytes,
-    ihl: int,
-    head_len: int,
-    index: int,
-    mss: int,
-    payload: memoryview,
-    *,
-    last: int,
-) -> bytes:
-    """Segment index of a TSO packet, whose last segment is number last."""
-    head = bytearray(packet[:head_len])
-    _set_ip_length(head, ihl, head_len + len(payload), index)
-    seq = (int.from_bytes(head[ihl + 4 : ihl + 8], "big") + index * mss) & 0xFFFFFFFF
-    head[ihl + 4 : ihl + 8] = seq.to_bytes(4, "big")
-    flags = head[ihl + 13]
-    if index != last:
-        flags &= ~(FIN | PSH)
-    if index:
-        flags &= ~CWR
-    head[ihl + 13] = flags
-    _set_transport_checksum(head, ihl, ihl + 16, PROTO_TCP, payload)
-    return bytes(head) + payload
+    ip = bytearray(packet[:ihl])
+    tcp = bytearray(packet[ihl:head_len])
+    tcp[16:18] = b"\0\0"
+    v4 = version == 4
+    # What every segment's sums share: the IPv4 header without its length, ID and checksum;
+    # the pseudo-header without its length (the addresses, the protocol).
+    ident = 0
+    if v4:
+        ident = int.from_bytes(ip[4:6], "big")
+        ip[2:6] = bytes(4)
+        ip[10:12] = bytes(2)
+        ip_base = int.from_bytes(ip, "big") % 0xFFFF
+        pseudo_base = int.from_bytes(packet[12:20], "big") % 0xFFFF + PROTO_TCP
+    else:
+        ip_base = 0
+        pseudo_base = int.from_bytes(packet[8:40], "big") % 0xFFFF + PROTO_TCP
+    seq = int.from_bytes(tcp[4:8], "big")
+    flags = tcp[13]
+    join = b"".join
+    segments = []
+    for index, start in enumerate(starts):
+        chunk = payload[start : start + mss]
+        size = len(chunk)
+        tcp[4:8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
+        tcp[13] = flags if index == last else flags & ~(FIN | PSH)
+        if index:
+            tcp[13] &= ~CWR
+        tcp[16:18] = b"\0\0"
+        words = int.from_bytes(chunk, "big")
+        if size & 1:
+            words <<= 8
+        total = (words + int.from_bytes(tcp, "big") + pseudo_base + thl + size) % 0xFFFF
+        tcp[16:18] = (0xFFFF - total if total else 0xFFFF).to_bytes(2, "big")
+        if v4:
+            length = head_len + size
+            this_id = (ident + index) & 0xFFFF
+            ip[2:4] = length.to_bytes(2, "big")
+            ip[4:6] = this_id.to_bytes(2, "big")
+            header_sum = (ip_base + length + this_id) % 0xFFFF
+            ip[10:12] = (0xFFFF - header_sum if header_sum else 0xFFFF).to_bytes(2, "big")
+        else:
+            ip[4:6] = (thl + size).to_bytes(2, "big")
+        segments.append(join((ip, tcp, chunk)))
+    return segments
 
 
 def _set_ip_length(head: bytearray, ihl: int, total: int, index: int) -> None:

@@ -14,14 +14,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
+import struct
 
 from podwire.agent.engine.actions import Endpoint
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-# Room for a burst of datagrams while the single-threaded loop is busy elsewhere.
-SOCKET_BUFFER = 4 * 1024 * 1024
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+# wireguard-go's socketBufferSize: room for bursts while the loop is busy elsewhere.
+SOCKET_BUFFER = 7 << 20
+# A GSO send: at most this many datagrams (the kernel's UDP_MAX_SEGMENTS) and bytes.
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_SEGMENT = struct.Struct("=H")
 # Larger than any WireGuard message for any MTU a TUN device accepts.
 RECV_SIZE = 65536
 _MAPPED_PREFIX = "::ffff:"
@@ -39,6 +48,12 @@ class UdpBind:
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
         self.send_errors = 0
+        self.gso = all(_try_option(sock, UDP_SEGMENT, 0) for sock in sockets)
+        self.gro = all(_try_option(sock, UDP_GRO, 1) for sock in sockets)
+        # Why GSO went off while running, for the loop to log once; "" while it is on.
+        self.gso_off_reason = ""
+        self.gso_sends = 0
+        self.gro_receives = 0
 
     @classmethod
     def open(cls, port: int, *, fwmark: int = 0) -> UdpBind:
@@ -63,8 +78,22 @@ class UdpBind:
         for sock in self.sockets:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
+    def offloads(self) -> list[str]:
+        """The offloads in force: "udp_gso", "udp_gro"."""
+        return [name for name, on in (("udp_gso", self.gso), ("udp_gro", self.gro)) if on]
+
+    def buffer_sizes(self) -> tuple[int, int]:
+        """The receive and send buffers the kernel granted (it reports them doubled)."""
+        sock = self.sockets[0]
+        return (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2,
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2,
+        )
+
     def receive_batch(self, sock: socket.socket, limit: int) -> list[tuple[bytes, Endpoint]]:
-        """Up to limit datagrams waiting on sock, each with its source endpoint."""
+        """Up to about limit datagrams waiting on sock, each with its source endpoint."""
+        if self.gro:
+            return self._receive_gro(sock, limit)
         received: list[tuple[bytes, Endpoint]] = []
         view = self._view
         recv_into = sock.recvfrom_into
@@ -86,6 +115,82 @@ class UdpBind:
                 host = host[len(_MAPPED_PREFIX) :]
             received.append((bytes(view[:size]), (host, address[1])))
         return received
+
+    def _receive_gro(self, sock: socket.socket, limit: int) -> list[tuple[bytes, Endpoint]]:
+        received: list[tuple[bytes, Endpoint]] = []
+        view = self._view
+        recvmsg_into = sock.recvmsg_into
+        buffers = [self._buffer]
+        errors = 0
+        while len(received) < limit:
+            try:
+                size, ancillary, _flags, address = recvmsg_into(buffers, _GRO_CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError:
+                errors += 1
+                if errors > limit:
+                    break
+                continue
+            host: str = address[0]
+            if host.startswith(_MAPPED_PREFIX) and "." in host:
+                host = host[len(_MAPPED_PREFIX) :]
+            source = (host, address[1])
+            segment = size
+            for level, kind, data in ancillary:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                    segment = int.from_bytes(data[:4].ljust(4, b"\0"), "little") or size
+            if segment >= size:
+                received.append((bytes(view[:size]), source))
+                continue
+            self.gro_receives += 1
+            for start in range(0, size, segment):
+                received.append((bytes(view[start : min(size, start + segment)]), source))
+        return received
+
+    def send_batch(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+        """Sends datagrams in order; runs of equal size to one endpoint go out in one GSO call
+        (the last of a run may be shorter)."""
+        if not self.gso:
+            for data, endpoint in datagrams:
+                self.send(data, endpoint)
+            return
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, endpoint = datagrams[i]
+            size = len(data)
+            j, total = i + 1, size
+            while j < n and j - i < GSO_MAX_SEGMENTS and total + size <= GSO_MAX_BYTES:
+                following, where = datagrams[j]
+                if where != endpoint or len(following) > size:
+                    break
+                j += 1
+                total += len(following)
+                if len(following) < size:
+                    break
+            if j - i == 1:
+                self.send(data, endpoint)
+            else:
+                self._send_gso([d for d, _ in datagrams[i:j]], size, endpoint)
+            i = j
+
+    def _send_gso(self, train: list[bytes], size: int, endpoint: Endpoint) -> None:
+        host, port = endpoint
+        if self.dual_stack and ":" not in host:
+            host = _MAPPED_PREFIX + host
+        control = [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))]
+        try:
+            self.sockets[0].sendmsg(train, control, 0, (host, port))
+            self.gso_sends += 1
+            return
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                self.send_errors += len(train)
+                return
+            self.gso = False
+            self.gso_off_reason = "a GSO send failed with EIO (the device cannot segment)"
+        for data in train:
+            self.send(data, endpoint)
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         """Sends one datagram; one that cannot be sent now is dropped, as UDP may."""
@@ -124,3 +229,12 @@ def _grow_buffers(sock: socket.socket) -> None:
         except OSError:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+def _try_option(sock: socket.socket, option: int, value: int) -> bool:
+    """Sets a UDP-level option; False if this kernel does not have it."""
+    try:
+        sock.setsockopt(SOL_UDP, option, value)
+    except OSError:
+        return False
+    return True

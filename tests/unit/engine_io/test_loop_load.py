@@ -41,6 +41,11 @@ class FakeTun:
         self.fd = self._ours.fileno()
         self.read_errors = 0
         self.write_errors = 0
+        self.bad_offload = 0
+        self.coalesced_writes = 0
+        self.vnet_hdr = False
+        self.coalescing = False
+        self.offloads: tuple[str, ...] = ()
         self.written: list[bytes] = []
 
     def read_batch(self, limit: int) -> list[bytes]:
@@ -48,6 +53,9 @@ class FakeTun:
 
     def write(self, packet: bytes) -> None:
         self.written.append(packet)
+
+    def write_batch(self, packets: list[bytes]) -> None:
+        self.written += packets
 
     def mtu(self) -> int:
         return 1420
@@ -69,6 +77,9 @@ class FakeBind:
         self.port = B_ENDPOINT[1]
         self.dual_stack = False
         self.send_errors = 0
+        self.gso_off_reason = ""
+        self.gso_sends = 0
+        self.gro_receives = 0
         self.queue: collections.deque[tuple[bytes, Endpoint]] = collections.deque()
         self.sent: list[actions_mod.SendDatagram] = []
         self.on_send: collections.abc.Callable[[bytes, Endpoint], None] = lambda d, e: None
@@ -98,6 +109,13 @@ class FakeBind:
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         self.sent.append(actions_mod.SendDatagram(data, endpoint))
         self.on_send(data, endpoint)
+
+    def send_batch(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+        for data, endpoint in datagrams:
+            self.send(data, endpoint)
+
+    def offloads(self) -> list[str]:
+        return []
 
     def set_fwmark(self, mark: int) -> None:
         pass
