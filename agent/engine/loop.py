@@ -212,7 +212,7 @@ class Engine:
     def _rebind(self, port: int, fwmark: int) -> None:
         """Moves to a new listen port; the old socket stays if the new one cannot be had."""
         try:
-            new = udp_mod.UdpBind.open(port, fwmark=fwmark)
+            new = udp_mod.UdpBind.open(port, fwmark=fwmark, offloads=self.bind.offloads_wanted)
         except OSError as exc:
             code = errno.EADDRINUSE if exc.errno == errno.EADDRINUSE else errno.EIO
             raise uapi.UapiError(f"cannot bind port {port}: {exc.strerror}", errno=code) from None

@@ -18,6 +18,9 @@ Environment:
                             e.g. "rekey_after_time=6,reject_after_time=10,rekey_attempt_time=9"
                             or "previous_key_grace=5" (names are the fields of
                             timers.ProtocolTimers, values in seconds or messages).
+  PODWIRE_ENGINE_OFFLOADS   "off": no TUN offloads (IFF_VNET_HDR) nor UDP GSO/GRO, one
+                            packet per system call as before them; otherwise each is used
+                            where the kernel has it (the engine_started line lists them).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ TIMERS_ENV = "PODWIRE_ENGINE_TIMERS"
 FOREGROUND_ENV = "WG_PROCESS_FOREGROUND"
 # Where the engine writes its log itself, rotating it past a size (set by the agent).
 LOG_FILE_ENV = "PODWIRE_ENGINE_LOG_FILE"
+OFFLOADS_ENV = "PODWIRE_ENGINE_OFFLOADS"
 LOG_MAX_BYTES_ENV = "PODWIRE_ENGINE_LOG_MAX_BYTES"
 DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024
 # wireguard-go's LOG_LEVEL names, as podwire.agent.log's levels.
@@ -169,8 +173,9 @@ def _serve_reporting(
 
 def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[], None]) -> int:
     """Creates the device, socket and listen port, calls on_ready, and serves until stopped."""
+    offloads = os.environ.get(OFFLOADS_ENV, "").strip().lower() not in ("off", "0", "false", "no")
     try:
-        tun = tun_mod.Tun.create(name)
+        tun = tun_mod.Tun.create(name, offloads=offloads)
     except tun_mod.TunError as exc:
         raise StartError(str(exc)) from None
     with contextlib.ExitStack() as cleanup:
@@ -182,7 +187,7 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
             raise StartError(f"cannot open the UAPI socket {path}: {exc}") from None
         cleanup.callback(ipc.remove_socket, path, listener)
         try:
-            bind = udp_mod.UdpBind.open(0)
+            bind = udp_mod.UdpBind.open(0, offloads=offloads)
         except OSError as exc:
             raise StartError(f"cannot open a UDP socket: {exc.strerror}") from None
         cleanup.callback(bind.close)

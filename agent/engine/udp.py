@@ -41,22 +41,26 @@ _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
 class UdpBind:
     """The bound socket(s) for one listen port; non-blocking."""
 
-    def __init__(self, sockets: list[socket.socket], port: int, *, dual_stack: bool) -> None:
+    def __init__(
+        self, sockets: list[socket.socket], port: int, *, dual_stack: bool, offloads: bool = True
+    ) -> None:
         self.sockets = sockets
         self.port = port
         self.dual_stack = dual_stack
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
         self.send_errors = 0
-        self.gso = all(_try_option(sock, UDP_SEGMENT, 0) for sock in sockets)
-        self.gro = all(_try_option(sock, UDP_GRO, 1) for sock in sockets)
+        # Kept for a rebind, which opens the new socket the same way.
+        self.offloads_wanted = offloads
+        self.gso = offloads and all(_try_option(sock, UDP_SEGMENT, 0) for sock in sockets)
+        self.gro = offloads and all(_try_option(sock, UDP_GRO, 1) for sock in sockets)
         # Why GSO went off while running, for the loop to log once; "" while it is on.
         self.gso_off_reason = ""
         self.gso_sends = 0
         self.gro_receives = 0
 
     @classmethod
-    def open(cls, port: int, *, fwmark: int = 0) -> UdpBind:
+    def open(cls, port: int, *, fwmark: int = 0, offloads: bool = True) -> UdpBind:
         """Binds port (0 picks one); raises OSError (EADDRINUSE, ...) if it cannot."""
         try:
             sock = _bound(socket.AF_INET6, ("::", port))
@@ -66,7 +70,7 @@ class UdpBind:
                 raise
             sock = _bound(socket.AF_INET, ("0.0.0.0", port))
             dual_stack = False
-        bind = cls([sock], sock.getsockname()[1], dual_stack=dual_stack)
+        bind = cls([sock], sock.getsockname()[1], dual_stack=dual_stack, offloads=offloads)
         try:
             bind.set_fwmark(fwmark)
         except OSError:

@@ -78,6 +78,7 @@ class FakeBind:
         self.dual_stack = False
         self.send_errors = 0
         self.gso_off_reason = ""
+        self.offloads_wanted = False
         self.gso_sends = 0
         self.gro_receives = 0
         self.queue: collections.deque[tuple[bytes, Endpoint]] = collections.deque()
