@@ -46,3 +46,7 @@ fi
 
 hack/tools/build.sh
 hack/kernel/fetch.sh
+
+# podwire's image (Dockerfile), built by podman without a daemon or a registry, and again only
+# when the sources that go into it change (see hack/image.sh); the real nodes import its archive.
+hack/image.sh

@@ -1,0 +1,52 @@
+# podwire: the agent (the default), the operator and the userspace engine, in one image.
+#
+#   podman build -t podwire .                     # from the public Debian slim image
+#   podman run podwire podwire-operator ...       # the operator (the chart runs it as 65532)
+#   podman run --cap-add NET_ADMIN --device /dev/net/tun podwire podwire-engine wg0
+#
+# BASE_IMAGE is any Debian bookworm; hack/image.sh builds from a base it makes with mmdebstrap,
+# where no registry is reachable. The two stages share it, so the virtual environment made in
+# the first runs on the interpreter of the second.
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-20251229-slim
+
+FROM ${BASE_IMAGE} AS builder
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG DEBIAN_FRONTEND=noninteractive
+# Debian's versions of these follow the base's point release; pinning them would only make the
+# build fail when the mirror drops a superseded version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/*
+# The runtime's environment has no pip: Debian's pip installs into it from outside.
+RUN python3 -m venv --without-pip /opt/podwire
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_CACHE_DIR=1
+# The dependencies first, from pyproject.toml alone: a change to the sources reuses this layer.
+COPY pyproject.toml /src/
+# The Kubernetes client's asyncio twin (kubernetes.aio) is half its size and never imported.
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+ && pip3 --python /opt/podwire/bin/python install --only-binary=:all: -r /tmp/requirements.txt \
+ && rm -rf /opt/podwire/lib/python3*/site-packages/kubernetes/aio
+COPY . /src
+RUN pip3 --python /opt/podwire/bin/python install --no-deps /src
+
+FROM ${BASE_IMAGE}
+ARG DEBIAN_FRONTEND=noninteractive
+# python3 for the environment's interpreter; iproute2 (ip) and wireguard-tools (wg) for what the
+# agent runs in a node's namespace and for a person debugging one.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 iproute2 wireguard-tools \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=builder /opt/podwire /opt/podwire
+# WG_PROCESS_FOREGROUND: podwire-engine stays in the foreground as the container's process
+# instead of detaching, as it does on a host.
+ENV PATH=/opt/podwire/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    WG_PROCESS_FOREGROUND=1
+# Each program installs its own SIGTERM handler, so as PID 1 each stops at once: no init needed.
+STOPSIGNAL SIGTERM
+CMD ["podwire-agent"]
