@@ -66,12 +66,13 @@ def test_the_apiserver_accepts_everything_the_chart_renders(
         for line in rendered.stdout.splitlines()
         if line.startswith("kind:")
     ]
-    # The agent's and the operator's (a Deployment with its disruption budget, and a Role for
-    # its Lease beside the Events Roles).
+    # The agent's, the engine's (userspace), the operator's (a Deployment with its disruption
+    # budget, and a Role for its Lease beside the Events Roles), and the dashboard.
     assert sorted(kinds) == [
         *["ClusterRole"] * 2,
         *["ClusterRoleBinding"] * 2,
-        "DaemonSet",
+        "ConfigMap",
+        *["DaemonSet"] * 2,
         "Deployment",
         "PodDisruptionBudget",
         *["Role"] * 3,
@@ -89,19 +90,21 @@ def test_the_apiserver_accepts_everything_the_chart_renders(
             input=rendered.stdout, check=True,
         ).stdout
     )  # fmt: skip
-    daemonset = next(i for i in ds["items"] if i["kind"] == "DaemonSet")
+    daemonset = next(
+        i for i in ds["items"] if i["kind"] == "DaemonSet" and "agent" in i["metadata"]["name"]
+    )
     pod = daemonset["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert pod["hostNetwork"] is True
     assert env["PODWIRE_CLUSTER_POD_CIDRS"] == "10.244.0.0/16"
     assert env["PODWIRE_DATAPATH"] == "userspace"
     assert env["PODWIRE_FAIL_CLOSED"] == "true"
+    assert env["PODWIRE_ENGINE_MODE"] == "external"  # the engine is its DaemonSet's
     agent = pod["containers"][0]
     assert agent["securityContext"]["allowPrivilegeEscalation"] is False
     assert agent["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    # Only what the agent uses: the key, the UAPI sockets, the local API, TUN for the engine.
+    # Only what the agent uses: the key, the UAPI sockets, the local API (TUN is the engine's).
     assert sorted(m["mountPath"] for m in agent["volumeMounts"]) == [
-        "/dev/net/tun",
         "/var/lib/podwire",
         "/var/run/podwire",
         "/var/run/wireguard",
