@@ -22,14 +22,22 @@ RUN apt-get update \
 # The runtime's environment has no pip: Debian's pip installs into it from outside.
 RUN python3 -m venv --without-pip /opt/podwire
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_CACHE_DIR=1
-# The dependencies first, from pyproject.toml alone: a change to the sources reuses this layer.
-COPY pyproject.toml /src/
+# The dependencies first, from pyproject.toml alone: a change to the sources reuses this layer,
+# here and in the image (so a new image of the same dependencies adds only podwire's layer).
 # The Kubernetes client's asyncio twin (kubernetes.aio) is half its size and never imported.
+COPY pyproject.toml /src/
 RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
  && pip3 --python /opt/podwire/bin/python install --only-binary=:all: -r /tmp/requirements.txt \
- && rm -rf /opt/podwire/lib/python3*/site-packages/kubernetes/aio
+ && rm -rf /opt/podwire/lib/python3*/site-packages/kubernetes/aio \
+ && echo /opt/podwire-app \
+    > "$(/opt/podwire/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/podwire-app.pth"
+
+# podwire itself, on its own path (/opt/podwire-app, on the environment's sys.path through the
+# .pth above), its commands beside the environment's Python where the agent looks for the engine.
+FROM builder AS app
 COPY . /src
-RUN pip3 --python /opt/podwire/bin/python install --no-deps /src
+RUN pip3 --python /opt/podwire/bin/python install --no-deps --target /opt/podwire-app /src \
+ && mv /opt/podwire-app/bin /opt/podwire-bin
 
 FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
@@ -41,6 +49,8 @@ RUN apt-get update \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/podwire /opt/podwire
+COPY --from=app /opt/podwire-app /opt/podwire-app
+COPY --from=app /opt/podwire-bin/ /opt/podwire/bin/
 # WG_PROCESS_FOREGROUND: podwire-engine stays in the foreground as the container's process
 # instead of detaching, as it does on a host.
 ENV PATH=/opt/podwire/bin:$PATH \

@@ -36,6 +36,7 @@ BASE_DPKG_OPTS=(
   'path-exclude=/usr/share/doc/*' 'path-include=/usr/share/doc/*/copyright'
 )
 REPO=localhost/podwire
+BUILDER_REF=localhost/podwire-builder:cache
 
 podman_env() {
   export CONTAINERS_CONF=$root/hack/image/containers.conf
@@ -84,6 +85,7 @@ build_base() {
     mmdebstrap --quiet --variant=minbase --include="$BASE_PACKAGES" "${dpkgopts[@]}" \
       --mode=root --format=tar "$BASE_SUITE" "$tar.tmp" >&2
     mv "$tar.tmp" "$tar"
+    find "$cache" -maxdepth 1 -name 'base-*.tar' ! -name "base-$recipe.tar" -delete
     log "base made in $(seconds_since "$started") s"
   fi
   if [[ "$(podman image inspect --format '{{index .Labels "podwire.base-recipe"}}' "$BASE_REF" 2>/dev/null)" != "$recipe" ]]; then
@@ -92,6 +94,16 @@ build_base() {
       --change 'CMD ["/bin/bash"]' "$tar" "$BASE_REF" >/dev/null
     log "base imported as $BASE_REF in $(seconds_since "$started") s"
   fi
+}
+
+prune() {
+  # Older images of this store and the layers only they used go (a build a minute adds up);
+  # one still used by a container stays. The base and the builder stage stay tagged.
+  local image
+  for image in $(podman images --format '{{.Repository}}:{{.Tag}}' "$REPO"); do
+    [[ $image == "$1" || $image == "$REPO:dev" ]] || podman rmi "$image" >/dev/null 2>&1 || true
+  done
+  podman image prune --force >/dev/null
 }
 
 build() {
@@ -114,18 +126,21 @@ build() {
   # The docker format keeps SHELL and STOPSIGNAL, which OCI image configs cannot carry.
   local ca=() bundle=/etc/ssl/certs/ca-certificates.crt
   [[ -f $bundle ]] && ca=(--volume "$bundle:$bundle:ro")
-  podman --runtime runc build --quiet --network host --layers --format docker "${ca[@]}" \
-    --build-arg BASE_IMAGE="$BASE_REF" --tag "$ref" --tag "$REPO:dev" --file Dockerfile . >/dev/null
+  local args=(--quiet --network host --layers --format docker "${ca[@]}"
+    --build-arg BASE_IMAGE="$BASE_REF" --file Dockerfile)
+  podman --runtime runc build "${args[@]}" --tag "$ref" --tag "$REPO:dev" . >/dev/null
+  # The builder stage (the dependencies, the slow part) tagged too, from the cache at once: a
+  # tagged image's layers are what the clean-up below keeps.
+  podman --runtime runc build "${args[@]}" --target builder --tag "$BUILDER_REF" . >/dev/null
   log "built in $(seconds_since "$step") s"
   step=$(date +%s.%N)
   rm -f "$archive.tmp"
   podman save --quiet --format docker-archive --output "$archive.tmp" "$ref"
   mv "$archive.tmp" "$archive"
-  # Older archives and tags of this checkout's image are left for podman image prune; the
-  # archives, which only this script reads, go.
   find "$cache" -maxdepth 1 -name 'podwire-*.tar' ! -name "podwire-$hash.tar" -delete
   printf 'REF=%s\nARCHIVE=%s\nHASH=%s\n' "$ref" "$archive" "$hash" > "$cache/current.tmp"
   mv "$cache/current.tmp" "$cache/current"
+  prune "$ref"
   log "saved $archive in $(seconds_since "$step") s ($(du -m "$archive" | cut -f1) MB)"
   log "image ready in $(seconds_since "$started") s: $ref"
 }
