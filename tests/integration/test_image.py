@@ -425,3 +425,35 @@ def test_the_engine_in_the_image_tunnels_pings_to_wireguard_go(
     peer = _wg_through(uapi, "show", dev_a, "dump").stdout.splitlines()[1].split("\t")
     latest_handshake, rx, tx = int(peer[4]), int(peer[5]), int(peer[6])
     assert latest_handshake > 0 and rx > 0 and tx > 0, peer
+
+
+def test_the_archive_imports_into_containerd(
+    image: str, netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
+) -> None:
+    # What a real node does with it: `ctr images import` into a containerd of the test's own
+    # (its root, state and socket in tmp_path; no CRI), which unpacks it for runc.
+    root = tmp_path / "containerd"
+    root.mkdir()
+    sock = root / "containerd.sock"
+    (root / "config.toml").write_text(
+        "version = 2\n"
+        f'root = "{root / "root"}"\n'
+        f'state = "{root / "state"}"\n'
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{sock}"\n'
+    )
+    netns.spawn(None, ["containerd", "--config", str(root / "config.toml")], log_path=root / "log")
+    try:
+        supervisor.wait_until(
+            lambda: netns_mod.unix_socket_answers(sock), timeout=30, what="containerd"
+        )
+        ctr = ["ctr", "--address", str(sock), "-n", "k8s.io"]
+        _run([*ctr, "images", "import", _current()["ARCHIVE"]], timeout=300)
+        listed = _run([*ctr, "images", "ls", "-q"]).stdout.split()
+        assert image in listed, listed
+        mounts = _run([*ctr, "snapshots", "ls"]).stdout
+        assert "Committed" in mounts, mounts  # unpacked, layer by layer
+    finally:
+        for proc in netns.processes:
+            supervisor.stop(proc)
+        shutil.rmtree(root, ignore_errors=True)
