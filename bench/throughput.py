@@ -8,7 +8,7 @@ sides, or podwire-engine facing upstream wireguard-go:
 
 For each case, each measurement --runs times (median reported): one TCP stream a->b and b->a
 (iperf3, --seconds), four streams a->b, iperf3's retransmits on the single stream, the idle
-round trip (ping), 64-byte UDP packets per second received, and CPU seconds per GB of the two
+round trip (ping, before the streams), 64-byte UDP packets per second received, and CPU seconds per GB of the two
 tunnel processes with their RSS before the first and after the last run. Ratios are to
 upstream wireguard-go in the same run; the table goes to stdout and all figures to --json.
 With --soak N the engine pair carries one stream for N seconds, RSS read before and after.
@@ -50,14 +50,18 @@ CASES: dict[str, tuple[str | None, str | None]] = {
     "wireguard-go": ("wggo", "wggo"),
     "boringtun": ("boringtun", "boringtun"),
     "engine <-> engine": ("engine", "engine"),
+    "engine (offloads off)": ("engine-plain", "engine-plain"),
     "engine -> wireguard-go": ("engine", "wggo"),
 }
+# "engine -> wireguard-go" is both directions: a->b is the engine sending, the reverse column
+# wireguard-go sending to the engine. "engine (offloads off)" is the engine as it was before
+# them (PODWIRE_ENGINE_OFFLOADS=off), one packet per system call.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 Tunnel = tuple[netns.NetnsFactory, netns.Netns, netns.Netns, str, list[int]]
 
 
 def command(kind: str, dev: str) -> list[str]:
-    if kind == "engine":
+    if kind.startswith("engine"):
         return [ENGINE, "-f", dev]
     if kind == "wggo":
         return [tools.path("wireguard-go"), "-f", dev]
@@ -141,7 +145,8 @@ def tunnel(
     for i, (ns, kind) in enumerate(zip((a, b), kinds, strict=True)):
         assert kind is not None
         dev = f.unique("w")
-        proc = f.spawn(ns, command(kind, dev), log_path=workdir / f"{dev}.log", env=ENV)
+        env = {**ENV, "PODWIRE_ENGINE_OFFLOADS": "off" if kind == "engine-plain" else "on"}
+        proc = f.spawn(ns, command(kind, dev), log_path=workdir / f"{dev}.log", env=env)
         pids.append(proc.pid)
         sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")
         supervisor.wait_until(
@@ -174,6 +179,8 @@ def measure(
         rss_before = rss_mib(t[4])
         fwd, rev, four, retrans, cpu, pps, rtt = [], [], [], [], [], [], []
         for _ in range(runs):
+            # Idle first: a backlog left by the floods below would count as latency.
+            rtt.append(ping_ms(t))
             gbps, retransmits, cpu_per_gb = tcp(t, seconds)
             fwd.append(gbps)
             retrans.append(float(retransmits))
@@ -181,7 +188,6 @@ def measure(
             rev.append(tcp(t, seconds, "-R")[0])
             four.append(tcp(t, seconds, "-P", "4")[0])
             pps.append(udp_pps(t, seconds))
-            rtt.append(ping_ms(t))
         return {
             "tcp1_gbps": median(fwd),
             "tcp1_reverse_gbps": median(rev),
@@ -251,6 +257,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="podwire-bench-"))
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        p.error(f"unknown cases {unknown}; the cases are {list(CASES)}")
     skipped: dict[str, str] = {}
     if "boringtun" in names:
         why = setup_boringtun()

@@ -85,6 +85,7 @@ class Device:
     # costs no extra call.
     receive_datagram = receive.receive_datagram
     send_packet = send.send_packet
+    send_packets = send.send_packets
     tick = expiry.tick
     next_deadline = expiry.next_deadline
 

@@ -175,12 +175,8 @@ class Engine:
 
     def _on_tun(self, _mask: int) -> None:
         packets = self.tun.read_batch(BATCH)
-        now = self._clock()
-        send_packet = self.device.send_packet
-        actions: list[actions_mod.Action] = []
-        for packet in packets:
-            actions += send_packet(packet, now)
-        self._perform_batch(actions)
+        if packets:
+            self._perform_batch(self.device.send_packets(packets, self._clock()))
 
     def _on_udp(self, sock: socket.socket) -> Callable[[int], None]:
         def on_readable(_mask: int) -> None:

@@ -22,10 +22,39 @@ _HEADER = messages.TRANSPORT_HEADER
 _NONCE = messages.TRANSPORT_NONCE
 _TRANSPORT = constants.MESSAGE_TRANSPORT
 _PADDING = constants.PADDING_MULTIPLE
+# send_packets seals a peer's staged packets once this many wait, well before they overflow.
+_FLUSH_AT = peer.MAX_STAGED_PACKETS // 2
 
 
 def send_packet(dev: device.Device, packet: bytes, now: float) -> list[Action]:
     """An IP packet read from TUN: encrypt it for the peer that routes its destination."""
+    actions: list[Action] = []
+    target = _stage(dev, packet)
+    if target is not None:
+        send_staged(dev, target, now, actions)
+    return actions
+
+
+def send_packets(dev: device.Device, packets: list[bytes], now: float) -> list[Action]:
+    """Packets read from TUN together (the segments of a TSO burst, say): each is routed and
+    staged as send_packet does, then each peer's are sealed in one pass, in order."""
+    actions: list[Action] = []
+    touched: dict[peer.Peer, None] = {}
+    for packet in packets:
+        target = _stage(dev, packet)
+        if target is None:
+            continue
+        touched[target] = None
+        if len(target.staged) >= _FLUSH_AT:
+            send_staged(dev, target, now, actions)
+    for target in touched:
+        if target.staged:
+            send_staged(dev, target, now, actions)
+    return actions
+
+
+def _stage(dev: device.Device, packet: bytes) -> peer.Peer | None:
+    """Queues packet on the peer that routes its destination; None if it was dropped."""
     n = len(packet)
     version = packet[0] >> 4 if n else 0
     if version == 4 and n >= 20:
@@ -37,26 +66,24 @@ def send_packet(dev: device.Device, packet: bytes, now: float) -> list[Action]:
         destination |= peer.IPV6_TAG
     else:
         dev.counters.drops[Drop.BAD_IP_PACKET] += 1
-        return []
+        return None
     if target is None:
         dev.counters.drops[Drop.NO_ROUTE] += 1
-        return []
+        return None
     endpoint = target.endpoint
     if endpoint is None:
         dev.counters.drops[Drop.NO_ENDPOINT] += 1
-        return []
+        return None
     if endpoint != target.endpoint_seen:
         target.see_endpoint(endpoint)
     if destination == target.endpoint_address:
         # A route sends the peer's own endpoint into the tunnel: encapsulating would loop.
         dev.counters.drops[Drop.ROUTING_LOOP] += 1
         target.routing_loops += 1
-        return []
+        return None
     if not target.stage(bytes(packet)):
         dev.counters.drops[Drop.STAGED_OVERFLOW] += 1
-    actions: list[Action] = []
-    send_staged(dev, target, now, actions)
-    return actions
+    return target
 
 
 def send_staged(dev: device.Device, p: peer.Peer, now: float, actions: list[Action]) -> None:
@@ -71,12 +98,23 @@ def send_staged(dev: device.Device, p: peer.Peer, now: float, actions: list[Acti
         send_initiation(dev, p, now, actions, retry=False)
         return
     staged = p.staged
-    while staged:
-        if keypair.send_counter >= config.reject_after_messages:
-            keypair.sending_valid = False
-            send_initiation(dev, p, now, actions, retry=False)
-            return
-        _encrypt(dev, p, keypair, staged.popleft(), now, actions)
+    sent = data_sent = False
+    try:
+        while staged:
+            if keypair.send_counter >= config.reject_after_messages:
+                keypair.sending_valid = False
+                send_initiation(dev, p, now, actions, retry=False)
+                return
+            data_sent |= _encrypt(dev, p, keypair, staged.popleft(), actions)
+            sent = True
+    finally:
+        # The timers hear of the pass once: every packet in it went at the same `now`.
+        if sent:
+            t = p.timers
+            t.on_any_authenticated_packet_traversal(now)
+            t.on_any_authenticated_packet_sent(now)
+            if data_sent:
+                t.on_data_sent(now)
     if timers.should_rekey_after_send(keypair, now, config):
         send_initiation(dev, p, now, actions, retry=False)
 
@@ -93,9 +131,10 @@ def _encrypt(
     p: peer.Peer,
     keypair: noise.Keypair,
     packet: bytes,
-    now: float,
     actions: list[Action],
-) -> None:
+) -> bool:
+    """Seals packet as the next transport message; True if it carried data (not a keepalive).
+    The caller tells the timers."""
     n = len(packet)
     pad = -n % _PADDING
     if pad:
@@ -107,15 +146,12 @@ def _encrypt(
     data = _HEADER.pack(_TRANSPORT, keypair.remote_index, counter) + keypair.sending.encrypt(
         _NONCE.pack(counter), packet, None
     )
-    t = p.timers
-    t.on_any_authenticated_packet_traversal(now)
-    t.on_any_authenticated_packet_sent(now)
     if n:
         dev.counters.transport_sent += 1
-        t.on_data_sent(now)
     else:
         dev.counters.keepalives_sent += 1
     _emit(dev, p, data, actions)
+    return n > 0
 
 
 def _emit(dev: device.Device, p: peer.Peer, data: bytes, actions: list[Action]) -> None:
