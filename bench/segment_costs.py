@@ -2,7 +2,7 @@
 
 Two Devices, one handshake between them in memory, then a 64 KiB TSO packet (as TUN hands it
 over with offloads) taken through each step of the data path in turn, each timed alone:
-splitting it into MTU-size segments (`offload.split`), sealing each (`Device.send_packet`),
+splitting it into MTU-size segments (`offload.split`), sealing them (`Device.send_packets`),
 opening each on the other side (`Device.receive_datagram`), and joining the decrypted segments
 into one write (`offload.coalesce`); plus the bare ChaCha20-Poly1305 seal of one segment, the
 floor any Python engine pays. The figures are per segment, best of --repeat. No root needed.
@@ -82,10 +82,9 @@ def main() -> int:
 
     def seal() -> None:
         sealed.clear()
-        for segment in segments:
-            for action in a.send_packet(segment, 100.0):
-                assert isinstance(action, actions.SendDatagram)
-                sealed.append(action.data)
+        for action in a.send_packets(segments, 100.0):
+            assert isinstance(action, actions.SendDatagram)
+            sealed.append(action.data)
 
     seal()
     opened: list[bytes] = []
@@ -106,7 +105,7 @@ def main() -> int:
     aead = ChaCha20Poly1305(os.urandom(32))
     rows = {
         "split (TSO -> segments, checksums)": _best(args.repeat, n, lambda: offload.split(vnet, big)),
-        "seal (Device.send_packet)": _best(args.repeat, n, seal),
+        "seal (Device.send_packets)": _best(args.repeat, n, seal),
         "  of which ChaCha20-Poly1305 alone": _best(
             args.repeat, n, lambda: [aead.encrypt(bytes(12), s, None) for s in segments]
         ),
@@ -118,7 +117,7 @@ def main() -> int:
     for name, us in rows.items():
         print(f"  {name:<40}{us:8.2f}")
     print(f"  {'Python total, both ends':<40}{total:8.2f}")
-    send_us = rows["split (TSO -> segments, checksums)"] + rows["seal (Device.send_packet)"]
+    send_us = rows["split (TSO -> segments, checksums)"] + rows["seal (Device.send_packets)"]
     receive_us = rows["open (Device.receive_datagram)"] + rows["coalesce (segments -> one write)"]
     bound = MSS * 8 / max(send_us, receive_us) / 1e3
     print(

@@ -41,6 +41,10 @@ CWR = 0x80
 # The largest IP packet a length field can state (IPv4 total length, IPv6 payload length).
 MAX_LENGTH = 65535
 
+_U16 = struct.Struct("!H")
+_2U16 = struct.Struct("!HH")
+_U32 = struct.Struct("!I")
+
 # A packet written to TUN as it is: its checksum was authenticated with it.
 SINGLE_HEADER = VNET_HDR.pack(F_DATA_VALID, GSO_NONE, 0, 0, 0, 0)
 
@@ -170,30 +174,37 @@ def split_tcp(packet: bytes, mss: int, *, v6: bool) -> list[bytes]:
         pseudo_base = int.from_bytes(packet[8:40], "big") % 0xFFFF + PROTO_TCP
     seq = int.from_bytes(tcp[4:8], "big")
     flags = tcp[13]
+    # The TCP header's sum without the words that change: sequence number and flags.
+    tcp[4:8] = bytes(4)
+    tcp[13] = 0
+    tcp_base = int.from_bytes(tcp, "big") % 0xFFFF + pseudo_base + thl
     join = b"".join
+    pack_u32, pack_u16, pack_2u16 = _U32.pack_into, _U16.pack_into, _2U16.pack_into
     segments = []
     for index, start in enumerate(starts):
         chunk = payload[start : start + mss]
         size = len(chunk)
-        tcp[4:8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
-        tcp[13] = flags if index == last else flags & ~(FIN | PSH)
+        this_seq = (seq + start) & 0xFFFFFFFF
+        this_flags = flags if index == last else flags & ~(FIN | PSH)
         if index:
-            tcp[13] &= ~CWR
-        tcp[16:18] = b"\0\0"
-        words = int.from_bytes(chunk, "big")
+            this_flags &= ~CWR
+        # A chunk of odd length is summed as if padded with a zero byte: times 256.
+        words = int.from_bytes(chunk, "big") % 0xFFFF
         if size & 1:
             words <<= 8
-        total = (words + int.from_bytes(tcp, "big") + pseudo_base + thl + size) % 0xFFFF
-        tcp[16:18] = (0xFFFF - total if total else 0xFFFF).to_bytes(2, "big")
+        total = words + tcp_base + (this_seq >> 16) + (this_seq & 0xFFFF) + this_flags + size
+        total %= 0xFFFF
+        pack_u32(tcp, 4, this_seq)
+        tcp[13] = this_flags
+        pack_u16(tcp, 16, 0xFFFF - total if total else 0xFFFF)
         if v4:
             length = head_len + size
             this_id = (ident + index) & 0xFFFF
-            ip[2:4] = length.to_bytes(2, "big")
-            ip[4:6] = this_id.to_bytes(2, "big")
             header_sum = (ip_base + length + this_id) % 0xFFFF
-            ip[10:12] = (0xFFFF - header_sum if header_sum else 0xFFFF).to_bytes(2, "big")
+            pack_2u16(ip, 2, length, this_id)
+            pack_u16(ip, 10, 0xFFFF - header_sum if header_sum else 0xFFFF)
         else:
-            ip[4:6] = (thl + size).to_bytes(2, "big")
+            pack_u16(ip, 4, thl + size)
         segments.append(join((ip, tcp, chunk)))
     return segments
 
