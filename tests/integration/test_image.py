@@ -72,7 +72,8 @@ class Podman:
     def run(self, role: str, image: str, *args: str, options: list[str]) -> str:
         name = f"{self.prefix}-{role}"
         self.names.append(name)
-        self("run", "-d", "--name", name, *options, image, *args)
+        # Read-only, as the chart runs it: what a program writes goes to the folders given.
+        self("run", "-d", "--read-only", "--name", name, *options, image, *args)
         return name
 
     def logs(self, name: str) -> str:
