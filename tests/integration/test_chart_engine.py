@@ -16,6 +16,7 @@ engine is not the agent's, and not one packet is lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -249,3 +250,62 @@ def test_control_in_child_mode_the_containers_restart_takes_the_engine_and_its_p
     assert seen.clear == 0 and seen.payload == 0, seen.examples
     _wait_ready(cluster, "node1", "node2")
     assert n1.pods[0].ns.ping(n2.pods[0].ip, count=2, timeout=10)
+
+
+ENGINE_UPGRADE_PINGS = 1000  # 10 s at 100 a second; node2's engine is replaced after 2 s
+
+
+@pytest.mark.xfail(
+    not _select_passes_engine_mode(),
+    reason="agent/datapath/select.py does not pass cfg.engine_mode to UserspaceBackend yet",
+    strict=True,
+)
+def test_upgrading_the_engine_itself_is_a_short_fail_closed_gap(
+    cluster: topology.Cluster, tmp_path: pathlib.Path
+) -> None:
+    # What OnDelete means for the engine's own upgrade: its pod is deleted (SIGTERM: the engine
+    # removes its device and socket), the new pod's engine starts, and the agent, which never
+    # restarted, finds the new socket, brings the device back and programs its peers again.
+    # Meanwhile the fail-closed backstop drops node2's pod traffic: a gap, never clear text.
+    n1, n2 = cluster.add_node("node1"), cluster.add_node("node2")
+    engines = {n.name: _start_engine(cluster, n) for n in (n1, n2)}
+    for node in (n1, n2):
+        _start_agent(cluster, node, "external")
+    _wait_ready(cluster, "node1", "node2")
+    src, dst = n1.pods[0], n2.pods[0]
+    assert src.ns.ping(dst.ip, count=2, timeout=10)
+    marker = secrets.token_hex(MARKER_SIZE // 2).encode()
+    with verify.Capture(cluster.record, tmp_path / "underlay.pcap") as capture:
+        ping = subprocess.Popen(
+            src.ns.exec_args(
+                ["ping", "-n", "-q", "-i", "0.01", "-c", str(ENGINE_UPGRADE_PINGS), "-W", "1",
+                 "-p", marker.hex()[:32], dst.ip]
+            ),
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            ping.wait(timeout=2)  # two seconds of the stream, then the upgrade
+        try:
+            netns_mod.stop_process(engines["node2"], grace=10)
+            _start_engine(cluster, n2)
+            out, _ = ping.communicate(timeout=60)
+        finally:
+            if ping.poll() is None:
+                ping.kill()
+                ping.wait()
+        frames = capture.stop()
+    pod_ips = [p.ip for n in (n1, n2) for p in n.pods]
+    seen = verify.analyze(frames, pod_ips, marker[:16], topology.LISTEN_PORT)
+    summary = [line for line in out.splitlines() if "packets transmitted" in line]
+    print(f"engine upgrade: {summary}; {seen}")
+    assert seen.clear == 0 and seen.payload == 0, seen.examples
+    received = int(out.split(" received")[0].rsplit(" ", 1)[1])
+    lost = ENGINE_UPGRADE_PINGS - received
+    assert 0 < lost < ENGINE_UPGRADE_PINGS // 2, out  # a gap, and the stream came back
+    _wait_ready(cluster, "node1", "node2")
+    assert src.ns.ping(dst.ip, count=2, timeout=10)
+    assert "device_restored" in (n2.workdir / "agent.log").read_text()
+    # The engine that serves node2 now is the new one's pod, never one its agent started.
+    (agent,) = [p for p in cluster.record.find("agent", "node2") if p.alive()]
+    assert not _descendants(agent.pid), "the agent started an engine of its own"
