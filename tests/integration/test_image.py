@@ -40,6 +40,7 @@ PORT = 51820
 # be killed only after STOP_TIMEOUT, with exit code 137.
 PROMPT_EXIT = 2.0
 STOP_TIMEOUT = 30
+CAP_NET_ADMIN = 12
 
 
 def _run(
@@ -72,8 +73,10 @@ class Podman:
     def run(self, role: str, image: str, *args: str, options: list[str]) -> str:
         name = f"{self.prefix}-{role}"
         self.names.append(name)
-        # Read-only, as the chart runs it: what a program writes goes to the folders given.
-        self("run", "-d", "--read-only", "--name", name, *options, image, *args)
+        # As the chart runs it: a read-only root (what a program writes goes to the folders it
+        # is given), no capability but those added, no privilege gained by exec.
+        confined = ["--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+        self("run", "-d", "--name", name, *confined, *options, image, *args)
         return name
 
     def logs(self, name: str) -> str:
@@ -297,7 +300,13 @@ def test_the_agent_starts_and_ends_on_sigterm(
         lambda: _wgnode_ready(cluster.cp, n.name), timeout=60, what="the agent's WireguardNode"
     )
     assert n.key_path.stat().st_mode & 0o777 == 0o600
+    assert _effective_capabilities(podman, name) == 1 << CAP_NET_ADMIN
     _assert_stops_at_once(podman, name)
+
+
+def _effective_capabilities(podman: Podman, name: str) -> int:
+    status = podman("exec", name, "cat", "/proc/1/status")
+    return int(next(ln for ln in status.splitlines() if ln.startswith("CapEff:")).split()[1], 16)
 
 
 def _wgnode_ready(cp: controlplane.ControlPlane, name: str) -> bool:
@@ -339,6 +348,7 @@ def test_the_operator_runs_as_65532_and_ends_on_sigterm(
             ],
         )  # fmt: skip
         assert podman("exec", name, "id", "-u").strip() == "65532"
+        assert _effective_capabilities(podman, name) == 0
         supervisor.wait_until(
             lambda: _lease_holder(cp, namespace) == identity,
             timeout=60,
