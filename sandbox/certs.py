@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = datetime.timedelta(days=365)
+CA_KEY = "ca.key"
+KUBERNETES_SERVICE_IP = "10.96.0.1"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def make(directory: pathlib.Path) -> Bundle:
         ExtendedKeyUsageOID.SERVER_AUTH,
         [
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            # The in-cluster address pods use (kubernetes.default, the Service CIDR's first).
+            x509.IPAddress(ipaddress.ip_address(KUBERNETES_SERVICE_IP)),
             x509.DNSName("localhost"),
             x509.DNSName("kubernetes.default.svc"),
         ],
@@ -127,6 +131,8 @@ def make(directory: pathlib.Path) -> Bundle:
         sa_pub=directory / "sa.pub",
     )
     bundle.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    # Kept (0600, beside the others) so that nodes added later get their kubelet's certificate.
+    _write_key(directory / CA_KEY, ca_key)
     bundle.serving_cert.write_bytes(serving.public_bytes(serialization.Encoding.PEM))
     bundle.admin_cert.write_bytes(admin.public_bytes(serialization.Encoding.PEM))
     _write_key(bundle.serving_key, serving_key)
@@ -138,3 +144,24 @@ def make(directory: pathlib.Path) -> Bundle:
         )
     )
     return bundle
+
+
+def client(
+    directory: pathlib.Path, name: str, cn: str, org: str
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """A client certificate and key (0600) for cn in group org, signed by the CA that make()
+    wrote into directory: a kubelet's (system:node:<node>, system:nodes). Returns their paths."""
+    ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{directory / CA_KEY} is not the CA's EC key")
+    key = _key()
+    cert = (
+        _builder(_name(cn, org), ca_cert.subject, key.public_key())
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path

@@ -21,6 +21,13 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     up = actions.add_parser("up", help="start the sandbox")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--datapath", choices=["auto", "userspace", "kernel"], default="auto")
+    up.add_argument(
+        "--runtime",
+        choices=["process", "kubelet"],
+        default="process",
+        help="process: agents as processes, pods as namespaces (fast); kubelet: real nodes, "
+        "containerd and a kubelet each, pods as containers",
+    )
     actions.add_parser("down", help="remove everything the sandbox made")
     st = actions.add_parser("status", help="nodes, peers, handshakes, which pod reaches which")
     st.add_argument("-o", "--output", choices=["table", "json"], default="table")
@@ -37,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     sandbox = cluster.Sandbox()
     try:
         if args.action == "up":
-            sandbox.up(nodes=args.nodes, datapath=args.datapath)
+            sandbox.up(nodes=args.nodes, datapath=args.datapath, runtime=args.runtime)
         elif args.action == "down":
             sandbox.down()
         elif args.action == "verify":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import pathlib
 import re
@@ -26,7 +27,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-from podwire.sandbox import controlplane, netns, operatorproc, record, supervisor, tools, topology
+from podwire.sandbox import (
+    controlplane,
+    kubenode,
+    netns,
+    operatorproc,
+    record,
+    supervisor,
+    tools,
+    topology,
+)
 from podwire.sandbox import status as status_mod
 
 STANDARD_DIR = "/run/podwire-sandbox"
@@ -52,6 +62,16 @@ RBAC_KINDS = (
 AGENT_ACCOUNT = ("default", "podwire-agent")  # what `helm template podwire` names it
 AGENT_TOKEN_LIFETIME = "720h"  # a static token in a kubeconfig is not refreshed
 MAX_NODES = 200  # pod CIDRs are 10.244.<index>.0/24, underlay addresses 192.0.2.<10 + index>
+RUNTIMES = ("process", "kubelet")
+RELEASE = "podwire"  # the kubelet runtime's `helm install`, in the default namespace
+CHART = tools.REPO / "deploy" / "helm" / "podwire"
+CHART_DEVICE = "podwire_wg0"
+# The chart's agent DaemonSet declares the WireGuard port (hostNetwork) beside the engine
+# DaemonSet's, so the scheduler finds no node with that port free and the agent stays Pending.
+# Until the chart drops the agent's declaration in engine mode external, the sandbox installs
+# the agent that starts its own engine.
+CHART_ENGINE_DAEMONSET = False
+PODS_PER_NODE = 2
 
 
 class SandboxError(RuntimeError):
@@ -89,10 +109,24 @@ class Sandbox:
     # -- up ----------------------------------------------------------------------------------
 
     def up(
-        self, *, nodes: int = 3, datapath: str = "auto", out: TextIO = sys.stdout
+        self,
+        *,
+        nodes: int = 3,
+        datapath: str = "auto",
+        runtime: str = "process",
+        out: TextIO = sys.stdout,
     ) -> record.Record:
+        """runtime process: agents as processes, pods as bare namespaces (fast); kubelet: real
+        nodes (containerd and a kubelet each), pods as real containers (sandbox.kubenode)."""
         if not 1 <= nodes <= MAX_NODES:
             raise SandboxError(f"--nodes must be between 1 and {MAX_NODES}, not {nodes}")
+        if runtime not in RUNTIMES:
+            raise SandboxError(f"--runtime must be one of {', '.join(RUNTIMES)}, not {runtime}")
+        if runtime == "kubelet":
+            try:
+                kubenode.check_prerequisites()
+            except kubenode.NodeError as e:
+                raise SandboxError(str(e)) from None
         with self._locked():
             existing = record.Record.load(self.directory)
             if existing is not None and any(p.alive() for p in existing.processes):
@@ -104,7 +138,7 @@ class Sandbox:
                 _remove(existing, Progress(out))
             _clear(self.directory)
             with _interrupted_by_sigterm():
-                return _Up(self, Progress(out), nodes, datapath).run()
+                return _Up(self, Progress(out), nodes, datapath, runtime).run()
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -190,6 +224,8 @@ class Sandbox:
 
     def add_node(self, name: str, *, out: TextIO = sys.stdout) -> record.Node:
         st = self.load()
+        if st.runtime == "kubelet":
+            raise SandboxError("adding a node to a sandbox of real nodes is not supported yet")
         c = self.cluster(st)
         index = max((n.index for n in st.nodes), default=0) + 1
         node = c.add_node(name, index=index)
@@ -247,17 +283,23 @@ def _interrupted_by_sigterm() -> Iterator[None]:
 
 
 class _Up:
-    def __init__(self, sandbox: Sandbox, progress: Progress, nodes: int, datapath: str) -> None:
+    def __init__(
+        self, sandbox: Sandbox, progress: Progress, nodes: int, datapath: str, runtime: str
+    ) -> None:
         self.sandbox = sandbox
+        self.kubelet = runtime == "kubelet"
         self.progress = progress
         self.n = nodes
         self.datapath = datapath
         self.directory = sandbox.directory
-        self.st = record.Record(prefix=PREFIX, directory=str(sandbox.directory), datapath=datapath)
+        self.st = record.Record(
+            prefix=PREFIX, directory=str(sandbox.directory), datapath=datapath, runtime=runtime
+        )
         self.factory = netns.NetnsFactory(record=self.st)
         self.cp = controlplane.ControlPlane(sandbox.control_plane_dir)
         self.st.kubeconfig = str(self.cp.kubeconfig)
         self.cluster: topology.Cluster | None = None
+        self.image = (kubenode.PAUSE_IMAGE, kubenode.PAUSE_ARCHIVE)  # the kubelet runtime's
 
     def run(self) -> record.Record:
         step = "sandbox directory"
@@ -270,17 +312,34 @@ class _Up:
             self._check_datapath()
             step = "control plane"
             self._control_plane()
+            if self.kubelet:
+                step = "image"
+                self.image = kubenode.keep_image(self.directory / "images")
+                step = "controllers"
+                self._controllers()
             step = "CRD and RBAC"
             self._crds()
             for i in range(1, self.n + 1):
                 step = f"node node{i}"
                 self._node(i)
-            step = "agents"
-            self._agents()
-            step = "operator"
-            self._operator()
+            if self.kubelet:
+                step = "Nodes Ready"
+                self._wait_nodes()
+                step = "pods"
+                self._pods()
+            if self.kubelet:
+                step = "helm install"
+                self._helm_install()
+            else:
+                step = "agents"
+                self._agents()
+                step = "operator"
+                self._operator()
             step = "nodes Ready"
             self._wait_ready()
+            if self.kubelet:
+                step = "rollout"
+                self._wait_rollout()
             step = "pods reachable"
             self._wait_reachable()
         except BaseException as e:
@@ -343,7 +402,7 @@ class _Up:
     def _crds(self) -> None:
         self.progress.step("installing the WireguardNode CRD")
         self.cp.install_crds()
-        rbac = _chart_rbac()
+        rbac = "" if self.kubelet else _chart_rbac()  # helm install brings them on real nodes
         if rbac:
             self.progress.step(
                 "applying the chart's RBAC and admission policy; agents authenticate as its "
@@ -351,17 +410,142 @@ class _Up:
             )
             self.cp.kubectl("apply", "-f", "-", input=rbac)
 
+    def _controllers(self) -> None:
+        self.progress.step("starting kube-controller-manager and kube-scheduler")
+        try:
+            self.cp.start_controllers()
+        finally:
+            for role in ("kube-controller-manager", "kube-scheduler"):
+                if role in self.cp.processes:
+                    self.st.processes.append(self.cp.processes[role])
+            self._checkpoint()
+
     def _node(self, index: int) -> None:
         assert self.cluster is not None
+        if self.kubelet:
+            self._kube_node(index)
+            return
         self.progress.step(f"node{index}: namespace, underlay link, pod bridge, two pods, Node")
         self.cluster.add_node(f"node{index}", index=index)
         self._checkpoint()
+
+    def _kube_node(self, index: int) -> None:
+        """A real node: its namespace on the underlay and Node object (with its pod CIDR, which
+        the kubelet keeps), its relay, mount namespace, containerd (with the images) and kubelet."""
+        assert self.cluster is not None
+        name = f"node{index}"
+        self.progress.step(f"{name}: namespace, underlay link, Node, containerd, kubelet")
+        node = self.cluster.add_node(
+            name, index=index, pods=0, pod_bridge=False, device=CHART_DEVICE
+        )
+        self._checkpoint()
+        self.cluster.start_proxy(node)
+        kn = kubenode.KubeNode(self.st, self.cp, node)
+        kn.write_config(kubenode.make_cgroup_root(self.st, node))
+        kn.start_mounts()
+        kn.start_containerd()
+        _, archive = self.image
+        for a in dict.fromkeys([kubenode.PAUSE_ARCHIVE, archive]):
+            kn.import_image(a)
+        kn.route_apiserver()
+        kubenode.save_sysctls(self.st)
+        kn.start_kubelet()
+        self._checkpoint()
+
+    def _wait_nodes(self) -> None:
+        names = [n.name for n in self.st.nodes]
+        self.progress.step(f"waiting for {len(names)} Nodes to be Ready ...")
+
+        def kubelets_alive() -> None:
+            for p in self.st.processes:
+                if p.role in ("kubelet", "containerd") and not p.alive():
+                    raise SandboxError(
+                        f"the {p.role} of {p.node} exited: see {p.log}\n{_tail(pathlib.Path(p.log))}"
+                    )
+
+        _wait_progress(
+            self.progress, lambda: kubenode.node_ready(self.cp, names), len(names),
+            "Nodes Ready", READY_TIMEOUT, check=kubelets_alive,
+        )  # fmt: skip
+
+    def _pods(self) -> None:
+        """PODS_PER_NODE real pods on each node, each one's network namespace given a name on
+        the machine (`ip netns attach`), so that status, verify and a user reach it as before."""
+        image, _ = self.image
+        self.progress.step(f"starting {PODS_PER_NODE} pods on each node ({image})")
+        wanted = {f"{n.name}-pod{k}": n for n in self.st.nodes for k in range(PODS_PER_NODE)}
+        items = [kubenode.pod_manifest(name, n.name, image) for name, n in wanted.items()]
+        self.cp.kubectl("apply", "-f", "-",
+                        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))  # fmt: skip
+        running: dict[str, dict[str, Any]] = {}
+
+        def count() -> int:
+            out = self.cp.kubectl("get", "pods", "-n", kubenode.POD_NAMESPACE,
+                                  "-l", "podwire.io/sandbox-pod=true", "-o", "json")  # fmt: skip
+            for item in json.loads(out.stdout)["items"]:
+                if item["status"].get("phase") == "Running" and item["status"].get("podIP"):
+                    running[item["metadata"]["name"]] = item
+            return sum(1 for n in wanted if n in running)
+
+        try:
+            _wait_progress(self.progress, count, len(wanted), "pods Running", READY_TIMEOUT)
+        except TimeoutError as e:
+            raise SandboxError(f"{e}: {kubenode.pods_waiting(self.cp)}") from None
+        assert self.cluster is not None
+        for name, node in wanted.items():
+            item = running[name]
+            pid = kubenode.pod_pid(self.st, node, item["metadata"]["uid"])
+            if pid is None:
+                raise SandboxError(f"pod {name} runs, but none of its processes was found")
+            ns = self.factory.unique("p")
+            subprocess.run(["ip", "netns", "attach", ns, str(pid)], check=True,
+                           capture_output=True)  # fmt: skip
+            self.st.namespaces.append(ns)
+            node.pods.append(record.Pod(name, ns, item["status"]["podIP"], node.name))
+            self._checkpoint()
+
+    def _helm_install(self) -> None:
+        """podwire as a cluster gets it: `helm install` of the chart, with the image built here
+        (imported into every node's containerd, never pulled); agents are DaemonSet pods."""
+        ref, _ = self.image
+        if ref == kubenode.PAUSE_IMAGE:
+            raise SandboxError(
+                f"no podwire image ({kubenode.IMAGE_CURRENT} is missing): run hack/image.sh"
+            )
+        repository, tag = ref.rsplit(":", 1)
+        self.progress.step(f"helm install {RELEASE} {CHART} (image {ref})")
+        values = {
+            "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
+            "agent": {
+                "clusterPodCIDRs": str(topology.POD_SUPERNET),
+                "datapath": self.datapath,
+                "device": CHART_DEVICE,
+                "listenPort": topology.LISTEN_PORT,
+                "resyncPeriod": 30,
+            },
+            "engine": {"enabled": CHART_ENGINE_DAEMONSET},
+        }
+        path = self.directory / "values.json"  # JSON is YAML: helm reads it typed, as written
+        path.write_text(json.dumps(values, indent=2))
+        helm(self.st, "install", RELEASE, str(CHART), "--namespace", "default", "-f", str(path))
+
+    def _wait_rollout(self) -> None:
+        """Every agent pod Ready (the DaemonSet rolled out) and the operator's Deployment
+        available, as `helm install --wait` would have it."""
+        self.progress.step("waiting for the agent DaemonSet and the operator Deployment ...")
+        for kind in (f"daemonset/{RELEASE}-agent", f"deployment/{RELEASE}-operator"):
+            found = self.cp.kubectl("get", kind, "--ignore-not-found", "-o", "name").stdout
+            if found.strip():
+                self.cp.kubectl("rollout", "status", kind, f"--timeout={READY_TIMEOUT:.0f}s",
+                                timeout=READY_TIMEOUT + 10)  # fmt: skip
 
     def _agents(self) -> None:
         assert self.cluster is not None
         self.progress.step(f"starting {self.n} agents ({self.datapath} datapath) and relays")
         for node in self.cluster.nodes.values():
-            _start_node_processes(self.cluster, node, datapath=self.datapath)
+            _start_node_processes(
+                self.cluster, node, datapath=self.datapath, proxy=not self.kubelet
+            )
 
     def _operator(self) -> None:
         """Two podwire-operator replicas, as the chart's Deployment runs them: one leads (a
@@ -377,14 +561,19 @@ class _Up:
     def _wait_ready(self) -> None:
         names = [n.name for n in self.st.nodes]
         self.progress.step(f"waiting for {len(names)} WireguardNodes to be Ready ...")
-        _wait_progress(
-            self.progress,
-            lambda: self._ready_count(names),
-            len(names),
-            "Ready",
-            READY_TIMEOUT,
-            check=self._agents_alive,
-        )
+        try:
+            _wait_progress(
+                self.progress,
+                lambda: self._ready_count(names),
+                len(names),
+                "Ready",
+                READY_TIMEOUT,
+                check=self._agents_alive,
+            )
+        except TimeoutError as e:
+            if not self.kubelet:
+                raise
+            raise SandboxError(f"{e}; pods not running: {kubenode.pods_waiting(self.cp)}") from None
         for n in self.st.nodes:
             engine = find_engine(n)
             if engine is not None:
@@ -392,6 +581,15 @@ class _Up:
         self._checkpoint()
 
     def _agents_alive(self) -> None:
+        if self.kubelet:
+            for node in self.st.nodes:
+                crashed = kubenode.crashed_containers(node)
+                if crashed:
+                    name, log = crashed[0]
+                    raise SandboxError(
+                        f"the {name} container on {node.name} exited more than once: see {log}\n"
+                        f"{_tail(log)}"
+                    )
         for p in self.st.processes:
             if p.role == "agent" and not p.alive():
                 raise SandboxError(
@@ -426,13 +624,33 @@ class _Up:
         say(f"  {pw} sandbox verify    # the capture proving only WireGuard crosses")
         a, b = self.st.nodes[0].pods[0], self.st.nodes[-1].pods[-1]
         say(f"  ip netns exec {a.netns} ping {b.ip}    # {a.name} -> {b.name}")
-        say(f"  {pw} peers --socket {self.st.nodes[0].workdir}/agent.sock")
+        say(f"  {pw} peers --socket {self.st.nodes[0].api_socket}")
         say(f"  {pw} sandbox down      # removes every namespace, process and file")
         if str(self.sandbox.directory) != STANDARD_DIR:
             say(f"(with PODWIRE_SANDBOX_DIR={self.sandbox.directory} set for the podwire commands)")
 
 
-def _start_node_processes(c: topology.Cluster, node: record.Node, *, datapath: str) -> None:
+def helm(st: record.Record, *args: str, timeout: float = 300) -> str:
+    """The real helm on the sandbox, its caches and settings in the sandbox's folder."""
+    home = pathlib.Path(st.directory) / "helm"
+    env = {
+        **os.environ,
+        "KUBECONFIG": st.kubeconfig,
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    out = subprocess.run(
+        [tools.path("helm"), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if out.returncode != 0:
+        raise SandboxError(f"helm {' '.join(args[:2])} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def _start_node_processes(
+    c: topology.Cluster, node: record.Node, *, datapath: str, proxy: bool = True
+) -> None:
     """The node's relay and agent; the agent authenticates as the chart's account when the
     chart gave one, as a cluster's agent does: with a token bound to its Pod on its Node (the
     admin's certificate would prove nothing about the chart's RBAC and policy)."""
@@ -444,7 +662,8 @@ def _start_node_processes(c: topology.Cluster, node: record.Node, *, datapath: s
     if found:
         kubeconfig = c.agent_kubeconfig(node, namespace, account, duration=AGENT_TOKEN_LIFETIME)
         env = {"KUBECONFIG": str(kubeconfig)}
-    c.start_proxy(node)
+    if proxy:
+        c.start_proxy(node)
     c.start_agent(node, datapath=datapath, env=env)
 
 
@@ -474,12 +693,25 @@ def _remove(st: record.Record, progress: Progress) -> None:
             st.processes.append(engine)
     # Those that act on the cluster first (so none reacts to the others going), the apiserver
     # and its store last; a role not named here is stopped first of all, never left running.
-    order = ("operator", "agent", "engine", "apiproxy", "kube-apiserver", "etcd")
+    order = (
+        "operator", "agent", "engine", "kubelet", PODS, "containerd", SHIMS, "node-mounts",
+        "apiproxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd",
+    )  # fmt: skip
     live = [p for p in st.processes if p.alive()]
     if live:
         progress.step(f"stopping {len(live)} processes ...")
     supervisor.stop_all(p for p in live if p.role not in order)
     for role in order:
+        if role == PODS:  # the pods' containers, which no kubelet restarts any more
+            for root in st.cgroups:
+                for pid in kubenode.cgroup_pids(root):
+                    supervisor.kill(pid)
+        elif role == SHIMS:  # containerd's shims, left in the nodes' namespaces
+            for n in st.nodes if st.runtime == "kubelet" else []:
+                if _netns_exists(n.netns):
+                    for pid in netns.pids(n.netns):
+                        if any("containerd-shim" in a for a in supervisor.cmdline(pid)[:1]):
+                            supervisor.kill(pid)
         supervisor.stop_all(p for p in live if p.role == role)
     names = list(dict.fromkeys([*st.namespaces, *_unrecorded_namespaces(st)]))
     if names:
@@ -497,6 +729,15 @@ def _remove(st: record.Record, progress: Progress) -> None:
     for f in st.files:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f)
+    if st.cgroups:
+        progress.step(f"removing the kubelets' cgroups and restoring {len(st.sysctls)} sysctls")
+    for cgroup in kubenode.remove_cgroups(st):
+        progress.say(f"  note: could not remove the cgroup {cgroup}")
+    for key in kubenode.restore_sysctls(st):
+        progress.say(f"  note: could not restore {key} to {st.sysctls[key]}")
+
+
+PODS, SHIMS = "(pods)", "(shims)"  # steps of _remove's order that are no recorded role
 
 
 def _unrecorded_namespaces(st: record.Record) -> list[str]:

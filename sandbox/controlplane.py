@@ -127,6 +127,32 @@ class ControlPlane:
         ctx = self.ssl_context()
         self._wait("kube-apiserver", lambda: _http_ok(f"{self.url}/readyz", ctx))
 
+    def start_controllers(self) -> None:
+        """kube-controller-manager and kube-scheduler beside the apiserver, for real nodes: the
+        controllers make a DaemonSet's pods and every namespace's kube-root-ca.crt, the
+        scheduler places pods. Both as the admin, leader election off, no serving port."""
+        pki = self.workdir / "pki"
+        common = [f"--kubeconfig={self.kubeconfig}", "--leader-elect=false", "--v=1"]
+        self._spawn(
+            "kube-controller-manager",
+            [
+                tools.path("kube-controller-manager"),
+                *common,
+                "--secure-port=0",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                "--use-service-account-credentials=false",
+                # Pod CIDRs are the sandbox's (10.244.<index>.0/24), set on each Node it makes.
+                "--allocate-node-cidrs=false",
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller",
+            ],
+        )
+        self._spawn("kube-scheduler", [tools.path("kube-scheduler"), *common, "--secure-port=0"])
+        for name in ("kube-controller-manager", "kube-scheduler"):
+            proc, log = self.processes[name], self.workdir / f"{name}.log"
+            if not proc.alive():
+                raise ControlPlaneError(f"{name} exited while starting: see {log}\n{_tail(log)}")
+
     def ssl_context(self) -> ssl.SSLContext:
         pki = self.workdir / "pki"
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
@@ -198,7 +224,13 @@ class ControlPlane:
         """Runs the real kubectl against this control plane as the admin (or as the user of
         another kubeconfig, such as an agent's)."""
         proc = subprocess.run(
-            [tools.path("kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+            [
+                tools.path("kubectl"),
+                f"--kubeconfig={kubeconfig or self.kubeconfig}",
+                # Its discovery cache with the control plane, not one more in ~/.kube per port.
+                f"--cache-dir={self.workdir / 'kubectl-cache'}",
+                *args,
+            ],
             capture_output=True, text=True, timeout=timeout, input=input,
         )  # fmt: skip
         if check and proc.returncode != 0:
@@ -254,7 +286,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         """Ends the apiserver, then etcd: the processes this control plane started."""
-        for name in ("kube-apiserver", "etcd"):
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self.processes.pop(name, None)
             if proc is not None:
                 supervisor.stop(proc)

@@ -29,7 +29,8 @@ STATE_FILE = "state.json"
 class Process:
     """One process that was started, by PID and the kernel's start time of that PID."""
 
-    role: str  # etcd, kube-apiserver, apiproxy, agent, engine
+    role: str  # etcd, kube-apiserver, apiproxy, agent, engine; kubelet runtime: node-mounts,
+    # containerd, kubelet, kube-controller-manager, kube-scheduler
     pid: int
     start_time: int
     argv: list[str]
@@ -92,6 +93,9 @@ class Node:
     device: str
     workdir: pathlib.Path
     pods: list[Pod] = dataclasses.field(default_factory=list)
+    # The kubelet runtime's: the process holding the node's own mount namespace (private /run,
+    # /var/lib, /var/log), which its containerd and kubelet share; 0 in the process runtime.
+    mounts_pid: int = 0
 
     @property
     def ns(self) -> netns_mod.Netns:
@@ -99,6 +103,9 @@ class Node:
 
     @property
     def api_socket(self) -> pathlib.Path:
+        if self.mounts_pid:  # the chart's agent: /var/run/podwire in the node's own /run, by
+            # the short way (a socket's path has at most 107 characters)
+            return pathlib.Path(f"/proc/{self.mounts_pid}/root/run/podwire/agent.sock")
         return self.workdir / "agent.sock"
 
     @property
@@ -123,6 +130,11 @@ class Record:
     kubeconfig: str = ""
     apiserver_url: str = ""
     apiserver_port: int = 0
+
+    # The kubelet runtime's: what the kubelets change on the machine, to be given back by down.
+    runtime: str = "process"  # process | kubelet
+    sysctls: dict[str, str] = dataclasses.field(default_factory=dict)  # the values before
+    cgroups: list[str] = dataclasses.field(default_factory=list)  # the kubelets' cgroup roots
 
     def node(self, name: str) -> Node:
         for n in self.nodes:

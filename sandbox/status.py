@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from podwire.sandbox import controlplane, netns, operatorproc, record, tools
+from podwire.sandbox import controlplane, kubenode, netns, operatorproc, record, tools
 
 
 def collect(st: record.Record, cp: controlplane.ControlPlane) -> dict[str, Any]:
@@ -53,13 +53,43 @@ def collect(st: record.Record, cp: controlplane.ControlPlane) -> dict[str, Any]:
         "apiserver": st.apiserver_url,
         "apiserver_reachable": found is not None,
         "datapath": st.datapath,
+        "runtime": st.runtime,
         "tools": str(tools.BUILT),
         "processes": procs,
         "nodes": nodes,
         "pods": pods,
         "connectivity": connectivity(st),
         "operators": [dataclasses.asdict(r) for r in operatorproc.status(st)],
+        "memory": kubenode.memory(st),
+        "agent_pods": agent_pods(cp) if st.runtime == "kubelet" else [],
     }
+
+
+def agent_pods(cp: controlplane.ControlPlane) -> list[dict[str, Any]]:
+    """The chart's agent pods (the kubelet runtime): where each runs, Ready, restarts."""
+    out = cp.kubectl(
+        "get", "pods", "-A", "-l", "app.kubernetes.io/component=agent", "-o", "json",
+        "--request-timeout=5s", check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        return []
+    pods = []
+    for item in json.loads(out.stdout)["items"]:
+        if "podwire.io/sandbox" in item["metadata"].get("labels", {}):
+            continue  # the process runtime's stand-ins for token binding
+        status = item.get("status", {})
+        conds = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        pods.append(
+            {
+                "name": item["metadata"]["name"],
+                "node": item["spec"].get("nodeName"),
+                "ready": conds.get("Ready") == "True",
+                "restarts": sum(
+                    c.get("restartCount", 0) for c in status.get("containerStatuses", [])
+                ),
+            }
+        )
+    return sorted(pods, key=lambda x: x["node"] or "")
 
 
 def wgnodes(cp: controlplane.ControlPlane) -> dict[str, Any] | None:
@@ -80,8 +110,14 @@ def is_ready(wgnode: dict[str, Any]) -> bool:
 
 def peers(node: record.Node, names: dict[str | None, str]) -> list[dict[str, Any]]:
     """The device's peers as `wg show DEV dump` gives them, named by their WireguardNode."""
+    # A real node's UAPI sockets are in its own /run: wg must see its mount namespace too.
+    enter = (
+        ["nsenter", f"--target={node.mounts_pid}", "--mount", "--net"]
+        if node.mounts_pid
+        else ["ip", "netns", "exec", node.netns]
+    )
     out = subprocess.run(
-        ["ip", "netns", "exec", node.netns, tools.path("wg"), "show", node.device, "dump"],
+        [*enter, tools.path("wg"), "show", node.device, "dump"],
         capture_output=True, text=True, check=False, timeout=10,
     )  # fmt: skip
     peers = []
@@ -135,6 +171,13 @@ def render(status: dict[str, Any], *, as_json: bool, out: TextIO = sys.stdout) -
         f"sandbox:    {status['directory']} ({'running' if not dead else 'NOT running: ' + ', '.join(dead)})"
     )
     p(f"kubeconfig: {status['kubeconfig']}")
+    mem = status.get("memory") or {}
+    if mem:
+        images = mem.get("containerd_tmpfs_mib", 0)
+        p(
+            f"memory:     {mem.get('processes_rss_mib', 0)} MiB resident in its processes"
+            + (f", {images} MiB of images in its nodes' containerd (tmpfs)" if images else "")
+        )
     p(
         f"apiserver:  {status['apiserver']}{'' if status['apiserver_reachable'] else ' (not answering)'}"
     )
@@ -154,6 +197,12 @@ def render(status: dict[str, Any], *, as_json: bool, out: TextIO = sys.stdout) -
         )
     p(_table(rows))
     p("")
+    if status.get("agent_pods"):
+        rows = [["AGENT POD", "NODE", "READY", "RESTARTS"]]
+        for a in status["agent_pods"]:
+            rows.append([a["name"], a["node"], "yes" if a["ready"] else "no", str(a["restarts"])])
+        p(_table(rows))
+        p("")
     if status.get("operators"):
         rows = [["OPERATOR", "PID", "ALIVE", "LEADER", "READY", "METRICS"]]
         for o in status["operators"]:

@@ -67,8 +67,17 @@ class Cluster:
     # -- nodes and pods ----------------------------------------------------------------------
 
     def add_node(
-        self, name: str, *, index: int | None = None, pods: int = 2, create_object: bool = True
+        self,
+        name: str,
+        *,
+        index: int | None = None,
+        pods: int = 2,
+        create_object: bool = True,
+        pod_bridge: bool = True,
+        device: str = "",
     ) -> Node:
+        """A node namespace on the underlay with its Node object; with pod_bridge, its cbr0 and
+        `pods` pod namespaces behind it (a real node's CNI plugin makes its own bridge)."""
         index = index if index is not None else len(self.record.nodes) + 1
         ns = self.factory.namespace("n")
         underlay_ip = str(UNDERLAY.network_address + 10 + index)
@@ -79,15 +88,16 @@ class Cluster:
         self.underlay.ip("link", "set", port, "master", self.bridge)
         pod_net = ipaddress.ip_network(f"10.244.{index}.0/24")
         ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        ns.ip("link", "add", "cbr0", "type", "bridge")
-        ns.ip("addr", "add", f"{pod_net.network_address + 1}/24", "dev", "cbr0")
-        ns.ip("link", "set", "cbr0", "up")
+        if pod_bridge:
+            ns.ip("link", "add", "cbr0", "type", "bridge")
+            ns.ip("addr", "add", f"{pod_net.network_address + 1}/24", "dev", "cbr0")
+            ns.ip("link", "set", "cbr0", "up")
         workdir = self.workdir / name
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        device = self.factory.unique("w")
+        device = device or self.factory.unique("w")
         node = Node(name, index, ns.name, underlay_ip, str(pod_net), device, workdir)
         self.record.nodes.append(node)
-        for k in range(pods):
+        for k in range(pods if pod_bridge else 0):
             self._add_pod(node, k)
         self.record.checkpoint()
         if create_object:
@@ -154,7 +164,14 @@ class Cluster:
                 "nodeName": node.name,
                 "serviceAccountName": service_account,
                 "automountServiceAccountToken": False,
-                "containers": [{"name": "agent", "image": "podwire-agent:sandbox"}],
+                # Where a kubelet runs it (the kubelet runtime), the pause image it has.
+                "containers": [
+                    {
+                        "name": "agent",
+                        "image": "podwire.local/pause:3.10",
+                        "imagePullPolicy": "Never",
+                    }
+                ],
             },
         }
         self.cp.kubectl("apply", "-f", "-", input=json.dumps(pod))

@@ -203,3 +203,73 @@ def ping_stream() -> Iterator[Callable[..., PingStream]]:
     yield start
     for s in streams:
         s.stop()
+
+
+@dataclasses.dataclass
+class RealNodes:
+    """A running sandbox of real nodes (`up --runtime kubelet`), and what the machine was like
+    before it: the sysctls a kubelet changes, which of the paths it could make existed."""
+
+    directory: pathlib.Path
+    up_seconds: float
+    up_output: str
+    before_sysctls: dict[str, str]
+    before_paths: set[str]
+
+    @property
+    def api(self) -> cluster.Sandbox:
+        return cluster.Sandbox(self.directory)
+
+    @property
+    def state(self) -> record.Record:
+        return self.api.load()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return podwire(self.directory, *args)
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.api.cluster().cp.kubectl(*args, "-o", "json").stdout)
+
+    def made(self) -> tuple[list[str], list[record.Process], list[str]]:
+        return recorded(self.directory)
+
+    def assert_nothing_left(self, made: tuple[list[str], list[record.Process], list[str]]) -> None:
+        assert_nothing_left(self.directory, made)
+
+
+KUBELET_NODES = 3
+
+
+@pytest.fixture
+def kubelet_sandbox(tmp_path: pathlib.Path) -> Iterator[RealNodes]:
+    """`podwire sandbox up --runtime kubelet` (3 nodes) of its own, removed afterwards (`down`,
+    unless the test did), pass or fail. Nothing is skipped: without root, the built node
+    components, the Debian packages or the podwire image, it fails and says which."""
+    from podwire.sandbox import kubenode
+
+    assert os.geteuid() == 0, "the kubelet runtime needs root (namespaces, mounts, cgroups)"
+    kubenode.check_prerequisites()
+    ref, _ = kubenode.pod_image()
+    assert ref != kubenode.PAUSE_IMAGE, "no podwire image: run hack/image.sh"
+    directory = tmp_path / "sandbox"
+    before_sysctls = {
+        k: pathlib.Path("/proc/sys", *k.split(".")).read_text().strip()
+        for k in kubenode.KUBELET_SYSCTLS
+    }
+    before_paths = {p for p in kubenode.HOST_PATHS if os.path.lexists(p)}
+    started = time.monotonic()
+    up = podwire(
+        directory, "sandbox", "up", "--runtime", "kubelet", "--nodes", str(KUBELET_NODES),
+        timeout=600,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    made = recorded(directory)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield RealNodes(directory, took, up.stdout, before_sysctls, before_paths)
+    finally:
+        made = _merge(made, recorded(directory))
+        if directory.exists():
+            down = podwire(directory, "sandbox", "down")
+            assert down.returncode == 0, down.stdout + down.stderr
+        assert_nothing_left(directory, made)
