@@ -233,6 +233,16 @@ def test_the_engine_daemonset_is_rendered_for_the_userspace_datapath_only() -> N
     agent = _find(docs, "DaemonSet", "agent")["spec"]["template"]["spec"]
     shared = {v["name"]: v["hostPath"]["path"] for v in agent["volumes"]}
     assert shared["wireguard-sockets"] == "/var/run/wireguard"  # where the agent finds it
+    # Host network: every declared port is a host port, and two pods of one node declaring
+    # the same one could not both be scheduled there.
+    declared = [
+        (p["containerPort"], p["protocol"])
+        for spec in (agent, pod)
+        for c in spec["containers"]
+        for p in c["ports"]
+    ]
+    assert len(declared) == len(set(declared)), declared
+    assert (51871, "UDP") in [(p["containerPort"], p["protocol"]) for p in container["ports"]]
 
 
 def test_the_servicemonitors_only_where_their_api_exists() -> None:
