@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from podwire.agent.datapath import supervisor, uapi
+from podwire.agent.datapath import supervisor, uapi, userspace
 
 DEVICE = "pw_test0"
 
@@ -91,3 +91,9 @@ def test_child_mode_starts_the_engine_and_reports_its_failure(tmp_path: pathlib.
     with pytest.raises(uapi.UapiError, match=r"start the engine.*exited with 1"):
         engine.ensure_running()
     assert engine.process is not None and engine.process.returncode == 1
+
+
+def test_the_userspace_backend_runs_the_engine_mode_it_is_given(tmp_path: pathlib.Path) -> None:
+    external = userspace.UserspaceBackend(DEVICE, socket_dir=tmp_path, engine_mode="external")
+    assert external.engine.external
+    assert not userspace.UserspaceBackend(DEVICE, socket_dir=tmp_path).engine.external
