@@ -66,11 +66,6 @@ RUNTIMES = ("process", "kubelet")
 RELEASE = "podwire"  # the kubelet runtime's `helm install`, in the default namespace
 CHART = tools.REPO / "deploy" / "helm" / "podwire"
 CHART_DEVICE = "podwire_wg0"
-# The chart's agent DaemonSet declares the WireGuard port (hostNetwork) beside the engine
-# DaemonSet's, so the scheduler finds no node with that port free and the agent stays Pending.
-# Until the chart drops the agent's declaration in engine mode external, the sandbox installs
-# the agent that starts its own engine.
-CHART_ENGINE_DAEMONSET = False
 PODS_PER_NODE = 2
 
 
@@ -523,7 +518,6 @@ class _Up:
                 "listenPort": topology.LISTEN_PORT,
                 "resyncPeriod": 30,
             },
-            "engine": {"enabled": CHART_ENGINE_DAEMONSET},
         }
         path = self.directory / "values.json"  # JSON is YAML: helm reads it typed, as written
         path.write_text(json.dumps(values, indent=2))

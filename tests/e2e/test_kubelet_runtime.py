@@ -100,6 +100,10 @@ def _check_running(sb: Any) -> None:
     assert [(r["name"], r["status"]) for r in releases] == [("podwire", "deployed")]
     ds = sb.kubectl_json("get", "daemonset", "podwire-agent")
     assert ds["status"]["numberReady"] == NODES, ds["status"]
+    # The userspace engine in its own DaemonSet (the chart's default for that datapath), so
+    # that it outlives the agent's container.
+    engines = sb.kubectl_json("get", "daemonset", "podwire-engine")
+    assert engines["status"]["numberReady"] == NODES, engines["status"]
     assert not [p for p in st.processes if p.role in ("agent", "operator")]  # pods, not processes
     wgnodes = {w["metadata"]["name"]: w for w in sb.kubectl_json("get", "wgnodes")["items"]}
     assert sorted(wgnodes) == sorted(nodes)
