@@ -3,7 +3,7 @@
 Two Devices, one handshake between them in memory, then a 64 KiB TSO packet (as TUN hands it
 over with offloads) taken through each step of the data path in turn, each timed alone:
 splitting it into MTU-size segments (`offload.split`), sealing them (`Device.send_packets`),
-opening each on the other side (`Device.receive_datagram`), and joining the decrypted segments
+opening them on the other side (`Device.receive_datagrams`), and joining the decrypted segments
 into one write (`offload.coalesce`); plus the bare ChaCha20-Poly1305 seal of one segment, the
 floor any Python engine pays. The figures are per segment, best of --repeat. No root needed.
 
@@ -95,10 +95,9 @@ def main() -> int:
         assert keypair is not None
         keypair.replay.__init__()  # type: ignore[misc]
         opened.clear()
-        for data in sealed:
-            for action in b.receive_datagram(data, A, 100.0):
-                if isinstance(action, actions.DeliverPacket):
-                    opened.append(action.packet)
+        for action in b.receive_datagrams([(data, A) for data in sealed], 100.0):
+            if isinstance(action, actions.DeliverPacket):
+                opened.append(action.packet)
 
     open_all()
     assert len(opened) == n, (len(opened), n)
@@ -109,7 +108,7 @@ def main() -> int:
         "  of which ChaCha20-Poly1305 alone": _best(
             args.repeat, n, lambda: [aead.encrypt(bytes(12), s, None) for s in segments]
         ),
-        "open (Device.receive_datagram)": _best(args.repeat, n, open_all),
+        "open (Device.receive_datagrams)": _best(args.repeat, n, open_all),
         "coalesce (segments -> one write)": _best(args.repeat, n, lambda: offload.coalesce(opened)),
     }  # fmt: skip
     total = sum(v for k, v in rows.items() if not k.startswith(" "))
@@ -118,7 +117,7 @@ def main() -> int:
         print(f"  {name:<40}{us:8.2f}")
     print(f"  {'Python total, both ends':<40}{total:8.2f}")
     send_us = rows["split (TSO -> segments, checksums)"] + rows["seal (Device.send_packets)"]
-    receive_us = rows["open (Device.receive_datagram)"] + rows["coalesce (segments -> one write)"]
+    receive_us = rows["open (Device.receive_datagrams)"] + rows["coalesce (segments -> one write)"]
     bound = MSS * 8 / max(send_us, receive_us) / 1e3
     print(
         f"  => Python alone bounds one stream at {bound:.2f} Gbit/s of payload (one core per end,"

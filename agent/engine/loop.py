@@ -185,11 +185,7 @@ class Engine:
             device = self.device
             device.under_load = now < self._under_load_until
             handshakes = device.handshake_messages
-            receive = device.receive_datagram
-            actions: list[actions_mod.Action] = []
-            for data, source in datagrams:
-                actions += receive(data, source, now)
-            self._perform_batch(actions)
+            self._perform_batch(device.receive_datagrams(datagrams, now))
             if device.handshake_messages - handshakes >= UNDER_LOAD_BACKLOG:
                 self._on_handshake_backlog(now)
 

@@ -51,8 +51,52 @@ def receive_datagram(dev: device.Device, data: bytes, source: Endpoint, now: flo
         return []
 
 
+def receive_datagrams(
+    dev: device.Device, datagrams: list[tuple[bytes, Endpoint]], now: float
+) -> list[Action]:
+    """Datagrams read together, each as receive_datagram takes it, except that the timers of
+    a peer whose transport messages only carry data hear of them once for the batch (they all
+    came at the same `now`); before anything of that peer's that sends, they hear at once, so
+    they see events in the order one-by-one would show them. Never raises."""
+    actions: list[Action] = []
+    deferred: dict[peer.Peer, int] = {}
+    for data, source in datagrams:
+        try:
+            if len(data) >= 4 and data[0] == _TRANSPORT and not data[1] | data[2] | data[3]:
+                actions += _receive_transport(dev, data, source, now, deferred)
+                continue
+            _tell_timers(deferred, now)
+        except Exception:
+            dev.counters.drops[Drop.INTERNAL_ERROR] += 1
+            continue
+        actions += receive_datagram(dev, data, source, now)
+    try:
+        _tell_timers(deferred, now)
+    except Exception:
+        dev.counters.drops[Drop.INTERNAL_ERROR] += 1
+    return actions
+
+
+def _tell_timers(deferred: dict[peer.Peer, int], now: float, only: peer.Peer | None = None) -> None:
+    """What the timers of the peers in deferred (or of `only`) were not told yet: transport
+    messages received, and how many carried data (two tell on_data_received all that more do)."""
+    for p in [only] if only is not None else list(deferred):
+        if p not in deferred:
+            continue
+        data_packets = deferred.pop(p)
+        t = p.timers
+        t.on_any_authenticated_packet_received(now)
+        t.on_any_authenticated_packet_traversal(now)
+        for _ in range(min(data_packets, 2)):
+            t.on_data_received(now)
+
+
 def _receive_transport(
-    dev: device.Device, data: bytes, source: Endpoint, now: float
+    dev: device.Device,
+    data: bytes,
+    source: Endpoint,
+    now: float,
+    deferred: dict[peer.Peer, int] | None = None,
 ) -> list[Action]:
     n = len(data)
     if n < constants.TRANSPORT_MIN_LEN:
@@ -89,6 +133,8 @@ def _receive_transport(
     dev.counters.transport_received += 1
     actions: list[Action] = []
     if p.next is keypair:
+        if deferred:
+            _tell_timers(deferred, now, p)
         _confirm_next(dev, p, keypair, now, actions)
     current = p.current
     if (
@@ -97,14 +143,20 @@ def _receive_transport(
         and current.sending_valid
         and timers.should_rekey_after_receive(current, now, config)
     ):
+        if deferred:
+            _tell_timers(deferred, now, p)
         p.timers.sent_lastminute_handshake = True
         send.send_initiation(dev, p, now, actions, retry=False)
-    p.timers.on_any_authenticated_packet_received(now)
-    p.timers.on_any_authenticated_packet_traversal(now)
+    if deferred is not None:
+        deferred[p] = deferred.get(p, 0) + (1 if plain else 0)
+    else:
+        p.timers.on_any_authenticated_packet_received(now)
+        p.timers.on_any_authenticated_packet_traversal(now)
     if not plain:
         dev.counters.keepalives_received += 1
         return actions
-    p.timers.on_data_received(now)
+    if deferred is None:
+        p.timers.on_data_received(now)
     packet = _check_inner_packet(dev, plain, p)
     if packet is not None:
         dev.counters.packets_delivered += 1

@@ -1,10 +1,13 @@
-"""send_packets, the batch the I/O loop hands over (the segments of a TSO burst): the same
-datagrams, counters and timers as sending the packets one by one, and before a session the
-batch waits staged behind one initiation instead of overflowing."""
+"""send_packets and receive_datagrams, the batches the I/O loop hands over (the segments of a
+TSO burst, a GRO train): the same datagrams, packets, counters and timers as one by one, and
+before a session a burst waits staged behind one initiation instead of overflowing."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from podwire.agent.engine import constants, peer
 from podwire.agent.engine.counters import Drop
@@ -55,3 +58,75 @@ def test_a_burst_larger_than_the_stage_keeps_its_newest(wire: Any, packets: Any)
     peer_b = wire.a.device.peers[wire.b.device.public_key]
     assert list(peer_b.staged) == burst[10:]
     assert wire.a.device.counters.drops[Drop.STAGED_OVERFLOW] == 10
+
+
+def _timer_state(wire: Any) -> dict[str, Any]:
+    t = wire.b.device.peers[wire.a.device.public_key].timers
+    return {k: v for k, v in vars(t).items() if not k.startswith("_") and k != "config"}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    kinds=st.lists(
+        st.sampled_from(["data", "keepalive", "replay", "garbage", "short", "handshake"]),
+        max_size=12,
+    ),
+    gap=st.sampled_from([0.0, 1.0, 11.0, 25.0]),
+)
+@example(kinds=["data", "data", "keepalive", "data"], gap=25.0)
+@example(kinds=["data", "replay", "garbage", "handshake", "data"], gap=0.0)
+def test_a_batch_of_datagrams_ends_as_one_by_one_ends(
+    wire_factory: Any, packets: Any, kinds: list[str], gap: float
+) -> None:
+    """Two identical pairs: b of one takes the datagrams one by one, b of the other as a
+    batch; what is delivered and sent, the counters and b's timers come out the same."""
+    one, batch = wire_factory(), wire_factory()
+    for w in (one, batch):
+        w.send(w.a, packets.ipv4(A4, B4, b"hello"))
+    # The pairs share the test's clock: time passes once, both tick at every step.
+    for _ in range(round(gap * 10)):
+        one.clock.advance(0.1)
+        one.tick()
+        batch.tick()
+    datagrams: list[tuple[bytes, Any]] = []
+    first_data = None
+    for i, kind in enumerate(kinds):
+        if kind in ("data", "keepalive"):
+            payload = [] if kind == "keepalive" else [packets.ipv4(A4, B4, bytes([i]) * 50)]
+            for w in (one, batch):
+                now = w.clock.monotonic()
+                p = w.a.device.peers[w.b.device.public_key]
+                sent = w.a.device.send_packets(payload, now) if payload else _keepalive(w, p, now)
+            datagrams += [(s.data, one.a.endpoint) for s in sent]
+            if first_data is None and sent:
+                first_data = sent[0].data
+        elif kind == "replay" and first_data is not None:
+            datagrams.append((first_data, one.a.endpoint))
+        elif kind == "garbage":
+            datagrams.append((b"\x04\0\0\0" + bytes(40), one.a.endpoint))
+        elif kind == "short":
+            datagrams.append((b"\x04\0", one.a.endpoint))
+        elif kind == "handshake":
+            datagrams.append((b"\x01\0\0\0" + bytes(144), one.a.endpoint))
+    now = one.clock.monotonic()
+    singly = [
+        action
+        for data, src in datagrams
+        for action in one.b.device.receive_datagram(data, src, now)
+    ]
+    together = batch.b.device.receive_datagrams(datagrams, now)
+
+    assert [type(a).__name__ for a in together] == [type(a).__name__ for a in singly]
+    assert [a.packet for a in together if hasattr(a, "packet")] == [
+        a.packet for a in singly if hasattr(a, "packet")
+    ]
+    assert batch.b.device.counters.as_dict() == one.b.device.counters.as_dict()
+    assert _timer_state(batch) == _timer_state(one)
+
+
+def _keepalive(w: Any, p: Any, now: float) -> list[Any]:
+    from podwire.agent.engine import send
+
+    actions: list[Any] = []
+    send.send_keepalive(w.a.device, p, now, actions)
+    return actions
