@@ -148,7 +148,13 @@ build() {
 mkdir -p "$cache"
 podman_env
 case "${1:-build}" in
-  build) build ;;
+  build)
+    # One build at a time per checkout (setup and a test may both ask): the second waits, then
+    # finds the image current.
+    exec 9>"$cache/lock"
+    flock 9
+    build
+    ;;
   hash) source_hash "${2:-$(base_image_id)}" ;;
   inputs) printf '%s\n' "${INPUTS[@]}" ;;
   env) printf 'export CONTAINERS_CONF=%q CONTAINERS_STORAGE_CONF=%q\n' "$CONTAINERS_CONF" "$CONTAINERS_STORAGE_CONF" ;;
