@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from podwire.sandbox import cluster, kubenode, netns
+from podwire.sandbox import cluster, kubenode, netns, supervisor, verify
 
 PODWIRE = str(pathlib.Path(sys.executable).parent / "podwire")
 NODES = 3  # the kubelet_sandbox fixture's
@@ -160,3 +160,96 @@ def _check_running(sb: Any) -> None:
     assert peers.returncode == 0 and "node2" in peers.stdout and "node3" in peers.stdout, (
         peers.stdout + peers.stderr
     )
+
+
+def _container_main(node_ns: str, program: str) -> int:
+    """The PID of the container process running program on the node's network (the agent's,
+    on the host network): the one whose parent is containerd's shim, PID 1 of its container."""
+    for pid in netns.pids(node_ns):
+        argv = supervisor.cmdline(pid)
+        if not any(program in a for a in argv[:3]):
+            continue
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if "containerd-shim" in " ".join(supervisor.cmdline(ppid)[:1]):
+            return pid
+    raise AssertionError(f"no {program} container process in {node_ns}")
+
+
+def _agent_pods(sb: Any) -> dict[str, dict[str, Any]]:
+    items = sb.kubectl_json("get", "pods", "-l", "app.kubernetes.io/component=agent")["items"]
+    return {
+        p["spec"]["nodeName"]: p for p in items if p["metadata"].get("deletionTimestamp") is None
+    }
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+    return conds.get("Ready") == "True"
+
+
+def _no_clear_frames(st: Any, frames: list[bytes]) -> None:
+    analysis = verify.analyze(frames, [p.ip for p in st.pods()], b"\x00unused\x00", 51871)
+    assert analysis.transport > 0, analysis
+    assert analysis.clear == 0, analysis.examples
+
+
+def test_agent_restart_and_agent_upgrade_on_real_nodes_lose_no_packet_nothing_in_clear(
+    kubelet_sandbox: Any, ping_stream: Any, tmp_path: pathlib.Path
+) -> None:
+    sb = kubelet_sandbox
+    st = sb.state
+    a, b = st.node("node1").pods[0], st.node("node2").pods[0]
+    assert a.ns.ping(b.ip, count=3, timeout=5)
+    engines_before = {
+        p["metadata"]["uid"]
+        for p in sb.kubectl_json("get", "pods", "-l", "app.kubernetes.io/component=engine")["items"]
+    }
+
+    # 1. The agent's container restarts (its main process killed, as by a crash or an OOM kill)
+    # on both ends of a 100 packets-per-second stream: the engines carry on, nothing is lost.
+    with verify.Capture(st, tmp_path / "restart.pcap") as cap:
+        stream = ping_stream(a, b, count=2000, interval=0.01)
+        for node in ("node1", "node2"):
+            supervisor.kill(_container_main(st.node(node).netns, "podwire-agent"))
+        netns.wait_until(
+            lambda: all(
+                _ready(p) and p["status"]["containerStatuses"][0]["restartCount"] >= 1
+                for n, p in _agent_pods(sb).items()
+                if n in ("node1", "node2")
+            ),
+            timeout=60, interval=0.5, what="the restarted agents Ready",
+        )  # fmt: skip
+        sent, received, summary = stream.result()
+        frames = cap.stop()
+    print(f"agent containers restarted under a 100/s stream: {summary}")
+    assert sent == 2000 and received == sent, summary
+    _no_clear_frames(st, frames)
+
+    # 2. helm upgrade to a new agent image (the same build under a new tag in every node's
+    # containerd): the agent DaemonSet rolls node by node, the engines (OnDelete) stay.
+    ref = next(iter(_agent_pods(sb).values()))["spec"]["containers"][0]["image"]
+    new_tag = ref.rsplit(":", 1)[1] + "-upgrade"
+    cp = sb.api.control_plane(st)
+    for node in st.nodes:
+        tagged = kubenode.KubeNode(st, cp, node).ctr("images", "tag", ref, f"{ref}-upgrade")
+        assert tagged.returncode == 0, tagged.stderr
+    old_agents = {p["metadata"]["uid"] for p in _agent_pods(sb).values()}
+    with verify.Capture(st, tmp_path / "upgrade.pcap") as cap:
+        stream = ping_stream(a, b, count=4000, interval=0.01)
+        cluster.helm(st, "upgrade", "podwire", str(cluster.CHART), "--namespace", "default",
+                     "--reuse-values", f"--set-string=image.tag={new_tag}")  # fmt: skip
+        cp.kubectl("rollout", "status", "daemonset/podwire-agent", "--timeout=120s", timeout=130)
+        sent, received, summary = stream.result()
+        frames = cap.stop()
+    print(f"helm upgrade of the agents under a 100/s stream: {summary}")
+    agents = _agent_pods(sb)
+    assert not old_agents & {p["metadata"]["uid"] for p in agents.values()}  # all replaced
+    assert all(p["spec"]["containers"][0]["image"].endswith(new_tag) for p in agents.values())
+    engines_after = {
+        p["metadata"]["uid"]
+        for p in sb.kubectl_json("get", "pods", "-l", "app.kubernetes.io/component=engine")["items"]
+    }
+    assert engines_after == engines_before  # the engines were never restarted
+    assert sent == 4000 and received == sent, summary
+    _no_clear_frames(st, frames)
