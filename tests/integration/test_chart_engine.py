@@ -288,6 +288,14 @@ def test_upgrading_the_engine_itself_is_a_short_fail_closed_gap(
             ping.wait(timeout=2)  # two seconds of the stream, then the upgrade
         try:
             netns_mod.stop_process(engines["node2"], grace=10)
+            # The new pod's engine comes once the old pod is gone; meanwhile the agent starts
+            # none, and says what is missing on /readyz.
+            netns_mod.wait_until(
+                lambda: _readyz(n2)[0] == 503, timeout=15, what="node2's agent not ready"
+            )
+            body = _readyz(n2)[1]
+            absent = f"no userspace engine serves {topology.UAPI_DIR / f'{n2.device}.sock'}"
+            assert absent in body and "fail-closed holds" in body, body
             _start_engine(cluster, n2)
             out, _ = ping.communicate(timeout=60)
         finally:
