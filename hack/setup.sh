@@ -18,8 +18,9 @@ DEBIAN_PACKAGES=(
   # the kernel tier: QEMU, and busybox for virtme-ng's initramfs
   qemu-system-x86 busybox-static xz-utils
   # the image (Dockerfile, built without a daemon by hack/image.sh) and the sandbox's real
-  # nodes: runc, not crun (crun refuses this machine's hybrid cgroups)
-  podman buildah mmdebstrap runc uidmap fuse-overlayfs
+  # nodes: runc, not crun (crun refuses this machine's hybrid cgroups); netavark, podman's
+  # network backend, only recommended by it
+  podman buildah mmdebstrap runc uidmap fuse-overlayfs netavark
   containerd containernetworking-plugins iptables conntrack
 )
 
