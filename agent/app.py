@@ -97,7 +97,11 @@ class Agent:
         address = self.wait_for_node_address(stop)
         if stop.is_set():
             return False
-        self.phase = "bringing up the device"
+        self.phase = (
+            "waiting for the userspace engine's UAPI socket (engine mode external)"
+            if self.cfg.engine_mode == "external" and self.cfg.datapath == "userspace"
+            else "bringing up the device"
+        )
         self.datapath.bring_up(address)
         log.get("agent").info(
             "device_ready", datapath=self.datapath.kind, public_key=self.keys.public_key
@@ -136,8 +140,10 @@ def build(
     client: kube.Client,
     clock: clock_mod.Clock | None = None,
     open_backend: datapath_mod.OpenBackend | None = None,
+    stop: threading.Event | None = None,
 ) -> Agent:
-    """The agent for a cluster: watches over the apiserver, the backend its config selects."""
+    """The agent for a cluster: watches over the apiserver, the backend its config selects.
+    `stop` ends a wait at start-up for the engine's DaemonSet (engine mode external)."""
     wakeup = threading.Event()
 
     def informer(kind: str) -> kube.Informer:
@@ -150,7 +156,7 @@ def build(
         emit=client.emit_event,
         watched=watches.Watches(informer("nodes"), informer("wgnodes")),
         wakeup=wakeup,
-        open_backend=open_backend or _opener(cfg),
+        open_backend=open_backend or _opener(cfg, stop),
         routes=routes_mod.Routes(cfg.device, strict=cfg.strict_mode),
         clock=clock or clock_mod.MonotonicClock(),
         apiserver=client.server_url,
@@ -238,8 +244,8 @@ def assemble(
     return agent
 
 
-def _opener(cfg: config.Config) -> datapath_mod.OpenBackend:
+def _opener(cfg: config.Config, stop: threading.Event | None) -> datapath_mod.OpenBackend:
     def open_backend(underlay_address: str | None) -> backend.Backend:
-        return select.open_backend(cfg, underlay_address=underlay_address)
+        return select.open_backend(cfg, underlay_address=underlay_address, stop=stop)
 
     return open_backend

@@ -27,11 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except kube.KubeError as e:
         print(f"podwire-agent: {e}", file=sys.stderr)
         return 1
-    agent = app.build(cfg, client=client)
+    stop = threading.Event()
+    agent = app.build(cfg, client=client, stop=stop)
     agent.http = metrics.HttpServer(agent, port=cfg.metrics_port, host=cfg.metrics_address)
     agent.local_api = api.ApiServer(agent, cfg.api_socket)
-
-    stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         logger.info("stopping", signal=signal.Signals(signum).name)
@@ -47,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent.stop()
         return 1
     except Exception as e:
+        if stop.is_set():  # told to stop while starting (waiting for its engine): no failure
+            agent.stop()
+            return 0
         logger.error("start_failed", error=str(e))
         print(f"podwire-agent: could not start: {e}", file=sys.stderr)
         agent.stop()

@@ -8,6 +8,7 @@ its traffic) it finds. The kernel device is created here already, so the answer 
 from __future__ import annotations
 
 import pathlib
+import threading
 from collections.abc import Sequence
 
 from podwire.agent import config
@@ -23,6 +24,7 @@ def open_backend(
     engine_command: Sequence[str] | None = None,
     engine_env: dict[str, str] | None = None,
     socket_dir: pathlib.Path = uapi.SOCKET_DIR,
+    stop: threading.Event | None = None,
 ) -> backend.Backend:
     wanted = link.Wanted(
         gro=cfg.features.gro,
@@ -41,6 +43,8 @@ def open_backend(
         mtu=cfg.mtu,
         underlay_address=underlay_address,
         wanted=wanted,
+        engine_mode=cfg.engine_mode,
+        stop=stop,
     )
     if cfg.datapath == "auto" and user.client.alive():
         return user

@@ -19,6 +19,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Final
@@ -63,6 +64,9 @@ class Engine:
     process: subprocess.Popen[bytes] | None = None  # only when this agent started it
     external: bool = False  # never start one: the engine's own DaemonSet runs it
     found: bool = False  # an engine has answered this agent
+    # Set when the agent is told to stop: a wait for the engine's DaemonSet ends with it, so a
+    # SIGTERM before the engine came is obeyed at once, not after the kubelet's grace period.
+    stop: threading.Event | None = None
 
     def ensure_running(self) -> None:
         """An engine serves the device's socket: the one found there, or (in child mode) one
@@ -98,7 +102,12 @@ class Engine:
             if time.monotonic() - reported >= EXTERNAL_REPORT_EVERY:
                 logger.warning("engine_absent", device=self.device, reason=self.absent_message())
                 reported = time.monotonic()
-            time.sleep(EXTERNAL_POLL)
+            if self.stop is not None and self.stop.wait(EXTERNAL_POLL):
+                raise uapi.UapiError(
+                    self.device, "find the engine", errno.ECANCELED, "the agent is stopping"
+                )
+            if self.stop is None:
+                time.sleep(EXTERNAL_POLL)
         logger.info("engine_found", device=self.device)
 
     def _start(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import pathlib
+import threading
 from collections.abc import Sequence
 
 from podwire.agent import config, wgdevice
@@ -32,6 +33,7 @@ class UserspaceBackend:
         wanted: link.Wanted = link.ALL,
         start_timeout: float = supervisor.START_TIMEOUT,
         engine_mode: config.EngineMode = "child",
+        stop: threading.Event | None = None,
     ) -> None:
         self.device = device
         self.netns = netns
@@ -45,6 +47,7 @@ class UserspaceBackend:
             netns=netns,
             start_timeout=start_timeout,
             external=engine_mode == "external",
+            stop=stop,
         )
         self._link = link.Link(device, netns, mtu, underlay_address, wanted)
 

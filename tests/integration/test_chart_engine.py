@@ -28,8 +28,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from podwire.agent import config
-from podwire.agent.datapath import select, userspace
 from podwire.sandbox import controlplane, record, topology, verify
 from podwire.sandbox import netns as netns_mod
 
@@ -184,20 +182,6 @@ def _stream_while_restarting(
     return out, analysis, killed
 
 
-def _select_passes_engine_mode() -> bool:
-    """Whether the agent's backend gets the engine mode from its configuration (select.py)."""
-    cfg = config.Config(
-        node_name="n", datapath="userspace", engine_mode="external", fail_closed=False
-    )
-    backend = select.open_backend(cfg)
-    return isinstance(backend, userspace.UserspaceBackend) and backend.engine.external
-
-
-@pytest.mark.xfail(
-    not _select_passes_engine_mode(),
-    reason="agent/datapath/select.py does not pass cfg.engine_mode to UserspaceBackend yet",
-    strict=True,
-)
 def test_the_agent_in_external_mode_waits_for_the_engine_and_its_restart_loses_nothing(
     cluster: topology.Cluster, netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
 ) -> None:
@@ -255,11 +239,6 @@ def test_control_in_child_mode_the_containers_restart_takes_the_engine_and_its_p
 ENGINE_UPGRADE_PINGS = 1000  # 10 s at 100 a second; node2's engine is replaced after 2 s
 
 
-@pytest.mark.xfail(
-    not _select_passes_engine_mode(),
-    reason="agent/datapath/select.py does not pass cfg.engine_mode to UserspaceBackend yet",
-    strict=True,
-)
 def test_upgrading_the_engine_itself_is_a_short_fail_closed_gap(
     cluster: topology.Cluster, tmp_path: pathlib.Path
 ) -> None:

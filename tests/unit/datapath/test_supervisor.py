@@ -8,6 +8,7 @@ A UAPI socket that answers `get` as an engine does stands in for the engine: no 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 import socket
 import threading
@@ -15,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from podwire.agent.datapath import supervisor, uapi, userspace
+from podwire.agent import config
+from podwire.agent.datapath import select, supervisor, uapi, userspace
 
 DEVICE = "pw_test0"
 
@@ -97,3 +99,40 @@ def test_the_userspace_backend_runs_the_engine_mode_it_is_given(tmp_path: pathli
     external = userspace.UserspaceBackend(DEVICE, socket_dir=tmp_path, engine_mode="external")
     assert external.engine.external
     assert not userspace.UserspaceBackend(DEVICE, socket_dir=tmp_path).engine.external
+
+
+def test_a_stop_ends_the_wait_for_the_engine_at_once(tmp_path: pathlib.Path) -> None:
+    # SIGTERM to an agent still waiting for its engine's DaemonSet: it must stop now, not
+    # when the kubelet's grace period runs out and it is killed.
+    stop = threading.Event()
+    engine = _engine(tmp_path, external=True)
+    engine.stop = stop
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            engine.ensure_running()
+        except uapi.UapiError as e:
+            raised.append(e)
+
+    waited = threading.Thread(target=wait)
+    waited.start()
+    waited.join(timeout=0.5)
+    assert waited.is_alive(), "returned with no engine serving the socket"
+    stop.set()
+    waited.join(timeout=1)
+    assert not waited.is_alive(), "still waiting after the stop"
+    assert raised and "stopping" in str(raised[0]) and engine.process is None
+
+
+def test_the_agents_configuration_reaches_the_backend(tmp_path: pathlib.Path) -> None:
+    # The chart sets PODWIRE_ENGINE_MODE=external; select.py must hand it to the backend, or
+    # an agent that starts before its engine pod tries to start an engine of its own.
+    cfg = config.Config(
+        node_name="n", datapath="userspace", engine_mode="external", fail_closed=False
+    )
+    chosen = select.open_backend(cfg, socket_dir=tmp_path)
+    assert isinstance(chosen, userspace.UserspaceBackend) and chosen.engine.external
+    child = dataclasses.replace(cfg, engine_mode="child")
+    chosen = select.open_backend(child, socket_dir=tmp_path)
+    assert isinstance(chosen, userspace.UserspaceBackend) and not chosen.engine.external
