@@ -568,7 +568,8 @@ class _Up:
             if not self.kubelet:
                 raise
             raise SandboxError(f"{e}; pods not running: {kubenode.pods_waiting(self.cp)}") from None
-        for n in self.st.nodes:
+        # An agent's engine is the sandbox's to stop; a real node's (a pod) is its kubelet's.
+        for n in [] if self.kubelet else self.st.nodes:
             engine = find_engine(n)
             if engine is not None:
                 self.st.processes.append(engine)
@@ -681,7 +682,9 @@ def find_engine(node: record.Node) -> record.Process | None:
 
 def _remove(st: record.Record, progress: Progress) -> None:
     """Ends the recorded processes, deletes the recorded namespaces and files; reports leftovers."""
-    for n in st.nodes:  # engines the agents started since the state was written
+    # Engines the agents started since the state was written (a real node's are pods: they go
+    # with the node's cgroups, once its kubelet can no longer start them again).
+    for n in st.nodes if st.runtime != "kubelet" else []:
         engine = find_engine(n)
         if engine is not None and not any(p.pid == engine.pid for p in st.processes):
             st.processes.append(engine)
