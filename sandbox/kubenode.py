@@ -38,14 +38,17 @@ PAUSE_ARCHIVE = tools.REPO / ".cache" / "tools" / "pause" / "pause.tar"
 PAUSE_IMAGE = "podwire.local/pause:3.10"  # what hack/tools/build.sh names it
 IMAGE_CURRENT = tools.REPO / ".cache" / "image" / "current"  # hack/image.sh: REF= ARCHIVE= HASH=
 # What a kubelet writes on the machine (not per namespace) when protectKernelDefaults is off.
-KUBELET_SYSCTLS = (
-    "vm.overcommit_memory",
-    "vm.panic_on_oom",
-    "kernel.panic",
-    "kernel.panic_on_oops",
-    "kernel.keys.root_maxkeys",
-    "kernel.keys.root_maxbytes",
-)
+# A kubelet sets them to these values. Each node gets files of its own bound over them (a
+# panic on oops would take down a machine others share): the machine's stay as they are.
+KUBELET_WANTS = {
+    "vm.overcommit_memory": "1",
+    "vm.panic_on_oom": "0",
+    "kernel.panic": "10",
+    "kernel.panic_on_oops": "1",
+    "kernel.keys.root_maxkeys": "1000000",
+    "kernel.keys.root_maxbytes": "25000000",
+}
+KUBELET_SYSCTLS = tuple(KUBELET_WANTS)
 PRIVATE = ("/run", "/var/lib", "/var/log")
 # What a node's kubelet, containerd and the chart's pods would make on the machine itself without
 # the private mounts above (the tests check that none appears).
@@ -356,16 +359,28 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def start_mounts(self) -> record.Process:
         """The process that holds the node's mount namespace, once its mounts are made."""
         sandbox = pathlib.Path(self.st.directory)
-        binds = " && ".join(
-            f"mount --bind {shlex.quote(str(self.root / src))} {dst}"
-            for src, dst in zip(("run", "var-lib", "var-log"), PRIVATE, strict=True)
-        )
-        # The sandbox folder may lie under a path bound over: it is held open (fd 3) before,
-        # and bound back from that descriptor after.
+        # Every source is named through the sandbox folder held open as fd 3: the folder may lie
+        # under a path bound over (/run by default), which would hide it after that bind.
+        here = f"/proc/self/fd/3/{self.dir.relative_to(sandbox)}"
+        sysctls = self.dir / "sysctl"
+        sysctls.mkdir(exist_ok=True)
+        binds = []
+        for key, value in KUBELET_WANTS.items():
+            (sysctls / key).write_text(value + "\n")
+            binds.append((f"{here}/sysctl/{key}", f"/proc/sys/{key.replace('.', '/')}"))
+        for src, dst in zip(("run", "var-lib", "var-log"), PRIVATE, strict=True):
+            binds.append((f"{here}/root/{src}", dst))
         script = (
-            f"set -eu; exec 3<{shlex.quote(str(sandbox))}; {binds}; "
-            f"mkdir -p {shlex.quote(str(sandbox))}; "
-            f"mount --bind /proc/self/fd/3 {shlex.quote(str(sandbox))}; exec 3<&-; "
+            f"set -eu; exec 3<{shlex.quote(str(sandbox))}; "
+            # --no-canonicalize: mount would otherwise turn /proc/self/fd/3 into the folder's
+            # path, which names what now covers it.
+            + "".join(
+                f"mount --no-canonicalize --bind {shlex.quote(a)} {shlex.quote(b)}; "
+                for a, b in binds
+            )
+            + f"mkdir -p {shlex.quote(str(sandbox))}; "
+            f"mount --no-canonicalize --bind /proc/self/fd/3 {shlex.quote(str(sandbox))}; "
+            "exec 3<&-; "
             # containerd's images and snapshots in memory: a disk write of every image twice
             # per node, and as long to delete it, made `up` and `down` slow.
             "mkdir -p /var/lib/containerd; "

@@ -64,6 +64,9 @@ def _check_running(sb: Any) -> None:
     print(f"`podwire sandbox up --runtime kubelet` ({NODES} nodes): {sb.up_seconds:.1f}s")
     st = sb.state
     assert st.runtime == "kubelet"
+    # The kubelets set their sysctls in files bound over /proc/sys in their nodes' mount
+    # namespaces: the machine's own never change, not even while the sandbox runs.
+    assert sysctls() == sb.before_sysctls
 
     # Nodes registered by their kubelets, Ready, with the pod CIDR the sandbox gave each.
     nodes = {n["metadata"]["name"]: n for n in sb.kubectl_json("get", "nodes")["items"]}
