@@ -22,6 +22,9 @@ RUN apt-get update \
 # The runtime's environment has no pip: Debian's pip installs into it from outside.
 RUN python3 -m venv --without-pip /opt/podwire
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_CACHE_DIR=1
+# Behind a proxy that re-signs TLS: its CA bundle, mounted into the build (podman build
+# --volume), named here; unset, pip trusts the base's certificates.
+ARG PIP_CERT
 # The dependencies first, from pyproject.toml alone: a change to the sources reuses this layer,
 # here and in the image (so a new image of the same dependencies adds only podwire's layer).
 # The Kubernetes client's asyncio twin (kubernetes.aio) is half its size and never imported.
@@ -35,6 +38,7 @@ RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyprojec
 # podwire itself, on its own path (/opt/podwire-app, on the environment's sys.path through the
 # .pth above), its commands beside the environment's Python where the agent looks for the engine.
 FROM builder AS app
+ARG PIP_CERT
 COPY . /src
 RUN pip3 --python /opt/podwire/bin/python install --no-deps --target /opt/podwire-app /src \
  && mv /opt/podwire-app/bin /opt/podwire-bin

@@ -121,11 +121,14 @@ build() {
   local step
   step=$(date +%s.%N)
   log "building $ref"
-  # The machine's CA bundle is lent to the build's steps (never committed into a layer): pip
-  # in the builder reaches PyPI through whatever TLS-inspecting proxy this machine trusts.
-  # The docker format keeps SHELL and STOPSIGNAL, which OCI image configs cannot carry.
-  local ca=() bundle=/etc/ssl/certs/ca-certificates.crt
-  [[ -f $bundle ]] && ca=(--volume "$bundle:$bundle:ro")
+  # The machine's CA bundle is lent to the build's steps (on /mnt, which every Debian base has
+  # empty, so nothing of it stays in a layer): pip reaches PyPI through whatever TLS-inspecting
+  # proxy this machine trusts. The docker format keeps SHELL and STOPSIGNAL, which OCI image
+  # configs cannot carry.
+  local ca=() certs=/etc/ssl/certs
+  if [[ -f $certs/ca-certificates.crt ]]; then
+    ca=(--volume "$certs:/mnt:ro" --build-arg PIP_CERT=/mnt/ca-certificates.crt)
+  fi
   local args=(--quiet --network host --layers --format docker "${ca[@]}"
     --build-arg BASE_IMAGE="$BASE_REF" --file Dockerfile)
   podman --runtime runc build "${args[@]}" --tag "$ref" --tag "$REPO:dev" . >/dev/null
