@@ -8,7 +8,7 @@ sides, or podwire-engine facing upstream wireguard-go:
 
 For each case, each measurement --runs times (median reported): one TCP stream a->b and b->a
 (iperf3, --seconds), four streams a->b, iperf3's retransmits on the single stream, the idle
-round trip (ping, before the streams), 64-byte UDP packets per second received, and CPU seconds per GB of the two
+round trip (ping, before any stream), 64-byte UDP packets per second received, and CPU seconds per GB of the two
 tunnel processes with their RSS before the first and after the last run. Ratios are to
 upstream wireguard-go in the same run; the table goes to stdout and all figures to --json.
 With --soak N the engine pair carries one stream for N seconds, RSS read before and after.
@@ -178,9 +178,10 @@ def measure(
         t = tunnel(f, kinds, workdir)
         rss_before = rss_mib(t[4])
         fwd, rev, four, retrans, cpu, pps, rtt = [], [], [], [], [], [], []
+        # Idle, before any load: a backlog a flood leaves in the 7 MiB buffers (seconds of
+        # 64-byte packets for a Python engine) would count as latency.
+        rtt = [ping_ms(t) for _ in range(runs)]
         for _ in range(runs):
-            # Idle first: a backlog left by the floods below would count as latency.
-            rtt.append(ping_ms(t))
             gbps, retransmits, cpu_per_gb = tcp(t, seconds)
             fwd.append(gbps)
             retrans.append(float(retransmits))
