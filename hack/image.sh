@@ -55,8 +55,10 @@ CONF
 }
 
 source_hash() {
-  # Every file of the build context, by path, mode and content; the base by its image ID.
+  # Every file of the build context, by path, mode and content; the base by its image ID; and
+  # this script, which says how the image is built.
   {
+    sha256sum hack/image.sh
     find "${INPUTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 |
       LC_ALL=C sort -z | xargs -0 sha256sum
     find "${INPUTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -perm -u+x -print |
