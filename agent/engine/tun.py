@@ -1,7 +1,7 @@
 """The TUN device: the engine's end of the tunnel, where the kernel hands over IP packets.
 
-Opened like wireguard-go opens it: /dev/net/tun with IFF_TUN | IFF_NO_PI, so a read is exactly
-one IP packet and a write injects one. The engine only creates the device and sets its MTU;
+Opened like wireguard-go opens it: /dev/net/tun with IFF_TUN | IFF_NO_PI, so a read is one
+IP packet (behind a virtio_net_hdr, with offloads) and a write injects one. The engine only creates the device and sets its MTU;
 addresses, routes and `up` are for `ip`, wg-quick or the agent. The device is not persistent:
 it goes away when the engine closes its descriptor (or exits), and when someone deletes the
 link (`ip link del`, as wg-quick down does) the descriptor fails with EBADFD, which ends the
@@ -174,7 +174,7 @@ class Tun:
                 continue
             try:
                 packets += split(header, data[hdr_len:])
-            except offload.OffloadError:
+            except Exception:  # OffloadError, or a bug: the packet goes, the engine stays
                 self.bad_offload += 1
         return packets
 
@@ -211,7 +211,12 @@ class Tun:
             for packet in packets:
                 self._write([offload.SINGLE_HEADER, packet])
             return
-        for buffers in offload.coalesce(packets):
+        try:
+            writes = offload.coalesce(packets)
+        except Exception:  # a bug, never a peer's packet: write them as they came
+            self.bad_offload += 1
+            writes = [[offload.SINGLE_HEADER, packet] for packet in packets]
+        for buffers in writes:
             if len(buffers) == 2:
                 self._write(buffers)
                 continue

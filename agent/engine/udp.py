@@ -15,6 +15,7 @@ import contextlib
 import errno
 import socket
 import struct
+import sys
 
 from podwire.agent.engine.actions import Endpoint
 
@@ -143,7 +144,8 @@ class UdpBind:
             segment = size
             for level, kind, data in ancillary:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
-                    segment = int.from_bytes(data[:4].ljust(4, b"\0"), "little") or size
+                    # The segment size, a native int (a u16 on some kernels).
+                    segment = int.from_bytes(data[:4].ljust(4, b"\0"), sys.byteorder) or size
             if segment >= size:
                 received.append((bytes(view[:size]), source))
                 continue
