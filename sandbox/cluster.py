@@ -11,6 +11,7 @@ failed `up` removes what it had made before it says which step failed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -314,7 +315,10 @@ class _Up:
                 self._controllers()
             step = "CRD and RBAC"
             self._crds()
-            for i in range(1, self.n + 1):
+            if self.kubelet:
+                step = "nodes"
+                self._kube_nodes()
+            for i in range(1, self.n + 1) if not self.kubelet else []:
                 step = f"node node{i}"
                 self._node(i)
             if self.kubelet:
@@ -417,35 +421,51 @@ class _Up:
 
     def _node(self, index: int) -> None:
         assert self.cluster is not None
-        if self.kubelet:
-            self._kube_node(index)
-            return
         self.progress.step(f"node{index}: namespace, underlay link, pod bridge, two pods, Node")
         self.cluster.add_node(f"node{index}", index=index)
         self._checkpoint()
 
-    def _kube_node(self, index: int) -> None:
-        """A real node: its namespace on the underlay and Node object (with its pod CIDR, which
-        the kubelet keeps), its relay, mount namespace, containerd (with the images) and kubelet."""
+    def _kube_nodes(self) -> None:
+        """Real nodes: each one's namespace on the underlay and Node object (with its pod CIDR,
+        which the kubelet keeps), relay and files, one after the other; then their mount
+        namespaces, containerd (with the images) and kubelets, all at once."""
         assert self.cluster is not None
-        name = f"node{index}"
-        self.progress.step(f"{name}: namespace, underlay link, Node, containerd, kubelet")
-        node = self.cluster.add_node(
-            name, index=index, pods=0, pod_bridge=False, device=CHART_DEVICE
-        )
+        nodes = []
+        for index in range(1, self.n + 1):
+            name = f"node{index}"
+            self.progress.step(f"{name}: namespace, underlay link, Node, relay")
+            node = self.cluster.add_node(
+                name, index=index, pods=0, pod_bridge=False, device=CHART_DEVICE
+            )
+            self._checkpoint()
+            self.cluster.start_proxy(node)
+            kn = kubenode.KubeNode(self.st, self.cp, node)
+            kn.write_config(kubenode.make_cgroup_root(self.st, node))
+            nodes.append(kn)
+        kubenode.save_sysctls(self.st)
+        self.progress.step(f"starting containerd, the images and a kubelet on {self.n} nodes ...")
+        errors = []
+        # Every start is waited for, failed or not, before the clean-up of a failure begins.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, self.n)) as pool:
+            started = {pool.submit(self._start_kube_node, kn): kn for kn in nodes}
+            for done in concurrent.futures.as_completed(started):
+                try:
+                    done.result()
+                except Exception as e:
+                    errors.append(f"{started[done].node.name}: {e}")
         self._checkpoint()
-        self.cluster.start_proxy(node)
-        kn = kubenode.KubeNode(self.st, self.cp, node)
-        kn.write_config(kubenode.make_cgroup_root(self.st, node))
+        if errors:
+            raise SandboxError("; ".join(errors))
+
+    def _start_kube_node(self, kn: kubenode.KubeNode) -> None:
         kn.start_mounts()
         kn.start_containerd()
         _, archive = self.image
         for a in dict.fromkeys([kubenode.PAUSE_ARCHIVE, archive]):
             kn.import_image(a)
         kn.route_apiserver()
-        kubenode.save_sysctls(self.st)
         kn.start_kubelet()
-        self._checkpoint()
+        self.progress.step(f"{kn.node.name}: containerd and kubelet started")
 
     def _wait_nodes(self) -> None:
         names = [n.name for n in self.st.nodes]

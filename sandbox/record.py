@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import secrets
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import supervisor
 
 STATE_FILE = "state.json"
+_save_lock = threading.Lock()
 
 
 @dataclasses.dataclass
@@ -157,7 +159,12 @@ class Record:
             self.save()
 
     def save(self) -> None:
-        """Written atomically: a reader sees the old record or the new, never half of one."""
+        """Written atomically: a reader sees the old record or the new, never half of one.
+        One thread at a time (real nodes start in parallel, each saving as it goes)."""
+        with _save_lock:
+            self._save()
+
+    def _save(self) -> None:
         path = pathlib.Path(self.directory) / STATE_FILE
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
