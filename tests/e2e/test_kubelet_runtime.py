@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from podwire.sandbox import cluster, kubenode, netns, supervisor, verify
+from podwire.sandbox import cluster, kubenode, netns, supervisor, tools, verify
 
 PODWIRE = str(pathlib.Path(sys.executable).parent / "podwire")
 NODES = 3  # the kubelet_sandbox fixture's
@@ -256,3 +256,38 @@ def test_agent_restart_and_agent_upgrade_on_real_nodes_lose_no_packet_nothing_in
     assert engines_after == engines_before  # the engines were never restarted
     assert sent == 4000 and received == sent, summary
     _no_clear_frames(st, frames)
+
+
+def test_a_failed_up_of_real_nodes_names_the_step_and_leaves_nothing(
+    tmp_path: pathlib.Path, nothing_left: Any
+) -> None:
+    """A kubelet that cannot start, after each node's mount namespace and containerd (with the
+    images) are up: `up` fails naming the step, and what it made is gone, containerd's and the
+    pods' cgroups included."""
+    assert os.geteuid() == 0, "the kubelet runtime needs root (namespaces, mounts, cgroups)"
+    kubenode.check_prerequisites()
+    tools_bin = tmp_path / "tools"
+    tools_bin.mkdir()
+    for tool in tools.BUILT.iterdir():
+        (tools_bin / tool.name).symlink_to(tool)
+    (tools_bin / "kubelet").unlink()
+    (tools_bin / "kubelet").write_text("#!/bin/sh\necho 'this kubelet cannot start' >&2\nexit 3\n")
+    (tools_bin / "kubelet").chmod(0o755)
+    directory = tmp_path / "sandbox"
+    before = sysctls()
+    cgroups_before = set(pathlib.Path("/sys/fs/cgroup").glob("*/podwire-sandbox-*"))
+    env = {**os.environ, "PODWIRE_SANDBOX_DIR": str(directory), "PODWIRE_TOOLS_BIN": str(tools_bin)}
+    done = subprocess.run(
+        [PODWIRE, "sandbox", "up", "--runtime", "kubelet", "--nodes", "2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 1, out + err
+    assert "step 'nodes' failed" in err or "step 'Nodes Ready' failed" in err, err
+    assert "kubelet" in err and "removed" in err, err
+    assert "starting containerd, the images and a kubelet on 2 nodes" in out
+    nothing_left(directory)
+    assert not _host_mounts_naming(directory)
+    left = set(pathlib.Path("/sys/fs/cgroup").glob("*/podwire-sandbox-*")) - cgroups_before
+    assert not left, f"cgroups left behind: {left}"
+    assert sysctls() == before
