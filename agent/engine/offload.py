@@ -256,28 +256,33 @@ def split_udp(packet: bytes, size: int) -> list[bytes]:
 class _Run:
     """Segments of one TCP flow that follow each other, to be written as one."""
 
-    __slots__ = ("head", "ihl", "key", "length", "next_id", "next_seq", "open", "parts", "size")
+    __slots__ = (
+        "fixed", "head", "ihl", "length", "next_id", "next_seq", "open", "parts", "size", "v4",
+    )  # fmt: skip
 
-    def __init__(self, key: bytes, packet: bytes, ihl: int, head_len: int) -> None:
-        self.key = key
+    def __init__(self, packet: bytes, ihl: int, head_len: int) -> None:
         self.head = packet[:head_len]
         self.parts: list[bytes | memoryview] = [packet]
         self.ihl = ihl
+        self.v4 = ihl == 20
         self.size = len(packet) - head_len
         self.next_seq = (int.from_bytes(packet[ihl + 4 : ihl + 8], "big") + self.size) & 0xFFFFFFFF
         self.next_id = (int.from_bytes(packet[4:6], "big") + 1) & 0xFFFF
         self.length = len(packet)
         self.open = not packet[ihl + 13] & PSH
+        self.fixed = _fixed(packet, ihl, head_len)
 
-    def take(self, packet: bytes, ihl: int, head_len: int, v4: bool) -> bool:
+    def take(self, packet: bytes, ihl: int, head_len: int) -> bool:
         """Appends packet if it continues the run; False if it does not."""
         size = len(packet) - head_len
         if (
             not self.open
+            or ihl != self.ihl
             or size > self.size
             or self.length + size > MAX_LENGTH
             or int.from_bytes(packet[ihl + 4 : ihl + 8], "big") != self.next_seq
-            or (v4 and int.from_bytes(packet[4:6], "big") != self.next_id)
+            or (self.v4 and int.from_bytes(packet[4:6], "big") != self.next_id)
+            or _fixed(packet, ihl, head_len) != self.fixed
         ):
             return False
         self.parts.append(memoryview(packet)[head_len:])
@@ -298,8 +303,7 @@ class _Run:
             return [SINGLE_HEADER, self.parts[0]]
         ihl = self.ihl
         head = bytearray(self.head)
-        v4 = head[0] >> 4 == 4
-        if v4:
+        if self.v4:
             head[2:4] = self.length.to_bytes(2, "big")
             ipv4_header_checksum(head)
         else:
@@ -309,7 +313,7 @@ class _Run:
         head[ihl + 16 : ihl + 18] = pseudo.to_bytes(2, "big")
         vnet = VNET_HDR.pack(
             F_NEEDS_CSUM,
-            GSO_TCPV4 if v4 else GSO_TCPV6,
+            GSO_TCPV4 if self.v4 else GSO_TCPV6,
             len(head),
             self.size,
             ihl,
@@ -319,9 +323,28 @@ class _Run:
         return [vnet, bytes(head), memoryview(first)[len(head) :], *self.parts[1:]]
 
 
-def _tcp_key(packet: bytes) -> tuple[bytes, int, int] | None:
-    """A coalescable TCP segment's flow key (what must be equal between the segments of a run)
-    with its IP and whole header lengths; None for anything else."""
+def _fixed(packet: bytes, ihl: int, head_len: int) -> tuple[int, int, bytes, bytes, bytes]:
+    """What must be equal between the segments of a run besides their flow: IPv4 TOS and
+    TTL (IPv6 traffic class, flow label, hop limit), the acknowledgement and header length,
+    the window, the options."""
+    if ihl == 20:
+        ip = (packet[1] << 8) | packet[8]
+        df = packet[6]
+    else:
+        ip = int.from_bytes(packet[0:4], "big")
+        df = packet[7]
+    return (
+        ip,
+        df,
+        packet[ihl + 8 : ihl + 13],
+        packet[ihl + 14 : ihl + 16],
+        packet[ihl + 20 : head_len],
+    )
+
+
+def _tcp_flow(packet: bytes) -> tuple[bytes, int, int] | None:
+    """A coalescable TCP segment's flow (addresses and ports) with its IP and whole header
+    lengths; None for anything else."""
     n = len(packet)
     if n < 40:
         return None
@@ -331,12 +354,12 @@ def _tcp_key(packet: bytes) -> tuple[bytes, int, int] | None:
         if packet[0] != 0x45 or packet[9] != PROTO_TCP or packet[6] & 0x3F or packet[7]:
             return None
         ihl = 20
-        ip_key = packet[1:2] + packet[6:7] + packet[8:9] + packet[12:20]
+        flow = packet[12:24]
     elif version == 6:
         if n < 60 or packet[6] != PROTO_TCP:
             return None
         ihl = 40
-        ip_key = packet[0:4] + packet[7:40]
+        flow = packet[8:44]
     else:
         return None
     thl = (packet[ihl + 12] >> 4) * 4
@@ -344,15 +367,7 @@ def _tcp_key(packet: bytes) -> tuple[bytes, int, int] | None:
     # Only plain data segments: ACK, perhaps PSH; a payload to carry.
     if thl < 20 or n <= head_len or packet[ihl + 13] & ~PSH != ACK:
         return None
-    # Ports, acknowledgement, header length, window and options must match; flags apart.
-    tcp = ihl
-    tcp_key = (
-        packet[tcp : tcp + 4]
-        + packet[tcp + 8 : tcp + 13]
-        + packet[tcp + 14 : tcp + 16]
-        + packet[tcp + 20 : head_len]
-    )
-    return ip_key + tcp_key, ihl, head_len
+    return flow, ihl, head_len
 
 
 def coalesce(packets: Iterable[bytes]) -> list[list[bytes | memoryview]]:
@@ -361,15 +376,14 @@ def coalesce(packets: Iterable[bytes]) -> list[list[bytes | memoryview]]:
     runs: list[_Run | bytes] = []
     open_runs: dict[bytes, _Run] = {}
     for packet in packets:
-        found = _tcp_key(packet)
+        found = _tcp_flow(packet)
         if found is None:
             runs.append(packet)
             continue
-        key, ihl, head_len = found
-        run = open_runs.get(key)
-        if run is not None and run.take(packet, ihl, head_len, packet[0] >> 4 == 4):
+        flow, ihl, head_len = found
+        run = open_runs.get(flow)
+        if run is not None and run.take(packet, ihl, head_len):
             continue
-        run = _Run(key, packet, ihl, head_len)
-        open_runs[key] = run
+        run = open_runs[flow] = _Run(packet, ihl, head_len)
         runs.append(run)
     return [[SINGLE_HEADER, r] if isinstance(r, bytes) else r.buffers() for r in runs]
