@@ -46,6 +46,8 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]]; 
 fi
 
 hack/tools/build.sh
+# promtool, which checks the agent's and the operator's /metrics in the chart's tests
+hack/tools/promtool.sh
 hack/kernel/fetch.sh
 
 # podwire's image (Dockerfile), built by podman without a daemon or a registry, and again only

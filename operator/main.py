@@ -23,13 +23,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log.configure(level=cfg.log_level)
     logger = log.get("operator", identity=cfg.identity)
-    try:
-        operator = app.Operator(cfg, kube.Client(kubeconfig=cfg.kubeconfig))
-        operator.start()
-    except Exception as e:
-        logger.error("start_failed", error=str(e))
-        print(f"podwire-operator: could not start: {e}", file=sys.stderr)
-        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -37,7 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # before start: a SIGTERM while starting counts
+    try:
+        operator = app.Operator(cfg, kube.Client(kubeconfig=cfg.kubeconfig))
+        operator.start()
+    except Exception as e:
+        logger.error("start_failed", error=str(e))
+        print(f"podwire-operator: could not start: {e}", file=sys.stderr)
+        return 1
     logger.info(
         "started",
         namespace=cfg.namespace,

@@ -180,7 +180,7 @@ def test_every_option_changed_reaches_what_is_rendered(tmp_path: pathlib.Path) -
     engine_ds = _find(docs, "DaemonSet", "engine")
     assert engine_ds["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
     engine = engine_ds["spec"]["template"]["spec"]
-    assert engine["containers"][0]["command"] == ["podwire-engine", "wgpods0"]
+    assert engine["containers"][0]["args"] == ["podwire-engine", "wgpods0"]  # tini stays PID 1
     assert engine["tolerations"] == agent["tolerations"]
     operator = _find(docs, "Deployment", "operator")
     assert operator["spec"]["replicas"] == 3

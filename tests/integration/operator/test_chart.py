@@ -66,7 +66,7 @@ def test_the_chart_renders_the_operator_and_the_apiserver_accepts_it(
     assert deployment["spec"]["replicas"] == 2
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["command"] == ["podwire-operator"]
+    assert container["args"] == ["podwire-operator"]  # the image's tini stays PID 1
     assert container["image"].startswith("ghcr.io/podwire/podwire:")
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PODWIRE_KEY_ROTATION_INTERVAL"] == "720h"
