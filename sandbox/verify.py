@@ -131,7 +131,8 @@ def analyze(
         a.frames += 1
         wg = _wireguard_type(f, wg_port)
         if wg is not None:
-            a.wireguard[wg] = a.wireguard.get(wg, 0) + 1
+            count = _transport_messages(f) if wg == "transport" else 1
+            a.wireguard[wg] = a.wireguard.get(wg, 0) + count
         found = [ip for raw, ip in addrs.items() if raw in f]
         if found:
             a.clear += 1
@@ -161,6 +162,26 @@ def _wireguard_type(frame: bytes, port: int) -> str | None:
     if port not in (sport, dport) or msg[1:4] != b"\0\0\0":
         return None
     return WG_TYPES.get(msg[0], f"unknown {msg[0]}")
+
+
+def _transport_messages(frame: bytes) -> int:
+    """How many WireGuard transport messages a frame carries: one, or several when the engine
+    sent them with UDP GSO and the capture saw the batch before the kernel cut it (every
+    segment but the last as long as the first, each a transport message to the same receiver
+    with the next counter, at a multiple of 16 bytes)."""
+    v4 = _ipv4(frame)
+    if v4 is None:
+        return 1
+    msg = v4[3][8:]
+    if len(msg) < 64:
+        return 1
+    head, receiver = msg[:4], msg[4:8]
+    counter = int.from_bytes(msg[8:16], "little")
+    for size in range(32, len(msg) - 31, 16):
+        following = int.from_bytes(msg[size + 8 : size + 16], "little")
+        if msg[size : size + 8] == head + receiver and following == counter + 1:
+            return -(-len(msg) // size)
+    return 1
 
 
 def _describe(frame: bytes) -> str:

@@ -209,3 +209,22 @@ def test_up_refuses_a_node_count_it_cannot_address(
     assert cli.main(["sandbox", "up", "--nodes", "0"]) == 1
     assert "--nodes must be between 1 and 200" in capsys.readouterr().err
     assert not (tmp_path / "sb").exists()
+
+
+def test_a_udp_gso_batch_seen_before_segmentation_counts_each_transport_message() -> None:
+    # The engine's UDP GSO: three transport messages to one receiver, consecutive counters,
+    # in one captured frame (the last one shorter); a lone message counts once.
+    def transport(counter: int, ciphertext: int) -> bytes:
+        return (
+            b"\x04\0\0\0"
+            + b"\x11\x22\x33\x44"
+            + counter.to_bytes(8, "little")
+            + b"\x5a" * ciphertext
+        )
+
+    batch = transport(7, 96) + transport(8, 96) + transport(9, 48)
+    frame = _udp(NODE_A, NODE_B, WG_PORT, WG_PORT, batch)
+    a = verify.analyze([frame], [POD_A, POD_B], b"marker", WG_PORT)
+    assert a.wireguard == {"transport": 3} and a.frames == 1
+    lone = _udp(NODE_A, NODE_B, WG_PORT, WG_PORT, transport(7, 96) + b"\x5a" * 112)
+    assert verify.analyze([lone], [POD_A, POD_B], b"marker", WG_PORT).transport == 1
