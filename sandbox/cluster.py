@@ -7,6 +7,10 @@ namespace, each with its apiserver relay. Everything it starts runs detached; ev
 process and file it makes is written into one record (sandbox.record), saved in the sandbox
 directory as it is made, so that `down`, from any later process, removes exactly that, and a
 failed `up` removes what it had made before it says which step failed.
+
+`up --runtime kubelet` makes real nodes instead (sandbox.kubenode): kube-controller-manager
+and kube-scheduler beside the apiserver, a containerd and a kubelet in each node's namespaces,
+pods as containers, and podwire by `helm install` of the chart with the image built here.
 """
 
 from __future__ import annotations
@@ -634,6 +638,10 @@ class _Up:
         say("Try:")
         say(f"  export KUBECONFIG={self.st.kubeconfig} PATH={tools.BUILT}:$PATH")
         say("  kubectl get wgnodes              # every node Ready, its key, endpoint, datapath")
+        if self.kubelet:
+            say(
+                "  kubectl get nodes,pods -A -o wide  # real nodes; agents, engines, operator as pods"
+            )
         pw = topology.BIN / "podwire"
         say(f"  {pw} sandbox status    # peers, handshakes, every pod pair reachable")
         say(f"  {pw} sandbox verify    # the capture proving only WireGuard crosses")

@@ -171,6 +171,8 @@ def render(status: dict[str, Any], *, as_json: bool, out: TextIO = sys.stdout) -
         f"sandbox:    {status['directory']} ({'running' if not dead else 'NOT running: ' + ', '.join(dead)})"
     )
     p(f"kubeconfig: {status['kubeconfig']}")
+    if status.get("runtime") == "kubelet":
+        p("runtime:    kubelet (real nodes: containerd and a kubelet each, podwire by helm)")
     mem = status.get("memory") or {}
     if mem:
         images = mem.get("containerd_tmpfs_mib", 0)
