@@ -157,7 +157,12 @@ def build(
         watched=watches.Watches(informer("nodes"), informer("wgnodes")),
         wakeup=wakeup,
         open_backend=open_backend or _opener(cfg, stop),
-        routes=routes_mod.Routes(cfg.device, strict=cfg.strict_mode),
+        open_lane=_lane_opener(cfg, stop),
+        routes=routes_mod.Routes(
+            cfg.device,
+            strict=cfg.strict_mode,
+            devices=[cfg.lane_device(i) for i in range(cfg.lanes)],
+        ),
         clock=clock or clock_mod.MonotonicClock(),
         apiserver=client.server_url,
     )
@@ -175,14 +180,30 @@ def assemble(
     routes: datapath_mod.RoutesLike,
     clock: clock_mod.Clock,
     apiserver: str = "",
+    open_lane: Callable[[int], datapath_mod.OpenLane] | None = None,
 ) -> Agent:
     """Every component of one agent, wired to what it needs; the unit tests pass fakes here.
 
     `apiserver` is the URL the agent reaches the apiserver at: its address is guarded like a
-    node's (no peer's pod CIDR may cover it)."""
+    node's (no peer's pod CIDR may cover it). `open_lane(i)` opens lane i's backend (lanes
+    above 1); it must pick the datapath lane 0 got."""
     broadcaster = events.Broadcaster()
     recorder = events.Recorder(broadcaster, emit=emit, wall=clock.wall)
-    keys = keystore.KeyStore(cfg.key_path)
+    keys = keystore.KeyStore(
+        cfg.key_path, lane_paths=tuple(cfg.lane_key_path(i) for i in range(1, cfg.lanes))
+    )
+    if cfg.lanes > 1 and open_lane is None:
+        raise ValueError("lanes above 1 need open_lane: each lane has a backend of its own")
+    lanes = [
+        datapath_mod.Lane(
+            index=i,
+            device=cfg.lane_device(i),
+            listen_port=cfg.lane_port(i),
+            open_backend=open_lane(i),
+        )
+        for i in range(1, cfg.lanes)
+        if open_lane is not None
+    ]
     datapath = datapath_mod.Datapath(
         device=cfg.device,
         listen_port=cfg.listen_port,
@@ -191,6 +212,7 @@ def assemble(
         open_backend=open_backend,
         routes=routes,
         keys=keys,
+        lanes=lanes,
     )
     rec = reconciler.Reconciler(
         node_name=cfg.node_name,
@@ -242,6 +264,23 @@ def assemble(
     )
     pub.readiness = agent.ready  # the Ready condition says what /readyz says
     return agent
+
+
+def _lane_opener(
+    cfg: config.Config, stop: threading.Event | None
+) -> Callable[[int], datapath_mod.OpenLane]:
+    """Lane i's backend: its own device (and, on userspace, its own engine), on the datapath
+    lane 0 got."""
+
+    def for_lane(lane: int) -> datapath_mod.OpenLane:
+        def open_backend(underlay_address: str | None, datapath: str) -> backend.Backend:
+            return select.open_lane(
+                cfg, lane, datapath=datapath, underlay_address=underlay_address, stop=stop
+            )
+
+        return open_backend
+
+    return for_lane
 
 
 def _opener(cfg: config.Config, stop: threading.Event | None) -> datapath_mod.OpenBackend:

@@ -32,6 +32,8 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_KEY_PATH: Final = pathlib.Path("/var/lib/podwire/private.key")
 DEFAULT_DEVICE: Final = "podwire_wg0"
+MAX_LANES: Final = 8
+LANE_SUFFIX: Final = "_"  # lane i's device is the device's name, then this and i (lane 0: none)
 DEFAULT_LISTEN_PORT: Final = wgnode.DEFAULT_LISTEN_PORT
 DEFAULT_API_SOCKET: Final = pathlib.Path("/var/run/podwire/agent.sock")
 DEFAULT_METRICS_PORT: Final = 9871
@@ -112,6 +114,10 @@ class Config:
     # program with wireguard-go's command line and UAPI socket will do (benchmarks use that).
     engine: pathlib.Path | None = None
     engine_mode: EngineMode = "child"
+    # WireGuard devices per node, each with its own key and port (listen_port + i): all
+    # traffic between two nodes over one device is one UDP flow, received on one core; routes
+    # to a remote node's pods spread flows over the lanes both nodes have (see `lanes`).
+    lanes: int = 1
 
     def __post_init__(self) -> None:
         _check_node_name(self.node_name)
@@ -126,6 +132,7 @@ class Config:
             )
         _check_port("listen_port", self.listen_port)
         _check_device(self.device)
+        _check_lanes(self)
         if self.fail_closed and not self.cluster_pod_cidrs:
             # Fail-closed without a range to close would look safe and drop nothing.
             raise ConfigError(
@@ -152,6 +159,20 @@ class Config:
             )
         if not str(self.key_path) or not str(self.api_socket):
             raise ConfigError("key_path/api_socket", "must not be empty")
+
+    def lane_device(self, lane: int) -> str:
+        """Lane `lane`'s device: lane 0 keeps the device's name, so one lane is what it was."""
+        return self.device if lane == 0 else f"{self.device}{LANE_SUFFIX}{lane}"
+
+    def lane_key_path(self, lane: int) -> pathlib.Path:
+        """Lane `lane`'s private key file, beside lane 0's (private.key -> private-lane1.key)."""
+        if lane == 0:
+            return self.key_path
+        path = self.key_path
+        return path.with_name(f"{path.stem}-lane{lane}{path.suffix}")
+
+    def lane_port(self, lane: int) -> int:
+        return self.listen_port + lane
 
 
 def from_mapping(data: Mapping[str, Any], *, base: Mapping[str, Any] | None = None) -> Config:
@@ -199,6 +220,7 @@ ENV_VARS: Final[Mapping[str, str]] = {
     "KUBECONFIG": "kubeconfig",
     "PODWIRE_ENGINE": "engine",
     "PODWIRE_ENGINE_MODE": "engine_mode",
+    "PODWIRE_LANES": "lanes",
 }
 FEATURE_ENV_VARS: Final[Mapping[str, str]] = {
     "PODWIRE_GRO": "gro",
@@ -379,6 +401,7 @@ _CONVERT: Final[Mapping[str, Any]] = {
     "kubeconfig": _to_optional_path,
     "engine": _to_optional_path,
     "engine_mode": _to_str,
+    "lanes": _to_int,
 }
 
 
@@ -395,6 +418,30 @@ def _check_node_name(name: str) -> None:
 def _check_port(setting: str, port: int) -> None:
     if isinstance(port, bool) or not 1 <= port <= 65535:
         raise ConfigError(setting, f"must be a port in 1..65535, got {port!r}")
+
+
+def _check_lanes(cfg: Config) -> None:
+    if isinstance(cfg.lanes, bool) or not 1 <= cfg.lanes <= MAX_LANES:
+        raise ConfigError("lanes", f"must be in 1..{MAX_LANES}, got {cfg.lanes!r}")
+    if cfg.lanes == 1:
+        return
+    last = f"{cfg.device}{LANE_SUFFIX}{cfg.lanes - 1}"
+    if len(last) >= _IFNAMSIZ:
+        raise ConfigError(
+            "lanes",
+            f"lane {cfg.lanes - 1}'s device would be {last!r}, longer than 15 characters:"
+            f" give a shorter device name (at most {_IFNAMSIZ - 1 - len(last) + len(cfg.device)})",
+        )
+    if cfg.listen_port + cfg.lanes - 1 > 65535:
+        raise ConfigError(
+            "lanes", f"lane {cfg.lanes - 1} would listen on {cfg.listen_port + cfg.lanes - 1}"
+        )
+    if cfg.engine_mode == "external":
+        raise ConfigError(
+            "lanes",
+            "lanes above 1 need engine mode child (the agent starts one engine per lane);"
+            " the chart's engine DaemonSet runs one engine, for lane 0 only",
+        )
 
 
 def _check_device(name: str) -> None:

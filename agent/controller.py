@@ -172,7 +172,7 @@ class Controller:
             self.log.info("key_rotation_resumed", public_key=self.keys.public_key)
         if self._unapplied:
             try:
-                self.datapath.set_private_key(self.keys.key.raw)
+                self.datapath.apply_keys()  # every lane's device, then one publish
             except Exception as e:  # no device, or its UAPI refused: the next turn tries again
                 self._unapplied = f"the new key is not on the device yet: {e}"
                 return
@@ -194,10 +194,10 @@ class Controller:
         self.publisher.peers_on_current_key = 0
         self.publisher.write_status()
         try:
-            backend = self.datapath.require()
-            keys = [p.public_key for p in backend.read().peers]
-            for request in wgdevice.greeting(keys):
-                backend.apply(request)
+            for _, backend in self.datapath.backends():
+                keys = [p.public_key for p in backend.read().peers]
+                for request in wgdevice.greeting(keys):
+                    backend.apply(request)
         except Exception as e:  # the handshakes still come, with the next packet
             self.log.warning("greeting_failed", error=str(e))
 

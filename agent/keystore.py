@@ -1,7 +1,9 @@
 """The node's private key as a component: loaded (or made) at start, rotated on request.
 
 The file itself is `keys`' business (mode 0600, atomic writes, never followed into a secret
-leak); this component holds the key in use and knows when it was last rotated.
+leak); this component holds the key in use and knows when it was last rotated. With lanes, each
+lane beyond the first has a key file of its own (`lane_paths`), held by a store of its own in
+`lanes`: they load, rotate and finish with lane 0's, so one rotation renews every lane.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from podwire.agent import component, keys
 class KeyStore:
     name = "keystore"
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: pathlib.Path, *, lane_paths: tuple[pathlib.Path, ...] = ()) -> None:
         self.path = path
+        self.lanes = tuple(KeyStore(p) for p in lane_paths)  # lanes 1..N-1
         self._key: keys.PrivateKey | None = None
         self._lock = threading.Lock()
         self.made_wall = 0.0  # when the key in use was made (unix time), from its file
@@ -35,19 +38,29 @@ class KeyStore:
     def public_key(self) -> str:
         return self._key.public_key_b64() if self._key else ""
 
+    def lane_key(self, lane: int) -> keys.PrivateKey:
+        """Lane `lane`'s key (lane 0: `key`)."""
+        return self.key if lane == 0 else self.lanes[lane - 1].key
+
     def start(self) -> None:
         """Loads the key, or makes one on first start; raises keys.KeyFileError if unusable."""
         with self._lock:
             self._key = keys.load_or_create(self.path)
             self.made_wall = keys.made_at(self.path)
             self.interrupted = keys.load_previous(self.path) is not None
+        for lane in self.lanes:
+            lane.start()
+        self.interrupted = self.interrupted or any(lane.interrupted for lane in self.lanes)
 
     def stop(self) -> None:
         pass
 
     def rotate(self, *, wall: float) -> keys.PrivateKey:
         """A new key, written atomically over the old, which is kept until `finish`, and dated
-        `wall` (the key file's time is the key's age)."""
+        `wall` (the key file's time is the key's age). Every lane's key is renewed, lane 0's
+        last: a crash in between leaves previous keys on disk, so the next start resumes."""
+        for lane in self.lanes:
+            lane.rotate(wall=wall)
         with self._lock:
             self._key = keys.rotate(self.path)
             keys.date(self.path, wall)  # its age after a restart is the one reported now
@@ -57,6 +70,8 @@ class KeyStore:
 
     def finish(self) -> None:
         """The new key is on the device and published: the kept previous key goes."""
+        for lane in self.lanes:
+            lane.finish()
         with self._lock:
             keys.finish_rotation(self.path)
             self.interrupted = False

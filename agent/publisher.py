@@ -81,6 +81,7 @@ class Publisher:
         # assembled (`app.assemble`); until then, KeyPublished and PeersProgrammed.
         self.readiness: Callable[[], tuple[bool, str]] | None = None
         self.published_key = ""  # the key the WireguardNode's spec holds, as far as we know
+        self.published_lanes: tuple[wgnode.Lane, ...] = ()  # ... and its lanes 1..N-1
         self.last_error = ""
         self.repairs = 0  # times the spec was found changed by someone else and put back
         self._checked_version = ""  # the own object's resourceVersion last found wrong, then read
@@ -100,7 +101,11 @@ class Publisher:
 
     @property
     def published(self) -> bool:
-        return bool(self.published_key) and self.published_key == self.keys.public_key
+        return (
+            bool(self.published_key)
+            and self.published_key == self.keys.public_key
+            and self.published_lanes == self.datapath.lane_specs()
+        )
 
     def keep(self) -> None:
         """Every turn of the loop: publishes the key until it got through, then keeps it.
@@ -122,7 +127,11 @@ class Publisher:
         self.publish(repair=True)
 
     def _spec(self) -> wgnode.Spec:
-        return wgnode.Spec(public_key=self.keys.public_key, listen_port=self.listen_port)
+        return wgnode.Spec(
+            public_key=self.keys.public_key,
+            listen_port=self.listen_port,
+            lanes=self.datapath.lane_specs(),
+        )
 
     def publish(self, *, repair: bool = False) -> bool:
         """Creates or updates the spec; False (and last_error) when it did not get through.
@@ -130,17 +139,18 @@ class Publisher:
         With repair, the key was published before: a spec found different was changed by
         someone else, and putting it back is reported.
         """
+        spec = self._spec()
         try:
-            self._publish(repair=repair)
+            self._publish(spec, repair=repair)
         except self.api_error as e:
             self.last_error = str(e)
             self.log.warning("publish_failed", error=str(e))
             return False
         self.last_error = ""
-        self.published_key = self.keys.public_key
+        self.published_key, self.published_lanes = spec.public_key, spec.lanes
         return True
 
-    def _publish(self, *, repair: bool = False) -> None:
+    def _publish(self, spec: wgnode.Spec, *, repair: bool = False) -> None:
         name = self.node_name
         for _ in range(PUBLISH_RETRIES):
             node = self.api.get_node(name)
@@ -148,7 +158,11 @@ class Publisher:
                 raise self.api_error(f"Node {name} does not exist: is NODE_NAME right?")
             current = self.api.get_wgnode(name)
             want = wgnode.new(
-                name, node["metadata"]["uid"], self.keys.public_key, listen_port=self.listen_port
+                name,
+                node["metadata"]["uid"],
+                spec.public_key,
+                listen_port=spec.listen_port,
+                lanes=spec.lanes,
             )
             try:
                 if current is None:
@@ -251,6 +265,7 @@ class Publisher:
             key_rotated_at=wgnode.format_time(made) if made else old.key_rotated_at,
             peers_on_current_key=peers if on_current is None else min(on_current, peers),
             observed_generation=own.get("metadata", {}).get("generation"),
+            lanes=self.datapath.lane_count,
         )
 
     def conditions(self, old: tuple[wgnode.Condition, ...]) -> tuple[wgnode.Condition, ...]:
@@ -309,7 +324,8 @@ class Publisher:
                 "CompetingRouteOverridden",
                 ("strictMode keeps pod traffic in the tunnel despite " + "; ".join(competing)),
             )
-        return True, "Encrypted", f"through {dp.device}; pod traffic without a peer is dropped"
+        through = dp.device if dp.lane_count == 1 else ", ".join(dp.devices)
+        return True, "Encrypted", f"through {through}; pod traffic without a peer is dropped"
 
     def mismatch(self) -> str:
         """Why the key in use is not the published one, while it is not (public keys only)."""
@@ -334,16 +350,20 @@ class Publisher:
 def _changes(current: Obj, spec: wgnode.Spec) -> str:
     """What someone else changed, as `field: theirs, put back to ours` (public keys only)."""
     have = current.get("spec", {})
+    ours = spec.to_dict()
     out = [
-        f"spec.{field} was {have.get(field)!r}, put back to {ours!r}"
-        for field, ours in (("publicKey", spec.public_key), ("listenPort", spec.listen_port))
-        if have.get(field) != ours
+        f"spec.{field} was {have.get(field)!r}, put back to {ours.get(field)!r}"
+        for field in ("publicKey", "listenPort", "lanes")
+        if have.get(field) != ours.get(field)
     ]
     return "; ".join(out) or "the spec was changed"
 
 
 def _spec_holds(current: Obj, spec: wgnode.Spec) -> bool:
     have = current.get("spec", {})
+    want = spec.to_dict()
     return bool(
-        have.get("publicKey") == spec.public_key and have.get("listenPort") == spec.listen_port
+        have.get("publicKey") == want["publicKey"]
+        and have.get("listenPort") == want["listenPort"]
+        and (have.get("lanes") or []) == want.get("lanes", [])
     )

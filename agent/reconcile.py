@@ -44,13 +44,24 @@ POD_CIDR_COVERS_NODE_ADDRESS: Final = "PodCIDRCoversNodeAddress"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PeerLane:
+    """One of a peer's lanes beyond the first, as its WireguardNode publishes it."""
+
+    public_key: str
+    endpoint: wgdevice.Endpoint
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class DesiredPeer:
-    """A peer the device should hold; allowed_ips sorted, taken from the peer's Node."""
+    """A peer the device should hold; allowed_ips sorted, taken from the peer's Node.
+
+    `lanes` are the peer's lanes 1..N-1 (its lane 0 is `public_key` and `endpoint`)."""
 
     node: str
     public_key: str
     endpoint: wgdevice.Endpoint
     allowed_ips: tuple[wgdevice.IPNetwork, ...]
+    lanes: tuple[PeerLane, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,6 +109,19 @@ class Plan:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PathPlan:
+    """Routes over several lanes: each added (or replaced) destination with the lanes its
+    nexthops go through (one lane: a plain route), and the destinations to remove."""
+
+    add: tuple[tuple[wgdevice.IPNetwork, tuple[int, ...]], ...] = ()
+    remove: tuple[wgdevice.IPNetwork, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.add or self.remove)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class RoutePlan:
     """Routes through the device to add and remove, by destination."""
 
@@ -125,6 +149,7 @@ def desired_peers(
     own_node: str,
     *,
     own_public_key: str | None = None,
+    own_lane_keys: Iterable[str] = (),
     cluster_pod_cidrs: Sequence[wgdevice.IPNetwork] = (),
     protected: Iterable[wgdevice.IPAddress] = (),
 ) -> Desired:
@@ -135,7 +160,8 @@ def desired_peers(
     WireguardNode but something wrong or contested is refused (possibly for several reasons).
     A peer's pod CIDRs must lie inside `cluster_pod_cidrs` (empty: the setting is off, nothing
     to check against) and cover no node's address nor any of `protected` (the apiserver's, when
-    the caller knows it).
+    the caller knows it). Every lane's key counts as a claim: a key that two lanes (of any
+    nodes) publish, or that is one of ours (`own_lane_keys`, lanes 1..N-1), is refused.
     """
     infos = {info.name: info for info in map(_node_info, nodes) if info is not None}
     specs: dict[str, wgnode.Spec | wgnode.ResourceError] = {}
@@ -157,13 +183,14 @@ def desired_peers(
     for name in candidates:
         spec = specs[name]
         if isinstance(spec, wgnode.Spec):
-            claims[spec.public_key].append(name)
+            for key in (spec.public_key, *(lane.public_key for lane in spec.lanes)):
+                claims[key].append(name)
         else:
             reason = (
                 INVALID_PUBLIC_KEY if spec.field == "spec.publicKey" else INVALID_WIREGUARD_NODE
             )
             refusals[name].append(Refusal(name, reason, str(spec)))
-    _refuse_duplicate_keys(claims, own_node, own_public_key, refusals)
+    _refuse_duplicate_keys(claims, own_node, {own_public_key, *own_lane_keys}, refusals)
     overlaps = _overlaps(infos.values())
     guarded = _node_addresses(infos.values(), protected)
 
@@ -183,6 +210,10 @@ def desired_peers(
                 public_key=spec.public_key,
                 endpoint=wgdevice.make_endpoint(address, spec.listen_port),
                 allowed_ips=_sorted_networks(info.pod_cidrs),
+                lanes=tuple(
+                    PeerLane(lane.public_key, wgdevice.make_endpoint(address, lane.listen_port))
+                    for lane in spec.lanes
+                ),
             )
         )
     flat = sorted(
@@ -301,6 +332,57 @@ def plan_routes(
         add=_sorted_networks(want - have),
         remove=_sorted_networks(have - want) if synced else (),
     )
+
+
+def lane_peers(peers: Iterable[DesiredPeer], lane: int) -> tuple[DesiredPeer, ...]:
+    """The peers lane `lane` of this node holds: lane `lane` of every peer that has it.
+
+    Lane 0 holds every peer as it is; lane i > 0 holds each peer with at least i+1 lanes,
+    under that lane's key and port (a peer with fewer lanes is reached over the lanes it has).
+    """
+    if lane == 0:
+        return tuple(peers)
+    return tuple(
+        dataclasses.replace(
+            peer,
+            public_key=peer.lanes[lane - 1].public_key,
+            endpoint=peer.lanes[lane - 1].endpoint,
+            lanes=(),
+        )
+        for peer in peers
+        if len(peer.lanes) >= lane
+    )
+
+
+def shared_lanes(peer: DesiredPeer, own_lanes: int) -> tuple[int, ...]:
+    """The lanes this node and `peer` both have: the ones its traffic may travel on."""
+    return tuple(range(min(own_lanes, 1 + len(peer.lanes))))
+
+
+def desired_paths(
+    peers: Iterable[DesiredPeer], own_lanes: int
+) -> dict[wgdevice.IPNetwork, tuple[int, ...]]:
+    """Each programmed peer's allowed-ips, with the lanes its route's nexthops go through."""
+    out: dict[wgdevice.IPNetwork, tuple[int, ...]] = {}
+    for peer in peers:
+        lanes = shared_lanes(peer, own_lanes)
+        for net in peer.allowed_ips:
+            out[net] = lanes
+    return out
+
+
+def plan_paths(
+    desired: Mapping[wgdevice.IPNetwork, tuple[int, ...]],
+    actual: Mapping[wgdevice.IPNetwork, tuple[int, ...]],
+    *,
+    synced: bool,
+) -> PathPlan:
+    """Routes to set (new, or over other lanes than they have) and (once synced) remove.
+
+    `actual` is podwire's routes through any lane, with the lanes of their nexthops."""
+    add = [(net, lanes) for net, lanes in desired.items() if actual.get(net) != lanes]
+    remove = _sorted_networks(set(actual) - set(desired)) if synced else ()
+    return PathPlan(add=tuple(sorted(add, key=lambda item: _network_order(item[0]))), remove=remove)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -454,11 +536,11 @@ def _node_addresses(
 def _refuse_duplicate_keys(
     keys: Mapping[str, list[str]],
     own_node: str,
-    own_public_key: str | None,
+    own_keys: set[str | None],
     refusals: dict[str, list[Refusal]],
 ) -> None:
     for key, names in keys.items():
-        if key == own_public_key:
+        if key in own_keys:
             for name in names:
                 refusals[name].append(
                     Refusal(

@@ -13,6 +13,10 @@ strictMode podwire's table and rules, are put back if someone removed them (an E
 and a route that would carry remote pod traffic past the device is reported (an Event, the
 Encrypted condition's reason, a metric) for as long as it is there.
 
+With lanes, each lane's device holds lane i of every peer that has one (`reconcile.lane_peers`)
+and the routes are multipath over the lanes a peer shares with this node
+(`reconcile.desired_paths`); one lane is programmed as it always was.
+
 Every peer added is greeted (a keepalive, which starts a handshake): the peers of a new device
 drop the sessions they had with its predecessor now, not 15 s from now, and a node that joins
 gets its session at once from whichever end learns of the other second.
@@ -24,6 +28,7 @@ import dataclasses
 
 from podwire.agent import clock as clock_mod
 from podwire.agent import component, events, keystore, log, reconcile, watches, wgdevice
+from podwire.agent.datapath import backend as backend_mod
 from podwire.agent.datapath import component as datapath_mod
 
 # Looking for routes that bypass the device reads every route of the node (5,000 at 5,000
@@ -74,9 +79,10 @@ class Reconciler:
         self.clock = clock
         self.outcome = Outcome()
         self.log = log.get("reconciler", node=node_name)
-        # The device as last read back or written; None: read it back on the next pass.
-        self._table: wgdevice.PeerTable | None = None
+        # Each lane's device as last read back or written; None: read back on the next pass.
+        self._tables: dict[int, wgdevice.PeerTable] | None = None
         self._routes: set[wgdevice.IPNetwork] | None = None
+        self._paths: dict[wgdevice.IPNetwork, tuple[int, ...]] | None = None  # with lanes
         self._next_full_read = 0.0
         self._reported: set[tuple[str, str]] = set()
         self._competing_reported: set[str] = set()
@@ -91,8 +97,9 @@ class Reconciler:
 
     def forget_device(self) -> None:
         """The record may be wrong (a failure, a replaced device): read back on the next pass."""
-        self._table = None
+        self._tables = None
         self._routes = None
+        self._paths = None
 
     def reconcile_once(self) -> bool:
         """One pass; False when it failed (the caller retries with backoff)."""
@@ -105,6 +112,7 @@ class Reconciler:
                 self.watches.wgnodes.snapshot(),
                 self.node_name,
                 own_public_key=self.keys.public_key,
+                own_lane_keys=[lane.public_key for lane in self.keys.lanes],
                 cluster_pod_cidrs=self.datapath.cluster_pod_cidrs,
                 protected=self.protected,
             )
@@ -132,18 +140,41 @@ class Reconciler:
     def _program_peers(
         self, desired: tuple[reconcile.DesiredPeer, ...], *, synced: bool, now: float
     ) -> None:
-        backend = self.datapath.require()
-        if self._table is None or now >= self._next_full_read:
-            self._table = wgdevice.PeerTable(backend.read().peers)
-            self._routes = None
+        if self._tables is None or now >= self._next_full_read:
+            self._tables = {}
+            self._routes = self._paths = None
             self._next_full_read = now + self.resync_period
-        table = self._table
+        for lane, backend in self.datapath.backends():
+            table = self._tables.get(lane)
+            if table is None:
+                table = self._tables[lane] = wgdevice.PeerTable(backend.read().peers)
+            wanted = reconcile.lane_peers(desired, lane)
+            self._program_lane(lane, backend, table, wanted, synced=synced)
+
+    def _program_lane(
+        self,
+        lane: int,
+        backend: backend_mod.Backend,
+        table: wgdevice.PeerTable,
+        desired: tuple[reconcile.DesiredPeer, ...],
+        *,
+        synced: bool,
+    ) -> None:
         plan = reconcile.plan_peers(desired, table.peers(), synced=synced)
         if not plan.empty:  # a failed apply forgets the record: read back next pass
             changes = reconcile.plan_changes(plan)
             backend.apply(changes)
             table.apply(changes)
-            self._log_plan(plan)
+            if lane == 0:  # the Events say it once per node, not once per lane
+                self._log_plan(plan)
+            else:
+                self.log.info(
+                    "lane_peers_changed",
+                    lane=lane,
+                    added=[p.node for p in plan.add],
+                    renamed=[r.peer.node for r in plan.rename],
+                    removed=len(plan.remove),
+                )
             # Every peer gained is greeted, so the session exists before the first packet needs
             # it: a new device's peers drop their sessions with its predecessor now, and a node
             # that joins later gets an answer at once (its own greeting reached us before we
@@ -156,12 +187,28 @@ class Reconciler:
 
     def _program_routes(self, desired: tuple[reconcile.DesiredPeer, ...], *, synced: bool) -> None:
         routes = self.datapath.routes
+        if self.datapath.lane_count > 1:
+            self._program_paths(desired, synced=synced)
+            return
         if self._routes is None:
             self._routes = set(routes.list_routes())
         plan = reconcile.plan_routes(desired, self._routes, synced=synced)
         if not plan.empty:
             routes.apply(plan)
             self._routes = (self._routes | set(plan.add)) - set(plan.remove)
+
+    def _program_paths(self, desired: tuple[reconcile.DesiredPeer, ...], *, synced: bool) -> None:
+        """Routes over the lanes: multipath over the lanes each peer shares with this node."""
+        routes = self.datapath.routes
+        if self._paths is None:
+            self._paths = routes.list_paths()
+        want = reconcile.desired_paths(desired, self.datapath.lane_count)
+        plan = reconcile.plan_paths(want, self._paths, synced=synced)
+        if not plan.empty:
+            routes.apply_paths(plan)
+            self._paths.update(plan.add)
+            for net in plan.remove:
+                self._paths.pop(net, None)
 
     @property
     def guarded(self) -> bool:

@@ -37,6 +37,7 @@ ROTATE_ANNOTATION: Final = "podwire.io/rotate-key-requested-at"
 ROTATION_QUEUED_ANNOTATION: Final = "podwire.io/rotation-queued-at"
 
 DEFAULT_LISTEN_PORT: Final = 51871
+MAX_LANES: Final = 8  # WireGuard devices per node (lane i listens on listenPort + i)
 
 # Condition types, as they appear in status.conditions:
 # - KeyPublished: spec holds the key the node's device uses.
@@ -86,9 +87,10 @@ class ResourceError(ValueError):
         self.field = field
 
 
-def validate_public_key(value: object, *, name: str | None = None) -> str:
+def validate_public_key(
+    value: object, *, name: str | None = None, field: str = "spec.publicKey"
+) -> str:
     """Return `value` if it is the canonical base64 of a 32-byte key, else raise ResourceError."""
-    field = "spec.publicKey"
     if not isinstance(value, str):
         raise ResourceError(
             f"{field} must be a string, got {_type_name(value)}", name=name, field=field
@@ -103,8 +105,9 @@ def validate_public_key(value: object, *, name: str | None = None) -> str:
     return value
 
 
-def validate_listen_port(value: object, *, name: str | None = None) -> int:
-    field = "spec.listenPort"
+def validate_listen_port(
+    value: object, *, name: str | None = None, field: str = "spec.listenPort"
+) -> int:
     # bool is an int in Python but `true` is not a port.
     if not isinstance(value, int) or isinstance(value, bool):
         raise ResourceError(
@@ -116,26 +119,77 @@ def validate_listen_port(value: object, *, name: str | None = None) -> int:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Spec:
-    """What a node's agent says about itself: the only part peers act on."""
+class Lane:
+    """One of a node's extra WireGuard devices (lanes 1..N-1): its own key and port."""
 
     public_key: str
-    listen_port: int = DEFAULT_LISTEN_PORT
+    listen_port: int
 
     def __post_init__(self) -> None:
         validate_public_key(self.public_key)
         validate_listen_port(self.listen_port)
 
     @classmethod
-    def from_dict(cls, data: object, *, name: str | None = None) -> Spec:
-        obj = _mapping(data, "spec", name=name)
+    def from_dict(cls, data: object, *, name: str | None = None) -> Lane:
+        obj = _mapping(data, "spec.lanes[]", name=name)
         return cls(
-            public_key=validate_public_key(obj.get("publicKey"), name=name),
-            listen_port=validate_listen_port(obj.get("listenPort"), name=name),
+            public_key=validate_public_key(
+                obj.get("publicKey"), name=name, field="spec.lanes[].publicKey"
+            ),
+            listen_port=validate_listen_port(
+                obj.get("listenPort"), name=name, field="spec.lanes[].listenPort"
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {"publicKey": self.public_key, "listenPort": self.listen_port}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Spec:
+    """What a node's agent says about itself: the only part peers act on.
+
+    `public_key` and `listen_port` are lane 0's (a node with one lane has only those, and an
+    agent that knows nothing of lanes reads them alone); `lanes` holds lanes 1..N-1, in order.
+    """
+
+    public_key: str
+    listen_port: int = DEFAULT_LISTEN_PORT
+    lanes: tuple[Lane, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_public_key(self.public_key)
+        validate_listen_port(self.listen_port)
+        if len(self.lanes) > MAX_LANES - 1:
+            raise ResourceError(
+                f"spec.lanes holds at most {MAX_LANES - 1} lanes (lane 0 is spec.publicKey),"
+                f" got {len(self.lanes)}",
+                field="spec.lanes",
+            )
+        keys = [self.public_key, *(lane.public_key for lane in self.lanes)]
+        if len(set(keys)) != len(keys):
+            raise ResourceError("every lane needs a key of its own", field="spec.lanes")
+
+    @classmethod
+    def from_dict(cls, data: object, *, name: str | None = None) -> Spec:
+        obj = _mapping(data, "spec", name=name)
+        lanes = _list(obj.get("lanes", []), "spec.lanes", name=name)
+        with _naming(name):
+            return cls(
+                public_key=validate_public_key(obj.get("publicKey"), name=name),
+                listen_port=validate_listen_port(obj.get("listenPort"), name=name),
+                lanes=tuple(Lane.from_dict(lane, name=name) for lane in lanes),
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"publicKey": self.public_key, "listenPort": self.listen_port}
+        if self.lanes:  # a node with one lane writes what podwire always wrote
+            out["lanes"] = [lane.to_dict() for lane in self.lanes]
+        return out
+
+    @property
+    def lane_count(self) -> int:
+        return 1 + len(self.lanes)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -307,6 +361,7 @@ class Status:
     # The node's settings that cost WireGuard throughput; written with `advisoryCount`, their
     # number, because a printer column's JSONPath cannot count a list.
     advisories: tuple[Advisory, ...] = ()
+    lanes: int | None = None  # the node's WireGuard devices (spec.lanes and lane 0)
 
     def __post_init__(self) -> None:
         if self.datapath is not None and self.datapath not in DATAPATHS:
@@ -339,6 +394,7 @@ class Status:
                     obj.get("peersOnCurrentKey"), "status.peersOnCurrentKey", name=name
                 ),
                 advisories=_advisories(obj, name=name),
+                lanes=_optional_int(obj.get("lanes"), "status.lanes", name=name),
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -361,6 +417,8 @@ class Status:
             out["peersOnCurrentKey"] = self.peers_on_current_key
         out["advisories"] = [a.to_dict() for a in self.advisories]
         out["advisoryCount"] = len(self.advisories)
+        if self.lanes is not None:
+            out["lanes"] = self.lanes
         return out
 
 
@@ -490,11 +548,12 @@ def new(
     public_key: str,
     *,
     listen_port: int = DEFAULT_LISTEN_PORT,
+    lanes: Sequence[Lane] = (),
 ) -> WireguardNode:
     """The resource a node's agent creates for itself on first start."""
     return WireguardNode(
         name=node_name,
-        spec=Spec(public_key=public_key, listen_port=listen_port),
+        spec=Spec(public_key=public_key, listen_port=listen_port, lanes=tuple(lanes)),
         owner=OwnerNode(name=node_name, uid=node_uid),
     )
 

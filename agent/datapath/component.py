@@ -9,10 +9,16 @@ pass, puts back what of the backstop (and with strictMode, podwire's table and r
 removed, and reports routes that would carry pod traffic past the device. `survey`, when the
 device comes up and at each resync (the publisher's call), reads the node's kernel settings
 that cost WireGuard throughput and keeps them as advisories.
+
+With lanes (the setting `lanes`), the node has a device per lane, each with its own key (from
+the key store's lanes), port and backend (on userspace, an engine of its own); lane 0 is the
+device as it always was. They come up, are checked and are restored together, and the node's
+multipath hash is set to layer 4 so that a flow stays on one lane and flows spread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -20,6 +26,8 @@ from podwire.agent import advisories, component, keystore, reconcile, wgdevice
 from podwire.agent.datapath import backend as backend_mod
 from podwire.agent.datapath import link
 from podwire.agent.datapath import routes as routes_mod
+from podwire.agent.netlink import multipath
+from podwire.api import wgnode
 
 
 class RoutesLike(Protocol):
@@ -28,6 +36,8 @@ class RoutesLike(Protocol):
     def install_fail_closed(self, cidrs: Iterable[wgdevice.IPNetwork]) -> None: ...
     def list_routes(self) -> list[wgdevice.IPNetwork]: ...
     def apply(self, plan: reconcile.RoutePlan) -> None: ...
+    def list_paths(self) -> dict[wgdevice.IPNetwork, tuple[int, ...]]: ...
+    def apply_paths(self, plan: reconcile.PathPlan) -> None: ...
     def guard(
         self,
         cluster: Sequence[wgdevice.IPNetwork],
@@ -40,6 +50,20 @@ class RoutesLike(Protocol):
 
 
 OpenBackend = Callable[[str | None], backend_mod.Backend]  # underlay address -> backend
+# A lane's: underlay address, the datapath lane 0 got (kernel, userspace) -> backend
+OpenLane = Callable[[str | None, str], backend_mod.Backend]
+
+
+@dataclasses.dataclass
+class Lane:
+    """One of the node's WireGuard devices beyond the first (lane 0 is the Datapath's own)."""
+
+    index: int
+    device: str
+    listen_port: int
+    open_backend: OpenLane
+    backend: backend_mod.Backend | None = None
+    identity: object | None = None
 
 
 class Surveyor(Protocol):
@@ -71,8 +95,10 @@ class Datapath:
         keys: keystore.KeyStore,
         netns: str | None = None,
         surveyor: Surveyor = link.survey,
+        lanes: Sequence[Lane] = (),
     ) -> None:
         self.device = device
+        self.lanes = tuple(lanes)  # lanes 1..N-1
         self.listen_port = listen_port
         self.cluster_pod_cidrs = tuple(cluster_pod_cidrs)
         self.fail_closed = fail_closed
@@ -109,7 +135,7 @@ class Datapath:
         self.restore()
 
     def restore(self) -> None:
-        """The device exists with the node's key and port; its peers are the caller's business."""
+        """Every lane's device exists with its key and port; peers are the caller's business."""
         b = self.require()
         b.ensure_device()
         b.set_private_key(self._keys.key.raw)
@@ -117,7 +143,46 @@ class Datapath:
         self.features = tuple(b.features())
         self.mtu = b.mtu()
         self.identity = b.identity()
+        for lane in self.lanes:
+            if lane.backend is None:
+                lane.backend = lane.open_backend(self.underlay_address, b.datapath)
+            lane.backend.ensure_device()
+            lane.backend.set_private_key(self._keys.lane_key(lane.index).raw)
+            lane.backend.set_listen_port(lane.listen_port)
+            lane.identity = lane.backend.identity()
+        if self.lanes:
+            multipath.hash_by_flow(netns=self.netns)
         self.survey()
+
+    @property
+    def lane_count(self) -> int:
+        return 1 + len(self.lanes)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        """Every lane's device, lane 0's first."""
+        return (self.device, *(lane.device for lane in self.lanes))
+
+    def backends(self) -> list[tuple[int, backend_mod.Backend]]:
+        """Every lane's backend with its lane, lane 0's first; a lane not up yet is left out."""
+        out = [(0, self.require())]
+        out += [(lane.index, lane.backend) for lane in self.lanes if lane.backend is not None]
+        return out
+
+    def lane_specs(self) -> tuple[wgnode.Lane, ...]:
+        """Lanes 1..N-1 as the WireguardNode publishes them: each lane's key and port."""
+        return tuple(
+            wgnode.Lane(self._keys.lane_key(lane.index).public_key_b64(), lane.listen_port)
+            for lane in self.lanes
+        )
+
+    def apply_keys(self) -> None:
+        """Every lane's device gets its stored key (after a rotation): lane 0's last."""
+        for lane in self.lanes:
+            if lane.backend is None:
+                raise RuntimeError(f"lane {lane.index}'s device {lane.device} is not up yet")
+            lane.backend.set_private_key(self._keys.lane_key(lane.index).raw)
+        self.set_private_key(self._keys.key.raw)
 
     def survey(self) -> None:
         """Reads the node's settings again and keeps what to advise; the features too, which a
@@ -155,7 +220,15 @@ class Datapath:
     def lost(self) -> bool:
         """True when the device is gone or is not the one brought up (the engine restarted)."""
         current = self.require().identity()
-        return current is None or current != self.identity
+        if current is None or current != self.identity:
+            return True
+        for lane in self.lanes:
+            if lane.backend is None:
+                return True
+            now = lane.backend.identity()
+            if now is None or now != lane.identity:
+                return True
+        return False
 
     def require(self) -> backend_mod.Backend:
         if self.backend is None:
@@ -169,7 +242,11 @@ class Datapath:
             return component.degraded(f"{closed}; no device yet")
         features = ", ".join(self.features) or "none"
         advised = ", ".join(a.name for a in self.advisories) or "none"
+        devices = (
+            f"device {self.device}"
+            if not self.lanes
+            else f"{self.lane_count} lanes, devices {', '.join(self.devices)}"
+        )
         return component.ok(
-            f"{closed}; {self.kind} device {self.device}, features: {features},"
-            f" advisories: {advised}"
+            f"{closed}; {self.kind} {devices}, features: {features}, advisories: {advised}"
         )

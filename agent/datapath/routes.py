@@ -39,10 +39,18 @@ class Guarded:
 
 
 class Routes:
-    def __init__(self, device: str, *, netns: str | None = None, strict: bool = False) -> None:
+    def __init__(
+        self,
+        device: str,
+        *,
+        netns: str | None = None,
+        strict: bool = False,
+        devices: Sequence[str] = (),
+    ) -> None:
         self.device = device
         self.netns = netns
         self.strict = strict
+        self.devices = tuple(devices) or (device,)  # every lane's device, lane 0's first
 
     @property
     def table(self) -> int:
@@ -71,6 +79,16 @@ class Routes:
         if not plan.empty:
             nl_routes.apply_routes(
                 self.device, plan.add, plan.remove, table=self.table, netns=self.netns
+            )
+
+    def list_paths(self) -> dict[wgdevice.IPNetwork, tuple[int, ...]]:
+        """podwire's peer routes over the lanes, with the lanes of their nexthops."""
+        return nl_routes.list_paths(self.devices, table=self.table, netns=self.netns)
+
+    def apply_paths(self, plan: reconcile.PathPlan) -> None:
+        if not plan.empty:
+            nl_routes.apply_paths(
+                self.devices, plan.add, plan.remove, table=self.table, netns=self.netns
             )
 
     def guard(
@@ -111,7 +129,9 @@ class Routes:
         if not look_for_competing:
             return Guarded(tuple(restored), None)
         dumped = nl_routes.dump(netns=self.netns)
-        competing = competing_routes(dumped, cluster=cluster, own=own, device=self.device)
+        competing = competing_routes(
+            dumped, cluster=cluster, own=own, device=self.device, lanes=self.devices
+        )
         return Guarded(tuple(restored), tuple(str(r) for r in competing))
 
     def _guard_rules(
@@ -143,13 +163,19 @@ def competing_routes(
     cluster: Sequence[wgdevice.IPNetwork],
     own: Sequence[wgdevice.IPNetwork],
     device: str,
+    lanes: Sequence[str] = (),
 ) -> list[nl_routes.Route]:
     """Routes, in any table but podwire's, that would carry traffic to a remote pod address
-    somewhere other than the device: inside a cluster pod CIDR, outside the node's own pod
-    CIDRs, and forwarding (an unreachable or throw route carries nothing)."""
+    somewhere other than the device (or, with lanes, the lanes' devices: a multipath route
+    whose every nexthop is one of them stays in the tunnel): inside a cluster pod CIDR,
+    outside the node's own pod CIDRs, and forwarding (an unreachable or throw route carries
+    nothing)."""
+    ours = {device, *lanes}
     out = []
     for r in routes:
         if r.table == nl_routes.TABLE or r.type in _HARMLESS or r.device == device:
+            continue
+        if r.device and set(r.device.split(",")) <= ours:
             continue
         if _inside(r.dst, cluster) and not _inside(r.dst, own):
             out.append(r)

@@ -7,6 +7,7 @@ its traffic) it finds. The kernel device is created here already, so the answer 
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import threading
 from collections.abc import Sequence
@@ -14,6 +15,38 @@ from collections.abc import Sequence
 from podwire.agent import config
 from podwire.agent.datapath import backend, kernel, link, uapi, userspace
 from podwire.agent.netlink import core, wireguard
+
+
+def open_lane(
+    cfg: config.Config,
+    lane: int,
+    *,
+    datapath: str,
+    netns: str | None = None,
+    underlay_address: str | None = None,
+    engine_command: Sequence[str] | None = None,
+    engine_env: dict[str, str] | None = None,
+    socket_dir: pathlib.Path = uapi.SOCKET_DIR,
+    stop: threading.Event | None = None,
+) -> backend.Backend:
+    """Lane `lane`'s backend (1..N-1): its own device, on the datapath lane 0 got, so every
+    lane of a node is kernel or every lane userspace (an engine each, in child mode)."""
+    lane_cfg = dataclasses.replace(
+        cfg,
+        device=cfg.lane_device(lane),
+        listen_port=cfg.lane_port(lane),
+        datapath="kernel" if datapath == "kernel" else "userspace",
+        lanes=1,
+    )
+    return open_backend(
+        lane_cfg,
+        netns=netns,
+        underlay_address=underlay_address,
+        engine_command=engine_command,
+        engine_env=engine_env,
+        socket_dir=socket_dir,
+        stop=stop,
+    )
 
 
 def open_backend(

@@ -18,7 +18,7 @@ import dataclasses
 import errno as errno_mod
 import ipaddress
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
@@ -113,6 +113,81 @@ def list_routes(
             for route, net in _own_routes(ipr, table)
             if route["type"] == _RTN_UNICAST and route.get_attr("RTA_OIF") == index
         ]
+
+
+def apply_paths(
+    devices: Sequence[str],
+    add: Iterable[tuple[wgdevice.IPNetwork, tuple[int, ...]]],
+    remove: Iterable[wgdevice.IPNetwork],
+    *,
+    table: int = MAIN,
+    netns: str | None = None,
+) -> None:
+    """Adds (or replaces), then removes, podwire's routes over the lanes' devices.
+
+    `devices[i]` is lane i's. A route over one lane is a plain route through its device; over
+    several, one multipath route with a nexthop per device, which the kernel picks among by
+    the flow's hash (fib_multipath_hash_policy), so a flow stays on one lane.
+    """
+    with core.iproute(netns) as ipr:
+        indexes = []
+        for device in devices:
+            with core.errors(f"find link {device}"):
+                indexes.append(core.index(ipr, device))
+        for dst, lanes in add:
+            where = ",".join(devices[lane] for lane in lanes)
+            hops: dict[str, Any] = (
+                {"oif": indexes[lanes[0]]}
+                if len(lanes) == 1
+                else {"multipath": [_hop(dst, indexes[lane]) for lane in lanes]}
+            )
+            with core.errors(f"add route {dst} dev {where}"):
+                ipr.route(
+                    "replace",
+                    dst=str(dst),
+                    family=_family(dst),
+                    proto=PROTO,
+                    scope=_SCOPE_LINK,
+                    table=table,
+                    **hops,
+                )
+        for dst in remove:
+            with core.errors(f"remove route {dst}"):
+                _delete(ipr, dst=str(dst), family=_family(dst), proto=PROTO, table=table)
+
+
+# IPv6 takes no multipath route whose nexthops are devices alone; a link-local gateway, onlink,
+# satisfies it and means nothing on a WireGuard device (a layer-3 link: no neighbours).
+_V6_GATEWAY: Final = "fe80::1"
+_RTNH_F_ONLINK: Final = 4
+
+
+def _hop(dst: wgdevice.IPNetwork, index: int) -> dict[str, Any]:
+    if dst.version == 6:
+        return {"oif": index, "gateway": _V6_GATEWAY, "flags": _RTNH_F_ONLINK}
+    return {"oif": index}
+
+
+def list_paths(
+    devices: Sequence[str], *, table: int = MAIN, netns: str | None = None
+) -> dict[wgdevice.IPNetwork, tuple[int, ...]]:
+    """podwire's routes through the lanes' devices, with the lanes of their nexthops (a
+    nexthop through another link, or a device that is gone, counts as no lane)."""
+    with core.errors("list routes on " + ",".join(devices)), core.iproute(netns) as ipr:
+        lane_of = {}
+        for lane, device in enumerate(devices):
+            found = ipr.link_lookup(ifname=device)
+            if found:
+                lane_of[found[0]] = lane
+        out: dict[wgdevice.IPNetwork, tuple[int, ...]] = {}
+        for route, net in _own_routes(ipr, table):
+            if route["type"] != _RTN_UNICAST:
+                continue
+            oif = route.get_attr("RTA_OIF")
+            hops = [oif] if oif else [hop["oif"] for hop in route.get_attr("RTA_MULTIPATH") or []]
+            if any(hop in lane_of for hop in hops):
+                out[net] = tuple(sorted(lane_of.get(hop, -1) for hop in hops))
+        return out
 
 
 def add_fail_closed(

@@ -102,6 +102,16 @@ def test_every_canonical_last_character_is_allowed(crd: dict[str, Any]) -> None:
     assert len(seen) == 16
 
 
+def test_lanes_are_schemad_like_lane_zero(crd: dict[str, Any]) -> None:
+    spec = _schema(crd)["properties"]["spec"]["properties"]
+    lane = spec["lanes"]["items"]
+    assert set(lane["required"]) == {"publicKey", "listenPort"}
+    assert lane["properties"]["publicKey"]["pattern"] == spec["publicKey"]["pattern"]
+    assert spec["lanes"]["maxItems"] == wgnode.MAX_LANES - 1
+    status = _schema(crd)["properties"]["status"]["properties"]["lanes"]
+    assert (status["minimum"], status["maximum"]) == (1, wgnode.MAX_LANES)
+
+
 def test_port_range(crd: dict[str, Any]) -> None:
     port = _schema(crd)["properties"]["spec"]["properties"]["listenPort"]
     assert port["type"] == "integer"
@@ -123,6 +133,7 @@ def test_status_is_schemad_with_standard_conditions(crd: dict[str, Any]) -> None
         "observedGeneration",
         "advisories",
         "advisoryCount",
+        "lanes",
     }
     assert status["datapath"]["enum"] == list(wgnode.DATAPATHS)
     cond = status["conditions"]["items"]
@@ -151,6 +162,7 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
         "Pod CIDRs": (".status.podCIDRs", "string"),
         "Datapath": (".status.datapath", "string"),
         "Peers": (".status.peers", "integer"),
+        "Lanes": (".status.lanes", "integer"),
         "Ready": ('.status.conditions[?(@.type=="Ready")].status', "string"),
         "Advisories": (".status.advisoryCount", "integer"),
         "Key Age": (".status.keyRotatedAt", "date"),
