@@ -1,0 +1,313 @@
+"""Lanes with real agents: two nodes with `lanes: 2`, each lane a podwire-engine of its own in
+the node's namespace, the real apiserver.
+
+Flows between the same two pods on different ports travel on the two lanes (a capture on each
+lane's device inside the node maps every flow to one lane, and the underlay shows two UDP port
+pairs); a node with one lane beside one with two works over lane 0; a rotation of a two-lane
+node loses no datagram on either lane; nothing crosses the underlay in clear.
+
+    pod --- node1 [wg, wg_1] === underlay bridge === [wg, wg_1] node2 --- pod
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from underlay import capture_underlay
+
+from podwire.agent import keys
+from podwire.agent.netlink import routes as nl_routes
+from podwire.sandbox import netns as netns_mod
+from podwire.sandbox import topology
+
+PODWIRE = str(pathlib.Path(sys.executable).with_name("podwire"))
+PYTHON = sys.executable
+PORT = 9000  # the receiving pod's UDP port
+FLOWS = 8  # source ports 40000.. : with a layer-4 hash, 8 flows land on both lanes but for 2^-7
+UAPI_DIR = pathlib.Path("/var/run/wireguard")
+
+# Sends numbered datagrams from FLOWS source ports at `rate` each for `seconds`; each carries
+# its flow, its number and a pattern derived from both, so the receiver can tell it intact.
+SENDER = """
+import json, socket, sys, time
+dst, flows, rate, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+socks = []
+for k in range(flows):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("", 40000 + k))
+    socks.append(s)
+sent = [0] * flows
+start = time.monotonic()
+n = 0
+while time.monotonic() - start < seconds:
+    for k, s in enumerate(socks):
+        body = f"{k}:{n}:".encode()
+        s.sendto(body + bytes((k * 31 + n + i) % 256 for i in range(300)), (dst, @PORT@))
+        sent[k] += 1
+    n += 1
+    time.sleep(max(0.0, start + n / rate - time.monotonic()))
+print(json.dumps(sent))
+""".replace("@PORT@", str(PORT))
+
+# Counts what arrives per source port until `seconds` pass with nothing; damaged datagrams
+# (a pattern that does not match its header) are counted apart.
+RECEIVER = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], @PORT@))
+s.settimeout(float(sys.argv[2]))
+got, damaged = {}, 0
+print("listening", flush=True)
+try:
+    while True:
+        data, (_, sport) = s.recvfrom(2048)
+        k, n, rest = data.split(b":", 2)
+        k, n = int(k), int(n)
+        if rest != bytes((k * 31 + n + i) % 256 for i in range(300)):
+            damaged += 1
+        got[str(sport)] = got.get(str(sport), 0) + 1
+except TimeoutError:
+    pass
+print(json.dumps({"got": got, "damaged": damaged}), flush=True)
+""".replace("@PORT@", str(PORT))
+
+
+def _wgnode(cluster: topology.Cluster, name: str) -> dict:
+    out = cluster.cp.kubectl("get", "wgnode", name, "-o", "json", check=False)
+    return json.loads(out.stdout) if out.returncode == 0 else {}
+
+
+def _settled(cluster: topology.Cluster, lanes: dict[str, int]) -> bool:
+    """Every agent Ready, with its lanes published and every other node as a peer."""
+    for name, count in lanes.items():
+        obj = _wgnode(cluster, name)
+        status = obj.get("status", {})
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", [])
+        )
+        if not ready or status.get("peers") != len(lanes) - 1 or status.get("lanes") != count:
+            return False
+        if len(obj.get("spec", {}).get("lanes", [])) != count - 1:
+            return False
+    return True
+
+
+def _peers(node: topology.Node, device: str) -> list[tuple[str, str]]:
+    """(public key, endpoint) of each peer of one of the node's devices."""
+    proc = node.ns.run("wg", "show", device, "dump")
+    return [tuple(line.split("\t")[:3:2]) for line in proc.stdout.strip().splitlines()[1:]]  # type: ignore[misc]
+
+
+def _route(node: topology.Node, cidr: str) -> str:
+    """The node's route to cidr, in podwire's table (strictMode, the default)."""
+    return node.ns.ip("route", "show", "table", str(nl_routes.TABLE), cidr).stdout
+
+
+def _lane(node: topology.Node, lane: int) -> str:
+    return node.device if lane == 0 else f"{node.device}_{lane}"
+
+
+@pytest.fixture
+def lanes_cluster(cluster: topology.Cluster) -> Iterator[topology.Cluster]:
+    yield cluster
+    # The lane engines' sockets, beside lane 0's (which the topology records itself).
+    for node in cluster.nodes.values():
+        for lane in range(1, 8):
+            (UAPI_DIR / f"{_lane(node, lane)}.sock").unlink(missing_ok=True)
+
+
+def _start(cluster: topology.Cluster, lanes: dict[str, int]) -> list[topology.Node]:
+    nodes = []
+    for name in lanes:
+        device = cluster.factory.unique("w")
+        assert len(device) <= 13, device  # room for the lane suffix
+        nodes.append(cluster.add_node(name, device=device))
+    for node, count in zip(nodes, lanes.values(), strict=True):
+        cluster.start_agent(node, env={"PODWIRE_LANES": str(count)})
+    netns_mod.wait_until(lambda: _settled(cluster, lanes), timeout=90, what=f"agents {lanes}")
+    return nodes
+
+
+class Flows:
+    """FLOWS UDP flows between two pods, received and checked on the far side."""
+
+    def __init__(
+        self,
+        cluster: topology.Cluster,
+        src: topology.Pod,
+        dst: topology.Pod,
+        *,
+        rate: float,
+        seconds: float,
+    ) -> None:
+        self.receiver = subprocess.Popen(
+            dst.ns.exec_args([PYTHON, "-c", RECEIVER, dst.ip, "4"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.receiver.stdout is not None
+        assert self.receiver.stdout.readline().strip() == "listening"
+        self.sender = subprocess.Popen(
+            src.ns.exec_args([PYTHON, "-c", SENDER, dst.ip, str(FLOWS), str(rate), str(seconds)]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def result(self) -> tuple[list[int], dict[str, int], int]:
+        """Sent per flow, received per source port, damaged datagrams."""
+        try:
+            out, _ = self.sender.communicate(timeout=120)
+            got, _ = self.receiver.communicate(timeout=120)
+        finally:
+            for proc in (self.sender, self.receiver):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        received = json.loads(got)
+        return json.loads(out), received["got"], received["damaged"]
+
+
+def _capture(
+    cluster: topology.Cluster, ns: netns_mod.Netns, iface: str, expr: str, pcap: pathlib.Path
+) -> subprocess.Popen[bytes]:
+    log = pcap.with_suffix(".log")
+    proc = cluster.factory.spawn(
+        ns, ["tcpdump", "-i", iface, "-n", "-U", "-w", str(pcap), expr], log_path=log
+    )
+    netns_mod.wait_until(lambda: "listening on" in log.read_text(), timeout=10, what="tcpdump")
+    return proc
+
+
+def _read(pcap: pathlib.Path) -> list[str]:
+    out = subprocess.run(["tcpdump", "-r", str(pcap), "-n"], capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+def test_flows_spread_over_two_lanes_each_staying_on_one(
+    lanes_cluster: topology.Cluster, tmp_path: pathlib.Path
+) -> None:
+    cluster = lanes_cluster
+    n1, n2 = _start(cluster, {"node1": 2, "node2": 2})
+    # Lane i pairs with lane i: each device has the other node's lane as its one peer.
+    spec2 = _wgnode(cluster, "node2")["spec"]
+    assert _peers(n1, _lane(n1, 0)) == [(spec2["publicKey"], f"{n2.underlay_ip}:51871")]
+    assert _peers(n1, _lane(n1, 1)) == [(spec2["lanes"][0]["publicKey"], f"{n2.underlay_ip}:51872")]
+    assert spec2["lanes"][0]["listenPort"] == 51872
+    # The route to node2's pods is multipath over both lanes, hashed by layer 4.
+    route = _route(n1, n2.pod_cidr)
+    assert f"nexthop dev {_lane(n1, 0)}" in route and f"nexthop dev {_lane(n1, 1)}" in route, route
+    policy = n1.ns.run("sysctl", "-n", "net.ipv4.fib_multipath_hash_policy").stdout.strip()
+    assert policy == "1"
+    # kubectl get wgnodes shows the lanes.
+    table = cluster.cp.kubectl("get", "wgnodes").stdout.splitlines()
+    at = table[0].index("LANES")  # columns are aligned; some headers have spaces
+    shown = {row.split()[0]: row[at:].split()[0] for row in table[1:]}
+    assert (shown["node1"], shown["node2"]) == ("2", "2"), "\n".join(table)
+
+    src, dst = n1.pods[0], n2.pods[0]
+    clear, clear_pcap = capture_underlay(cluster, tmp_path)
+    wire = _capture(
+        cluster,
+        cluster.underlay,
+        cluster.bridge,
+        f"udp and host {n1.underlay_ip} and host {n2.underlay_ip}",
+        tmp_path / "wire.pcap",
+    )
+    inside = [
+        _capture(
+            cluster, n1.ns, _lane(n1, lane), f"udp dst port {PORT}", tmp_path / f"l{lane}.pcap"
+        )
+        for lane in (0, 1)
+    ]
+    try:
+        flows = Flows(cluster, src, dst, rate=50, seconds=2)
+        sent, got, damaged = flows.result()
+    finally:
+        for proc in (clear, wire, *inside):
+            netns_mod.stop_process(proc)
+    assert damaged == 0
+    assert {int(p): n for p, n in got.items()} == {40000 + k: n for k, n in enumerate(sent)}
+
+    # Each flow travelled on one lane; both lanes carried flows.
+    by_lane = []
+    for lane in (0, 1):
+        ports = {
+            int(line.split(" > ")[0].rsplit(".", 1)[1])
+            for line in _read(tmp_path / f"l{lane}.pcap")
+            if f"{src.ip}." in line
+        }
+        by_lane.append(ports)
+    print(f"\nflows by lane: lane 0 {sorted(by_lane[0])}, lane 1 {sorted(by_lane[1])}")
+    assert by_lane[0] and by_lane[1], f"the flows did not spread: {by_lane}"
+    assert not by_lane[0] & by_lane[1], f"a flow changed lanes: {by_lane[0] & by_lane[1]}"
+    assert by_lane[0] | by_lane[1] == {40000 + k for k in range(FLOWS)}
+    # The underlay saw two UDP port pairs between the nodes: one per lane.
+    pairs = set()
+    for line in _read(tmp_path / "wire.pcap"):
+        a, b = line.split(" IP ", 1)[1].split(": ", 1)[0].split(" > ")
+        pairs.add(tuple(sorted((int(a.rsplit(".", 1)[1]), int(b.rsplit(".", 1)[1])))))
+    assert pairs == {(51871, 51871), (51872, 51872)}, pairs
+    leaked = _read(clear_pcap)
+    assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
+
+
+def test_a_node_with_one_lane_beside_one_with_two_talks_over_lane_0(
+    lanes_cluster: topology.Cluster,
+) -> None:
+    cluster = lanes_cluster
+    n1, n2 = _start(cluster, {"node1": 2, "node2": 1})
+    assert "lanes" not in _wgnode(cluster, "node2")["spec"]  # one lane: the spec as before
+    assert _peers(n1, _lane(n1, 1)) == []  # node2 has no lane 1 to pair with
+    assert len(_peers(n2, _lane(n2, 0))) == 1
+    route = _route(n1, n2.pod_cidr)
+    assert f"dev {_lane(n1, 0)}" in route and "nexthop" not in route, route
+    for a, b in ((n1, n2), (n2, n1)):
+        assert a.pods[0].ns.ping(b.pods[1].ip, count=3, timeout=10), f"{a.name} -> {b.name}"
+    flows = Flows(cluster, n1.pods[0], n2.pods[0], rate=50, seconds=1)
+    sent, got, damaged = flows.result()
+    assert damaged == 0 and sum(got.values()) == sum(sent)
+
+
+def test_rotating_a_two_lane_node_loses_nothing_on_either_lane(
+    lanes_cluster: topology.Cluster, tmp_path: pathlib.Path
+) -> None:
+    cluster = lanes_cluster
+    n1, n2 = _start(cluster, {"node1": 2, "node2": 2})
+    lane1_path = n2.key_path.with_name(f"{n2.key_path.stem}-lane1{n2.key_path.suffix}")
+    old = (keys.load(n2.key_path).public_key_b64(), keys.load(lane1_path).public_key_b64())
+    clear, clear_pcap = capture_underlay(cluster, tmp_path)
+    try:
+        flows = [
+            Flows(cluster, n1.pods[0], n2.pods[0], rate=100, seconds=8),
+            Flows(cluster, n2.pods[1], n1.pods[1], rate=100, seconds=8),
+        ]
+        time.sleep(2)
+        cli = subprocess.run(
+            [PODWIRE, "rotate-key", "--node", "node2", "--kubeconfig", str(cluster.cp.kubeconfig)],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert cli.returncode == 0, cli.stderr
+        results = [f.result() for f in flows]
+    finally:
+        netns_mod.stop_process(clear)
+    new = (keys.load(n2.key_path).public_key_b64(), keys.load(lane1_path).public_key_b64())
+    assert new[0] != old[0] and new[1] != old[1], "both lanes' keys are new"
+    spec = _wgnode(cluster, "node2")["spec"]
+    assert (spec["publicKey"], spec["lanes"][0]["publicKey"]) == new
+    assert {k for k, _ in _peers(n1, _lane(n1, 0))} == {new[0]}
+    assert {k for k, _ in _peers(n1, _lane(n1, 1))} == {new[1]}
+    for direction, (sent, got, damaged) in zip(("1->2", "2->1"), results, strict=True):
+        lost = sum(sent) - sum(got.values())
+        print(f"\nrotation of a 2-lane node, {direction}: {lost} of {sum(sent)} datagrams lost")
+        assert damaged == 0
+        assert lost == 0, f"{direction}: {lost} of {sum(sent)} lost across the rotation: {got}"
+    leaked = _read(clear_pcap)
+    assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
