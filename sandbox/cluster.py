@@ -467,6 +467,7 @@ class _Up:
         _, archive = self.image
         for a in dict.fromkeys([kubenode.PAUSE_ARCHIVE, archive]):
             kn.import_image(a)
+        kn.discard_layers()
         kn.route_apiserver()
         kn.start_kubelet()
         self.progress.step(f"{kn.node.name}: containerd and kubelet started")

@@ -423,6 +423,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         if done.returncode != 0:
             raise NodeError(f"{self.node.name}: ctr images import {archive} failed: {done.stderr}")
 
+    def discard_layers(self) -> None:
+        """Deletes the imported layers' blobs, once unpacked: containers start from the unpacked
+        snapshots, and each node's images then take half the memory (326 instead of 634 MiB
+        for the podwire image). The manifests and configs stay: the kubelet sees the images."""
+        listed = self.ctr("content", "ls")
+        layers = [
+            line.split()[0]
+            for line in listed.stdout.splitlines()[1:]
+            if "containerd.io/uncompressed=" in line
+        ]
+        if layers:
+            done = self.ctr("content", "rm", *layers)
+            if done.returncode != 0:
+                raise NodeError(f"{self.node.name}: ctr content rm failed: {done.stderr.strip()}")
+
     def route_apiserver(self) -> None:
         """10.96.0.1:443 (the in-cluster address, which no kube-proxy serves here) to the node's
         relay on 127.0.0.1: from the node's own network (OUTPUT) and from its pods (PREROUTING,
