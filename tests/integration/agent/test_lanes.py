@@ -24,7 +24,7 @@ from underlay import capture_underlay
 from podwire.agent import keys
 from podwire.agent.netlink import routes as nl_routes
 from podwire.sandbox import netns as netns_mod
-from podwire.sandbox import topology
+from podwire.sandbox import tools, topology
 
 PODWIRE = str(pathlib.Path(sys.executable).with_name("podwire"))
 PYTHON = sys.executable
@@ -116,9 +116,9 @@ def _lane(node: topology.Node, lane: int) -> str:
 @pytest.fixture
 def lanes_cluster(cluster: topology.Cluster) -> Iterator[topology.Cluster]:
     yield cluster
-    # The lane engines' sockets, beside lane 0's (which the topology records itself).
+    # Every lane engine's socket (lane 0's too: the topology records it, removes none).
     for node in cluster.nodes.values():
-        for lane in range(1, 8):
+        for lane in range(8):
             (UAPI_DIR / f"{_lane(node, lane)}.sock").unlink(missing_ok=True)
 
 
@@ -311,3 +311,36 @@ def test_rotating_a_two_lane_node_loses_nothing_on_either_lane(
         assert lost == 0, f"{direction}: {lost} of {sum(sent)} lost across the rotation: {got}"
     leaked = _read(clear_pcap)
     assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
+
+
+CHART = pathlib.Path(__file__).resolve().parents[3] / "deploy" / "helm" / "podwire"
+
+
+def _template(*values: str) -> subprocess.CompletedProcess[str]:
+    sets = [a for v in ("agent.clusterPodCIDRs=10.244.0.0/16", *values) for a in ("--set", v)]
+    return subprocess.run(
+        [tools.path("helm"), "template", "t", str(CHART), *sets],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_chart_sets_lanes_and_refuses_what_cannot_run() -> None:
+    default = _template()
+    assert default.returncode == 0, default.stderr
+    assert '{name: PODWIRE_LANES, value: "1"}' in default.stdout
+    assert "wireguard-1" not in default.stdout
+    three = _template("agent.lanes=3")
+    assert three.returncode == 0, three.stderr
+    assert '{name: PODWIRE_LANES, value: "3"}' in three.stdout
+    for lane in (1, 2):  # each lane's port declared beside lane 0's
+        port = f"{{name: wireguard-{lane}, containerPort: {51871 + lane}, protocol: UDP}}"
+        assert port in three.stdout
+    external = _template("agent.lanes=2", "agent.datapath=userspace")
+    assert external.returncode != 0 and "one engine per lane" in external.stderr
+    own_engines = _template("agent.lanes=2", "agent.datapath=userspace", "engine.enabled=false")
+    assert own_engines.returncode == 0, own_engines.stderr
+    for bad in ("agent.lanes=0", "agent.lanes=9"):
+        refused = _template(bad)
+        assert refused.returncode != 0 and "/agent/lanes" in refused.stderr
