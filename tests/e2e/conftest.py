@@ -80,7 +80,7 @@ class Sandbox:
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: the sandbox makes network namespaces")
+        pytest.fail("needs root: the sandbox makes network namespaces")
 
 
 def recorded(directory: pathlib.Path) -> tuple[list[str], list[record.Process], list[str]]:

@@ -97,7 +97,7 @@ def test_a_failed_up_names_the_step_and_leaves_nothing(
     tmp_path: pathlib.Path, nothing_left: Any
 ) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: the sandbox makes network namespaces")
+        pytest.fail("needs root: the sandbox makes network namespaces")
     directory = tmp_path / "sandbox"
     # An engine that cannot start: the agents fail, so `up` does, halfway through.
     env = {**os.environ, "PODWIRE_SANDBOX_DIR": str(directory), "PODWIRE_ENGINE": "/bin/false"}
