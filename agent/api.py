@@ -45,6 +45,21 @@ def _condition(c: wgnode.Condition) -> agent_pb2.Condition:
     )
 
 
+def _lanes(a: app.Agent) -> list[agent_pb2.Lane]:
+    """Every lane's device, key and port; none with one lane (the status's device says it)."""
+    if a.cfg.lanes == 1 or not a.keys.public_key:
+        return []
+    return [
+        agent_pb2.Lane(
+            index=i,
+            device=a.cfg.lane_device(i),
+            public_key=a.keys.lane_key(i).public_key_b64(),
+            listen_port=a.cfg.lane_port(i),
+        )
+        for i in range(a.cfg.lanes)
+    ]
+
+
 class Servicer(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent: app.Agent) -> None:
         self.agent = agent
@@ -75,12 +90,20 @@ class Servicer(agent_pb2_grpc.AgentServicer):
                 agent_pb2.Advisory(name=adv.name, message=adv.message)
                 for adv in a.datapath.advisories
             ],
+            lanes=_lanes(a),
         )
 
     def ListPeers(self, request: Any, context: Any) -> agent_pb2.ListPeersResponse:
-        names = {p.public_key: p.node for p in self.agent.reconciler.outcome.peers}
+        names = {}
+        for desired in self.agent.reconciler.outcome.peers:
+            names[desired.public_key] = desired.node
+            names.update((lane.public_key, desired.node) for lane in desired.lanes)
         try:
-            peers = self.agent.datapath.require().read().peers
+            peers = [
+                (lane, p)
+                for lane, backend in self.agent.datapath.backends()
+                for p in backend.read().peers
+            ]
         except Exception as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"the device could not be read: {e}")
         out = [
@@ -93,8 +116,9 @@ class Servicer(agent_pb2_grpc.AgentServicer):
                 rx_bytes=p.rx_bytes,
                 tx_bytes=p.tx_bytes,
                 persistent_keepalive_interval=p.persistent_keepalive,
+                lane=lane,
             )
-            for p in peers
+            for lane, p in peers
         ]
         return agent_pb2.ListPeersResponse(peers=out)
 

@@ -192,6 +192,12 @@ def _agent_command(args: argparse.Namespace) -> int:
         print(f"node:        {msg.node_name}")
         print(f"public key:  {msg.public_key}")
         print(f"device:      {msg.device} ({datapath}), listen port {msg.listen_port}")
+        if msg.lanes:
+            print(f"lanes:       {len(msg.lanes)}")
+            for lane in msg.lanes:
+                print(
+                    f"  {lane.index}: {lane.device}, listen port {lane.listen_port}, {lane.public_key}"
+                )
         print(f"features:    {', '.join(msg.features) or '-'}")
         print(
             f"watches:     nodes {'synced' if msg.nodes_synced else 'syncing'}, wgnodes {'synced' if msg.wgnodes_synced else 'syncing'}"
@@ -212,11 +218,14 @@ def _agent_command(args: argparse.Namespace) -> int:
         rows += [[f"  {c.name}", "yes" if c.ok else "no", c.message] for c in msg.components]
         print(_table(rows))
         return 0
-    rows = [["NODE", "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"]]
+    lanes = any(p.lane for p in msg.peers)  # a LANE column only where there are lanes
+    rows = [["NODE", *(["LANE"] if lanes else []), "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS"]]
+    rows[0] += ["HANDSHAKE", "RX", "TX"]
     for p in msg.peers:
         rows.append(
             [
                 p.node_name or "-",
+                *([str(p.lane)] if lanes else []),
                 p.public_key,
                 p.endpoint or "-",
                 ",".join(p.allowed_ips),

@@ -103,27 +103,39 @@ class AgentCollector(Collector):
         yield from self._peers(a)
 
     def _peers(self, a: app.Agent) -> Iterator[Any]:
-        names = {p.public_key: p.node for p in a.reconciler.outcome.peers}
+        """Per peer; with lanes, per peer and lane (a `lane` label), since each lane's device
+        has its own session and counters with the peer."""
+        yield GaugeMetricFamily(
+            "podwire_lanes", "WireGuard devices (lanes) of this node", value=a.datapath.lane_count
+        )
+        names = {}
+        for desired in a.reconciler.outcome.peers:
+            names[desired.public_key] = desired.node
+            names.update((lane.public_key, desired.node) for lane in desired.lanes)
+        labels = ["peer", "lane"] if a.datapath.lanes else ["peer"]
         age = GaugeMetricFamily(
             "podwire_peer_handshake_age_seconds",
             "Seconds since the last handshake",
-            labels=["peer"],
+            labels=labels,
         )
         rx = CounterMetricFamily(
-            "podwire_peer_rx_bytes", "Bytes received from the peer", labels=["peer"]
+            "podwire_peer_rx_bytes", "Bytes received from the peer", labels=labels
         )
-        tx = CounterMetricFamily("podwire_peer_tx_bytes", "Bytes sent to the peer", labels=["peer"])
+        tx = CounterMetricFamily("podwire_peer_tx_bytes", "Bytes sent to the peer", labels=labels)
         try:
-            peers = a.datapath.require().read().peers
+            peers = [
+                (lane, p) for lane, backend in a.datapath.backends() for p in backend.read().peers
+            ]
         except Exception:  # no device yet, or it is being brought back: no peer figures
-            peers = ()
+            peers = []
         now = time.time()
-        for p in peers:
-            peer = names.get(p.public_key, p.public_key)
+        for lane, p in peers:
+            values = [names.get(p.public_key, p.public_key)]
+            values += [str(lane)] if a.datapath.lanes else []
             if p.last_handshake:
-                age.add_metric([peer], now - p.last_handshake)
-            rx.add_metric([peer], p.rx_bytes)
-            tx.add_metric([peer], p.tx_bytes)
+                age.add_metric(values, now - p.last_handshake)
+            rx.add_metric(values, p.rx_bytes)
+            tx.add_metric(values, p.tx_bytes)
         yield age
         yield rx
         yield tx

@@ -25,39 +25,41 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"podwire/api/podwire/v1/agent.proto\x12\npodwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x84\x01\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x38\n\x14last_transition_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe9\x03\n\x06Status\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x13\n\x0blisten_port\x18\x03 \x01(\r\x12&\n\x08\x64\x61tapath\x18\x04 \x01(\x0e\x32\x14.podwire.v1.Datapath\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x06 \x03(\t\x12\x14\n\x0cnodes_synced\x18\x07 \x01(\x08\x12\x16\n\x0ewgnodes_synced\x18\x08 \x01(\x08\x12\x32\n\x0elast_reconcile\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_reconcile_error\x18\n \x01(\t\x12\x12\n\npeer_count\x18\x0b \x01(\r\x12\x0b\n\x03mtu\x18\x0c \x01(\r\x12\x32\n\x0ekey_rotated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\nconditions\x18\x0e \x03(\x0b\x32\x15.podwire.v1.Condition\x12/\n\ncomponents\x18\x0f \x03(\x0b\x32\x1b.podwire.v1.ComponentHealth\x12(\n\nadvisories\x18\x10 \x03(\x0b\x32\x14.podwire.v1.Advisory\")\n\x08\x41\x64visory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x0f\x43omponentHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x12\n\x10ListPeersRequest\"\xd3\x01\n\x04Peer\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x13\n\x0b\x61llowed_ips\x18\x04 \x03(\t\x12\x32\n\x0elast_handshake\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08rx_bytes\x18\x06 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x07 \x01(\x04\x12%\n\x1dpersistent_keepalive_interval\x18\x08 \x01(\r\"4\n\x11ListPeersResponse\x12\x1f\n\x05peers\x18\x01 \x03(\x0b\x32\x10.podwire.v1.Peer\"\x12\n\x10RotateKeyRequest\"W\n\x11RotateKeyResponse\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12.\n\nrotated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x14\n\x12WatchEventsRequest\"s\n\x05\x45vent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t*Q\n\x08\x44\x61tapath\x12\x18\n\x14\x44\x41TAPATH_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TAPATH_KERNEL\x10\x01\x12\x16\n\x12\x44\x41TAPATH_USERSPACE\x10\x02\x32\x9e\x02\n\x05\x41gent\x12=\n\tGetStatus\x12\x1c.podwire.v1.GetStatusRequest\x1a\x12.podwire.v1.Status\x12H\n\tListPeers\x12\x1c.podwire.v1.ListPeersRequest\x1a\x1d.podwire.v1.ListPeersResponse\x12H\n\tRotateKey\x12\x1c.podwire.v1.RotateKeyRequest\x1a\x1d.podwire.v1.RotateKeyResponse\x12\x42\n\x0bWatchEvents\x12\x1e.podwire.v1.WatchEventsRequest\x1a\x11.podwire.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"podwire/api/podwire/v1/agent.proto\x12\npodwire.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x84\x01\n\tCondition\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x38\n\x14last_transition_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x04\n\x06Status\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x13\n\x0blisten_port\x18\x03 \x01(\r\x12&\n\x08\x64\x61tapath\x18\x04 \x01(\x0e\x32\x14.podwire.v1.Datapath\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x06 \x03(\t\x12\x14\n\x0cnodes_synced\x18\x07 \x01(\x08\x12\x16\n\x0ewgnodes_synced\x18\x08 \x01(\x08\x12\x32\n\x0elast_reconcile\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14last_reconcile_error\x18\n \x01(\t\x12\x12\n\npeer_count\x18\x0b \x01(\r\x12\x0b\n\x03mtu\x18\x0c \x01(\r\x12\x32\n\x0ekey_rotated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\nconditions\x18\x0e \x03(\x0b\x32\x15.podwire.v1.Condition\x12/\n\ncomponents\x18\x0f \x03(\x0b\x32\x1b.podwire.v1.ComponentHealth\x12(\n\nadvisories\x18\x10 \x03(\x0b\x32\x14.podwire.v1.Advisory\x12\x1f\n\x05lanes\x18\x11 \x03(\x0b\x32\x10.podwire.v1.Lane\"N\n\x04Lane\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\t\x12\x13\n\x0blisten_port\x18\x04 \x01(\r\")\n\x08\x41\x64visory\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x0f\x43omponentHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x12\n\x10ListPeersRequest\"\xe1\x01\n\x04Peer\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x13\n\x0b\x61llowed_ips\x18\x04 \x03(\t\x12\x32\n\x0elast_handshake\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08rx_bytes\x18\x06 \x01(\x04\x12\x10\n\x08tx_bytes\x18\x07 \x01(\x04\x12%\n\x1dpersistent_keepalive_interval\x18\x08 \x01(\r\x12\x0c\n\x04lane\x18\t \x01(\r\"4\n\x11ListPeersResponse\x12\x1f\n\x05peers\x18\x01 \x03(\x0b\x32\x10.podwire.v1.Peer\"\x12\n\x10RotateKeyRequest\"W\n\x11RotateKeyResponse\x12\x12\n\npublic_key\x18\x01 \x01(\t\x12.\n\nrotated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x14\n\x12WatchEventsRequest\"s\n\x05\x45vent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t*Q\n\x08\x44\x61tapath\x12\x18\n\x14\x44\x41TAPATH_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x44\x41TAPATH_KERNEL\x10\x01\x12\x16\n\x12\x44\x41TAPATH_USERSPACE\x10\x02\x32\x9e\x02\n\x05\x41gent\x12=\n\tGetStatus\x12\x1c.podwire.v1.GetStatusRequest\x1a\x12.podwire.v1.Status\x12H\n\tListPeers\x12\x1c.podwire.v1.ListPeersRequest\x1a\x1d.podwire.v1.ListPeersResponse\x12H\n\tRotateKey\x12\x1c.podwire.v1.RotateKeyRequest\x1a\x1d.podwire.v1.RotateKeyResponse\x12\x42\n\x0bWatchEvents\x12\x1e.podwire.v1.WatchEventsRequest\x1a\x11.podwire.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'podwire.api.podwire.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATAPATH']._serialized_start=1371
-  _globals['_DATAPATH']._serialized_end=1452
+  _globals['_DATAPATH']._serialized_start=1498
+  _globals['_DATAPATH']._serialized_end=1579
   _globals['_GETSTATUSREQUEST']._serialized_start=83
   _globals['_GETSTATUSREQUEST']._serialized_end=101
   _globals['_CONDITION']._serialized_start=104
   _globals['_CONDITION']._serialized_end=236
   _globals['_STATUS']._serialized_start=239
-  _globals['_STATUS']._serialized_end=728
-  _globals['_ADVISORY']._serialized_start=730
-  _globals['_ADVISORY']._serialized_end=771
-  _globals['_COMPONENTHEALTH']._serialized_start=773
-  _globals['_COMPONENTHEALTH']._serialized_end=833
-  _globals['_LISTPEERSREQUEST']._serialized_start=835
-  _globals['_LISTPEERSREQUEST']._serialized_end=853
-  _globals['_PEER']._serialized_start=856
-  _globals['_PEER']._serialized_end=1067
-  _globals['_LISTPEERSRESPONSE']._serialized_start=1069
-  _globals['_LISTPEERSRESPONSE']._serialized_end=1121
-  _globals['_ROTATEKEYREQUEST']._serialized_start=1123
-  _globals['_ROTATEKEYREQUEST']._serialized_end=1141
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=1143
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=1230
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1232
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1252
-  _globals['_EVENT']._serialized_start=1254
-  _globals['_EVENT']._serialized_end=1369
-  _globals['_AGENT']._serialized_start=1455
-  _globals['_AGENT']._serialized_end=1741
+  _globals['_STATUS']._serialized_end=761
+  _globals['_LANE']._serialized_start=763
+  _globals['_LANE']._serialized_end=841
+  _globals['_ADVISORY']._serialized_start=843
+  _globals['_ADVISORY']._serialized_end=884
+  _globals['_COMPONENTHEALTH']._serialized_start=886
+  _globals['_COMPONENTHEALTH']._serialized_end=946
+  _globals['_LISTPEERSREQUEST']._serialized_start=948
+  _globals['_LISTPEERSREQUEST']._serialized_end=966
+  _globals['_PEER']._serialized_start=969
+  _globals['_PEER']._serialized_end=1194
+  _globals['_LISTPEERSRESPONSE']._serialized_start=1196
+  _globals['_LISTPEERSRESPONSE']._serialized_end=1248
+  _globals['_ROTATEKEYREQUEST']._serialized_start=1250
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1268
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1270
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1357
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1359
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1379
+  _globals['_EVENT']._serialized_start=1381
+  _globals['_EVENT']._serialized_end=1496
+  _globals['_AGENT']._serialized_start=1582
+  _globals['_AGENT']._serialized_end=1868
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,7 @@ class Condition(_message.Message):
     def __init__(self, type: _Optional[str] = ..., status: _Optional[bool] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., last_transition_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("node_name", "public_key", "listen_port", "datapath", "device", "features", "nodes_synced", "wgnodes_synced", "last_reconcile", "last_reconcile_error", "peer_count", "mtu", "key_rotated_at", "conditions", "components", "advisories")
+    __slots__ = ("node_name", "public_key", "listen_port", "datapath", "device", "features", "nodes_synced", "wgnodes_synced", "last_reconcile", "last_reconcile_error", "peer_count", "mtu", "key_rotated_at", "conditions", "components", "advisories", "lanes")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     LISTEN_PORT_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class Status(_message.Message):
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     ADVISORIES_FIELD_NUMBER: _ClassVar[int]
+    LANES_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     public_key: str
     listen_port: int
@@ -71,7 +72,20 @@ class Status(_message.Message):
     conditions: _containers.RepeatedCompositeFieldContainer[Condition]
     components: _containers.RepeatedCompositeFieldContainer[ComponentHealth]
     advisories: _containers.RepeatedCompositeFieldContainer[Advisory]
-    def __init__(self, node_name: _Optional[str] = ..., public_key: _Optional[str] = ..., listen_port: _Optional[int] = ..., datapath: _Optional[_Union[Datapath, str]] = ..., device: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., nodes_synced: _Optional[bool] = ..., wgnodes_synced: _Optional[bool] = ..., last_reconcile: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_reconcile_error: _Optional[str] = ..., peer_count: _Optional[int] = ..., mtu: _Optional[int] = ..., key_rotated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., advisories: _Optional[_Iterable[_Union[Advisory, _Mapping]]] = ...) -> None: ...
+    lanes: _containers.RepeatedCompositeFieldContainer[Lane]
+    def __init__(self, node_name: _Optional[str] = ..., public_key: _Optional[str] = ..., listen_port: _Optional[int] = ..., datapath: _Optional[_Union[Datapath, str]] = ..., device: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ..., nodes_synced: _Optional[bool] = ..., wgnodes_synced: _Optional[bool] = ..., last_reconcile: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_reconcile_error: _Optional[str] = ..., peer_count: _Optional[int] = ..., mtu: _Optional[int] = ..., key_rotated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., components: _Optional[_Iterable[_Union[ComponentHealth, _Mapping]]] = ..., advisories: _Optional[_Iterable[_Union[Advisory, _Mapping]]] = ..., lanes: _Optional[_Iterable[_Union[Lane, _Mapping]]] = ...) -> None: ...
+
+class Lane(_message.Message):
+    __slots__ = ("index", "device", "public_key", "listen_port")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_PORT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    device: str
+    public_key: str
+    listen_port: int
+    def __init__(self, index: _Optional[int] = ..., device: _Optional[str] = ..., public_key: _Optional[str] = ..., listen_port: _Optional[int] = ...) -> None: ...
 
 class Advisory(_message.Message):
     __slots__ = ("name", "message")
@@ -96,7 +110,7 @@ class ListPeersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("node_name", "public_key", "endpoint", "allowed_ips", "last_handshake", "rx_bytes", "tx_bytes", "persistent_keepalive_interval")
+    __slots__ = ("node_name", "public_key", "endpoint", "allowed_ips", "last_handshake", "rx_bytes", "tx_bytes", "persistent_keepalive_interval", "lane")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +119,7 @@ class Peer(_message.Message):
     RX_BYTES_FIELD_NUMBER: _ClassVar[int]
     TX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PERSISTENT_KEEPALIVE_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     public_key: str
     endpoint: str
@@ -113,7 +128,8 @@ class Peer(_message.Message):
     rx_bytes: int
     tx_bytes: int
     persistent_keepalive_interval: int
-    def __init__(self, node_name: _Optional[str] = ..., public_key: _Optional[str] = ..., endpoint: _Optional[str] = ..., allowed_ips: _Optional[_Iterable[str]] = ..., last_handshake: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rx_bytes: _Optional[int] = ..., tx_bytes: _Optional[int] = ..., persistent_keepalive_interval: _Optional[int] = ...) -> None: ...
+    lane: int
+    def __init__(self, node_name: _Optional[str] = ..., public_key: _Optional[str] = ..., endpoint: _Optional[str] = ..., allowed_ips: _Optional[_Iterable[str]] = ..., last_handshake: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rx_bytes: _Optional[int] = ..., tx_bytes: _Optional[int] = ..., persistent_keepalive_interval: _Optional[int] = ..., lane: _Optional[int] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
     __slots__ = ("peers",)

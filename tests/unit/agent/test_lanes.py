@@ -24,7 +24,7 @@ from agentfakes import (
     node,
 )
 
-from podwire.agent import app, config, keys, reconcile, watches, wgdevice
+from podwire.agent import api, app, config, keys, metrics, reconcile, watches, wgdevice
 from podwire.agent import clock as clock_mod
 from podwire.api import wgnode
 
@@ -367,3 +367,38 @@ def test_a_lost_lane_device_is_brought_back_with_its_key_and_peers(two: TwoLanes
     assert two.backends[1].exists and two.backends[1].private_key == key1
     assert [p.public_key for p in two.backends[1].table.peers()] == [k2[1]]
     assert two.agent.watchdog.restarts == 1
+
+
+def test_status_peers_and_metrics_show_the_lanes(two: TwoLanes) -> None:
+    k2 = [_key(), _key()]
+    two.start(("n2", 2, k2))
+    servicer = api.Servicer(two.agent)
+    status = servicer.GetStatus(None, None)
+    assert [(lane.index, lane.device, lane.listen_port) for lane in status.lanes] == [
+        (0, "podwire_wg0", 51871),
+        (1, "podwire_wg0_1", 51872),
+    ]
+    assert status.lanes[1].public_key == keys.load(two.cfg.lane_key_path(1)).public_key_b64()
+    peers = servicer.ListPeers(None, None).peers
+    assert sorted((p.lane, p.node_name, p.public_key) for p in peers) == [
+        (0, "n2", k2[0]),
+        (1, "n2", k2[1]),
+    ]
+    families = {f.name: f for f in metrics.AgentCollector(two.agent).collect()}
+    assert families["podwire_lanes"].samples[0].value == 2
+    rx = {tuple(sorted(s.labels.items())) for s in families["podwire_peer_rx_bytes"].samples}
+    assert rx == {(("lane", "0"), ("peer", "n2")), (("lane", "1"), ("peer", "n2"))}
+
+
+def test_one_lane_shows_no_lanes_and_keeps_its_metric_labels(tmp_path: pathlib.Path) -> None:
+    from agentfakes import AgentHarness
+
+    h = AgentHarness(tmp_path / "private.key")
+    h.start()
+    h.list(OtherNode("n2", _key(), "192.0.2.2", ("10.244.2.0/24",)))
+    h.step()
+    assert list(api.Servicer(h.agent).GetStatus(None, None).lanes) == []
+    assert {p.lane for p in api.Servicer(h.agent).ListPeers(None, None).peers} == {0}
+    families = {f.name: f for f in metrics.AgentCollector(h.agent).collect()}
+    assert [s.labels for s in families["podwire_peer_rx_bytes"].samples] == [{"peer": "n2"}]
+    assert "lanes" not in h.api.wgnodes["n1"]["spec"]
