@@ -109,6 +109,16 @@ def _route(node: topology.Node, cidr: str) -> str:
     return node.ns.ip("route", "show", "table", str(nl_routes.TABLE), cidr).stdout
 
 
+def _cli(node: topology.Node, command: str) -> str:
+    return subprocess.run(
+        [PODWIRE, command, "--socket", str(node.api_socket)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+
+
 def _lane(node: topology.Node, lane: int) -> str:
     return node.device if lane == 0 else f"{node.device}_{lane}"
 
@@ -210,6 +220,11 @@ def test_flows_spread_over_two_lanes_each_staying_on_one(
     shown = {row.split()[0]: row[at:].split()[0] for row in table[1:]}
     assert (shown["node1"], shown["node2"]) == ("2", "2"), "\n".join(table)
 
+    # podwire peers shows node2 once per lane.
+    peers = _cli(n1, "peers").splitlines()
+    assert peers[0].split()[:2] == ["NODE", "LANE"], peers
+    assert sorted(row.split()[:2] for row in peers[1:]) == [["node2", "0"], ["node2", "1"]]
+
     src, dst = n1.pods[0], n2.pods[0]
     clear, clear_pcap = capture_underlay(cluster, tmp_path)
     wire = _capture(
@@ -272,6 +287,16 @@ def test_a_node_with_one_lane_beside_one_with_two_talks_over_lane_0(
     flows = Flows(cluster, n1.pods[0], n2.pods[0], rate=50, seconds=1)
     sent, got, damaged = flows.result()
     assert damaged == 0 and sum(got.values()) == sum(sent)
+
+    # podwire status and peers say it: node1 has two lanes, node2 is on lane 0 only.
+    text = _cli(n1, "status")
+    assert "lanes:       2" in text and f"1: {_lane(n1, 1)}, listen port 51872" in text, text
+    table = _cli(n1, "peers").splitlines()  # every peer on lane 0: no LANE column
+    assert table[0].split()[:2] == ["NODE", "PUBLIC"], table
+    assert [row.split()[0] for row in table[1:]] == ["node2"], table
+    assert "lanes:" not in _cli(n2, "status")  # one lane: status as it always was
+    secret = n1.key_path.read_text().strip()
+    assert secret not in text and secret not in "\n".join(table)
 
 
 def test_rotating_a_two_lane_node_loses_nothing_on_either_lane(
