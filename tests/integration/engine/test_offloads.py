@@ -279,4 +279,3 @@ def test_udp_gso_and_gro_carry_a_train_whole(netns: Any) -> None:
     assert {source for _, source in got} == {("127.0.0.1", sender.port)}
     assert sender.gso_sends == 1
     assert receiver.gro_receives >= 1
-
