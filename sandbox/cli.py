@@ -24,9 +24,10 @@ def register(commands: argparse._SubParsersAction[Any]) -> None:
     up.add_argument(
         "--runtime",
         choices=["process", "kubelet"],
-        default="process",
-        help="process: agents as processes, pods as namespaces (fast); kubelet: real nodes, "
-        "containerd and a kubelet each, pods as containers",
+        default="kubelet",
+        help="kubelet (the default): real nodes, containerd and a kubelet each, pods as "
+        "containers, podwire installed with helm; process: agents as processes, pods as "
+        "namespaces (fast, for tests)",
     )
     actions.add_parser("down", help="remove everything the sandbox made")
     st = actions.add_parser("status", help="nodes, peers, handshakes, which pod reaches which")

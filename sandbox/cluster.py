@@ -1,16 +1,15 @@
 """`podwire sandbox`: a whole podwire cluster on one machine, which outlives the command.
 
-`up` starts etcd and the real kube-apiserver, installs the CRD (and the chart's RBAC, when the
-chart has any), makes one network namespace per node on a shared underlay bridge and two pod
-namespaces behind each node (sandbox.topology), and starts one agent per node in its
-namespace, each with its apiserver relay. Everything it starts runs detached; every namespace,
+`up` starts etcd and the real kube-apiserver and makes one network namespace per node on a
+shared underlay bridge (sandbox.topology). By default (`--runtime kubelet`) each node is a real
+one (sandbox.kubenode): kube-controller-manager and kube-scheduler beside the apiserver, a
+containerd and a kubelet in each node's namespaces, pods as containers, and podwire by `helm
+install` of the chart with the image built here. `--runtime process`, for fast tests, installs
+the CRD and the chart's RBAC and starts one agent per node as a process in its namespace, each
+with its apiserver relay, and two pod namespaces behind each node. Everything it starts runs detached; every namespace,
 process and file it makes is written into one record (sandbox.record), saved in the sandbox
 directory as it is made, so that `down`, from any later process, removes exactly that, and a
 failed `up` removes what it had made before it says which step failed.
-
-`up --runtime kubelet` makes real nodes instead (sandbox.kubenode): kube-controller-manager
-and kube-scheduler beside the apiserver, a containerd and a kubelet in each node's namespaces,
-pods as containers, and podwire by `helm install` of the chart with the image built here.
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ class Sandbox:
         *,
         nodes: int = 3,
         datapath: str = "auto",
-        runtime: str = "process",
+        runtime: str = "kubelet",
         out: TextIO = sys.stdout,
     ) -> record.Record:
         """runtime process: agents as processes, pods as bare namespaces (fast); kubelet: real

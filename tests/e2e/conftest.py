@@ -128,7 +128,7 @@ def sandbox(tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[
     directory = tmp_path / "sandbox"
     nodes = getattr(request, "param", 3)
     started = time.monotonic()
-    up = podwire(directory, "sandbox", "up", "--nodes", str(nodes))
+    up = podwire(directory, "sandbox", "up", "--runtime", "process", "--nodes", str(nodes))
     took = time.monotonic() - started
     made = recorded(directory)
     try:

@@ -104,7 +104,7 @@ def test_a_failed_up_names_the_step_and_leaves_nothing(
     before = _namespaces()
     podwire = pathlib.Path(sys.executable).parent / "podwire"
     done = subprocess.run(
-        [str(podwire), "sandbox", "up", "--nodes", "2"],
+        [str(podwire), "sandbox", "up", "--runtime", "process", "--nodes", "2"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     out, err = done.stdout, done.stderr

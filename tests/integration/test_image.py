@@ -491,6 +491,8 @@ def test_the_archive_imports_into_containerd(
         f'state = "{root / "state"}"\n'
         'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
         f'[grpc]\n  address = "{sock}"\n'
+        # Its opt plugin would otherwise make /opt/containerd on the machine itself.
+        f'[plugins."io.containerd.internal.v1.opt"]\n  path = "{root / "opt"}"\n'
     )
     netns.spawn(None, ["containerd", "--config", str(root / "config.toml")], log_path=root / "log")
     try:
@@ -503,6 +505,7 @@ def test_the_archive_imports_into_containerd(
         assert image in listed, listed
         mounts = _run([*ctr, "snapshots", "ls"]).stdout
         assert "Committed" in mounts, mounts  # unpacked, layer by layer
+        assert (root / "opt").is_dir(), "containerd's opt folder is not the test's own"
     finally:
         for proc in netns.processes:
             supervisor.stop(proc)
