@@ -1,20 +1,25 @@
-"""Fixtures for the privileged tier: network namespaces and the real kube-apiserver."""
+"""Fixtures for the privileged tier: network namespaces, the real kube-apiserver, a cluster of
+node namespaces for real agents, and a namespace of its own for real operators."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from podwire.sandbox import controlplane
+from podwire.sandbox import controlplane, topology
 from podwire.sandbox import netns as netns_mod
+from tests.integration.operator.conftest import Operators
 
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root: network namespaces, TUN devices and veth links")
+        # A fail, not a skip: a skipped privileged test would count as passed and prove nothing.
+        pytest.fail("needs root: network namespaces, TUN devices and veth links")
 
 
 @pytest.fixture
@@ -47,3 +52,67 @@ def crds(apiserver: controlplane.ControlPlane) -> controlplane.ControlPlane:
     """The session's apiserver with podwire's CRDs (the chart's crds/) installed."""
     apiserver.install_crds()
     return apiserver
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+LOG_TAIL = 60  # lines of each agent's log shown when a test fails
+
+
+@pytest.fixture
+def cluster(
+    crds: controlplane.ControlPlane,
+    netns: netns_mod.NetnsFactory,
+    tmp_path: pathlib.Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[topology.Cluster]:
+    c = topology.Cluster(netns, crds, tmp_path)
+    try:
+        yield c
+    finally:
+        if request.node.stash.get(_FAILED, False):
+            # What the agents said is what explains a failure seen once in CI.
+            for node in c.nodes.values():
+                log = node.workdir / "agent.log"
+                lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+                print(f"\n--- {node.name}'s agent.log, last {LOG_TAIL} lines ---")
+                print("\n".join(lines[-LOG_TAIL:]))
+        # Agents first, so they do not react to the clean-up; then the Node objects, cluster
+        # state shared by the session's apiserver: leave none behind.
+        for node in c.nodes.values():
+            c.stop_agent(node)
+        for name in list(c.nodes):
+            crds.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
+            crds.kubectl(
+                "delete", "wgnode", name, "--ignore-not-found", "--wait=false", check=False
+            )
+
+
+@pytest.fixture
+def namespace(crds: controlplane.ControlPlane) -> Iterator[str]:
+    # Without kube-controller-manager a deleted namespace stays Terminating: one name per test.
+    name = f"podwire-op-{uuid.uuid4().hex[:8]}"
+    crds.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        crds.kubectl("delete", "lease", "--all", "-n", name, "--ignore-not-found", check=False)
+        crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def operators(
+    crds: controlplane.ControlPlane, namespace: str, tmp_path: pathlib.Path
+) -> Iterator[Operators]:
+    ops = Operators(crds, namespace, tmp_path)
+    try:
+        yield ops
+    finally:
+        ops.stop_all()

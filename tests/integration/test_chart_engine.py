@@ -24,32 +24,12 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 
-import pytest
-
-from podwire.sandbox import controlplane, record, topology, verify
 from podwire.sandbox import netns as netns_mod
+from podwire.sandbox import record, topology, verify
 
 PINGS = 600  # 6 s at 100 a second, while the agent's container is killed and started again
 MARKER_SIZE = 24
-
-
-@pytest.fixture
-def cluster(
-    crds: controlplane.ControlPlane, netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
-) -> Iterator[topology.Cluster]:
-    c = topology.Cluster(netns, crds, tmp_path)
-    try:
-        yield c
-    finally:
-        for node in c.nodes.values():
-            c.stop_agent(node)  # the engines are the factory's processes: it ends them
-        for name in list(c.nodes):
-            for kind in ("node", "wgnode"):
-                crds.kubectl(
-                    "delete", kind, name, "--ignore-not-found", "--wait=false", check=False
-                )
 
 
 def _start_engine(cluster: topology.Cluster, node: record.Node) -> subprocess.Popen[bytes]:

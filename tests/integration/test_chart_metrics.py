@@ -10,50 +10,17 @@ import pathlib
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from podwire.sandbox import controlplane, record, topology
 from podwire.sandbox import netns as netns_mod
+from podwire.sandbox import record, topology
 from tests.integration.operator.conftest import Operators, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "helm" / "podwire" / "dashboards" / "podwire.json"
 PROMTOOL = ROOT / ".cache" / "tools" / "bin" / "promtool"
 METRIC = re.compile(r"\bpodwire_[a-z0-9_]+\b")
-
-
-@pytest.fixture
-def cluster(
-    crds: controlplane.ControlPlane, netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
-) -> Iterator[topology.Cluster]:
-    c = topology.Cluster(netns, crds, tmp_path)
-    try:
-        yield c
-    finally:
-        for node in c.nodes.values():
-            c.stop_agent(node)
-        for name in list(c.nodes):
-            for kind in ("node", "wgnode"):
-                crds.kubectl(
-                    "delete", kind, name, "--ignore-not-found", "--wait=false", check=False
-                )
-
-
-@pytest.fixture
-def operators(crds: controlplane.ControlPlane, tmp_path: pathlib.Path) -> Iterator[Operators]:
-    namespace = f"podwire-metrics-{uuid.uuid4().hex[:8]}"
-    crds.kubectl("create", "namespace", namespace)
-    ops = Operators(crds, namespace, tmp_path)
-    try:
-        yield ops
-    finally:
-        for op in ops.started:
-            netns_mod.stop_process(op.proc, grace=5)
-        crds.kubectl("delete", "lease", "--all", "-n", namespace, "--ignore-not-found", check=False)
-        crds.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def dashboard_metrics() -> set[str]:

@@ -14,14 +14,11 @@ import json
 import os
 import pathlib
 import time
-import uuid
-from collections.abc import Iterator
 
-import pytest
 import yaml
 
-from podwire.sandbox import controlplane, topology
 from podwire.sandbox import netns as netns_mod
+from podwire.sandbox import topology
 from tests.integration.operator.conftest import Operators, wait_for
 from tests.integration.test_chart_engine import _descendants, _ready
 from tests.integration.test_chart_values import CHART
@@ -29,37 +26,6 @@ from tests.integration.test_chart_values import CHART
 WINDOW = 10.0  # seconds of each measurement
 TICK = os.sysconf("SC_CLK_TCK")
 UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-
-
-@pytest.fixture
-def cluster(
-    crds: controlplane.ControlPlane, netns: netns_mod.NetnsFactory, tmp_path: pathlib.Path
-) -> Iterator[topology.Cluster]:
-    c = topology.Cluster(netns, crds, tmp_path)
-    try:
-        yield c
-    finally:
-        for node in c.nodes.values():
-            c.stop_agent(node)
-        for name in list(c.nodes):
-            for kind in ("node", "wgnode"):
-                crds.kubectl(
-                    "delete", kind, name, "--ignore-not-found", "--wait=false", check=False
-                )
-
-
-@pytest.fixture
-def operators(crds: controlplane.ControlPlane, tmp_path: pathlib.Path) -> Iterator[Operators]:
-    namespace = f"podwire-res-{uuid.uuid4().hex[:8]}"
-    crds.kubectl("create", "namespace", namespace)
-    ops = Operators(crds, namespace, tmp_path)
-    try:
-        yield ops
-    finally:
-        for op in ops.started:
-            netns_mod.stop_process(op.proc, grace=5)
-        crds.kubectl("delete", "lease", "--all", "-n", namespace, "--ignore-not-found", check=False)
-        crds.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -198,29 +198,6 @@ class Objects:
 
 
 @pytest.fixture
-def namespace(crds: controlplane.ControlPlane) -> Iterator[str]:
-    # Without kube-controller-manager a deleted namespace stays Terminating: one name per test.
-    name = f"podwire-op-{uuid.uuid4().hex[:8]}"
-    crds.kubectl("create", "namespace", name)
-    try:
-        yield name
-    finally:
-        crds.kubectl("delete", "lease", "--all", "-n", name, "--ignore-not-found", check=False)
-        crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-@pytest.fixture
-def operators(
-    crds: controlplane.ControlPlane, namespace: str, tmp_path: pathlib.Path
-) -> Iterator[Operators]:
-    ops = Operators(crds, namespace, tmp_path)
-    try:
-        yield ops
-    finally:
-        ops.stop_all()
-
-
-@pytest.fixture
 def objects(crds: controlplane.ControlPlane) -> Iterator[Objects]:
     objs = Objects(crds)
     try:
