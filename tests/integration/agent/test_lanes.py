@@ -61,12 +61,13 @@ RECEIVER = """
 import json, socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], @PORT@))
-s.settimeout(float(sys.argv[2]))
+s.settimeout(30)  # the sender's start may be slow; after its first datagram, the idle limit
 got, damaged = {}, 0
 print("listening", flush=True)
 try:
     while True:
         data, (_, sport) = s.recvfrom(2048)
+        s.settimeout(float(sys.argv[2]))
         k, n, rest = data.split(b":", 2)
         k, n = int(k), int(n)
         if rest != bytes((k * 31 + n + i) % 256 for i in range(300)):
