@@ -402,3 +402,31 @@ def test_one_lane_shows_no_lanes_and_keeps_its_metric_labels(tmp_path: pathlib.P
     families = {f.name: f for f in metrics.AgentCollector(h.agent).collect()}
     assert [s.labels for s in families["podwire_peer_rx_bytes"].samples] == [{"peer": "n2"}]
     assert "lanes" not in h.api.wgnodes["n1"]["spec"]
+
+
+@pytest.mark.parametrize("stored", [(1,), (1, 0)], ids=["lane1-only", "both-lanes"])
+def test_a_lane_rotation_cut_short_is_finished_at_the_next_start(
+    tmp_path: pathlib.Path, stored: tuple[int, ...]
+) -> None:
+    first = TwoLanes(tmp_path)
+    first.start(("n2", 2, [_key(), _key()]))
+    for lane in stored:  # the agent died after storing these lanes' new keys (lane 0 is last)
+        keys.rotate(first.cfg.lane_key_path(lane))
+    second = TwoLanes(tmp_path)
+    second.api = first.api  # the same apiserver, still holding the old keys
+    second.agent.publisher.api = first.api
+    second.agent.apiserver = first.api
+    second.api.on_write = second.wgnodes.put
+    assert second.agent.start(threading.Event(), loop=False)
+    assert second.agent.keys.interrupted
+    second.nodes.list([first.api.nodes["n1"], node("n2", "192.0.2.2", ["10.244.2.0/24"])])
+    second.wgnodes.list([dict(o) for o in first.api.wgnodes.values()])
+    second.agent.controller.step(woke=True)
+    now = [keys.load(second.cfg.lane_key_path(lane)) for lane in (0, 1)]
+    assert [b.private_key for b in second.backends] == [k.raw for k in now]
+    spec = second.api.wgnodes["n1"]["spec"]
+    assert spec["publicKey"] == now[0].public_key_b64()
+    assert spec["lanes"][0]["publicKey"] == now[1].public_key_b64()
+    for lane in (0, 1):  # finished: no previous key kept on any lane
+        assert keys.load_previous(second.cfg.lane_key_path(lane)) is None
+    assert not second.agent.keys.interrupted
