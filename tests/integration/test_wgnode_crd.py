@@ -55,6 +55,7 @@ def test_agent_body_is_accepted_and_printed_by_kubectl(
         datapath="userspace",
         features=(),
         peers=2,
+        lanes=1,
         advisories=(
             wgnode.Advisory("init_on_alloc", "boot with init_on_alloc=0"),
             wgnode.Advisory("threaded_napi", "turn threaded_napi on"),
@@ -74,6 +75,7 @@ def test_agent_body_is_accepted_and_printed_by_kubectl(
         "CIDRS",
         "DATAPATH",
         "PEERS",
+        "LANES",
         "READY",
         "ADVISORIES",
         "KEY",
@@ -84,8 +86,8 @@ def test_agent_body_is_accepted_and_printed_by_kubectl(
     assert row[0] == name and row[1] == res.spec.public_key
     assert row[2] == "192.0.2.10:51871"
     assert "10.244.1.0/24" in row[3] and "fd00:10:244:1::/64" in row[3]
-    assert row[4:7] == ["userspace", "2", "True"]
-    assert row[7] == "2", "the Advisories column counts status.advisories"
+    assert row[4:8] == ["userspace", "2", "1", "True"], "the Lanes column shows status.lanes"
+    assert row[8] == "2", "the Advisories column counts status.advisories"
     got = wgnode.WireguardNode.from_dict(client.get_wgnode(name))
     assert got.status is not None and got.status.advisories == status.advisories
     # The short name works too.
