@@ -12,7 +12,9 @@ node loses no datagram on either lane; nothing crosses the underlay in clear.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -370,3 +372,51 @@ def test_the_chart_sets_lanes_and_refuses_what_cannot_run() -> None:
     for bad in ("agent.lanes=0", "agent.lanes=9"):
         refused = _template(bad)
         assert refused.returncode != 0 and "/agent/lanes" in refused.stderr
+
+
+def _engine_pid(node: topology.Node, device: str) -> int | None:
+    """The PID of the engine serving `device` in the node's namespace (the agent started it)."""
+    for pid in netns_mod.pids(node.ns.name):
+        try:
+            argv = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"podwire-engine") for a in argv[:2]) and device.encode() in argv:
+            return pid
+    return None
+
+
+def test_a_lane_engine_that_dies_fails_closed_and_comes_back(
+    lanes_cluster: topology.Cluster, tmp_path: pathlib.Path
+) -> None:
+    cluster = lanes_cluster
+    n1, n2 = _start(cluster, {"node1": 2, "node2": 2})
+    src, dst = n1.pods[0], n2.pods[0]
+    pid = _engine_pid(n1, _lane(n1, 1))
+    assert pid is not None, "lane 1 has an engine of its own"
+    clear, clear_pcap = capture_underlay(cluster, tmp_path)
+    try:
+        os.kill(pid, signal.SIGKILL)  # lane 1's engine dies: its device and route go with it
+        netns_mod.wait_until(
+            lambda: not n1.ns.link_exists(_lane(n1, 1)) or _engine_pid(n1, _lane(n1, 1)) != pid,
+            timeout=10,
+            what="lane 1's device gone",
+        )
+        # Meanwhile: nothing in clear (the flows meet the backstop, or lane 0).
+        Flows(cluster, src, dst, rate=50, seconds=1).result()
+        # The watchdog brings the lane back; the next pass puts its peer and route back.
+        netns_mod.wait_until(
+            lambda: (
+                len(_peers(n1, _lane(n1, 1))) == 1
+                and f"nexthop dev {_lane(n1, 1)}" in _route(n1, n2.pod_cidr)
+            ),
+            timeout=30,
+            what="lane 1 back with its peer and route",
+        )
+        sent, got, damaged = Flows(cluster, src, dst, rate=50, seconds=2).result()
+    finally:
+        netns_mod.stop_process(clear)
+    assert damaged == 0
+    assert {int(p): n for p, n in got.items()} == {40000 + k: n for k, n in enumerate(sent)}
+    leaked = _read(clear_pcap)
+    assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
