@@ -88,6 +88,7 @@ def cluster(
         # state shared by the session's apiserver: leave none behind.
         for node in c.nodes.values():
             c.stop_agent(node)
+        c.remove_sockets()  # /var/run/wireguard is the machine's: leave no engine's socket there
         for name in list(c.nodes):
             crds.kubectl("delete", "node", name, "--ignore-not-found", "--wait=false", check=False)
             crds.kubectl(
