@@ -4,7 +4,7 @@ Start order is the design's: fail-closed first (before the agent waits for anyth
 probes' HTTP server, the key, the node's address (its InternalIP, which the device's MTU
 derives from), the device, the watches, the local API, and the control loop. Stop is the
 reverse, and leaves the device, its peers and routes as they are, so traffic keeps flowing
-while the next agent starts.
+while the next agent starts; only an agent an uninstall armed removes them as it stops.
 """
 
 from __future__ import annotations
@@ -115,8 +115,22 @@ class Agent:
         return True
 
     def stop(self) -> None:
+        """Stops every component; the node keeps its devices, routes and rules for the next
+        agent, unless an uninstall armed this one (`controller.uninstall_armed`): then they
+        are removed from the node, all but the key folder."""
         for c in reversed(self.components()):
             c.stop()
+        if self.controller.uninstall_armed:
+            self.remove_from_node()
+
+    def remove_from_node(self) -> None:
+        logger = log.get("agent")
+        try:
+            removed = self.datapath.remove_from_node()
+        except Exception as e:  # logged; the agent still exits, the kubelet does the rest
+            logger.error("uninstall_cleanup_failed", error=str(e))
+            return
+        logger.info("uninstall_cleanup_done", removed=removed)
 
     def wait_for_node_address(self, stop: threading.Event) -> str | None:
         """The Node's primary InternalIP (None if it has none); waits for the Node to exist."""

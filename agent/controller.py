@@ -43,6 +43,10 @@ CONFIRM_PERIOD: Final = 180.0
 # A rotation request stamped further than this in the future is refused (a clock far off, or
 # a typo), not honoured on every start until that time comes.
 REQUEST_FUTURE_LIMIT: Final = 300.0
+# An uninstall request (the chart's pre-delete hook) arms the agent for this long: a request
+# left behind by an uninstall that was abandoned must not, days later, make a plain restart
+# cut the node's pod traffic.
+UNINSTALL_MAX_AGE: Final = 600.0
 
 
 def backoff(failures: int) -> float:
@@ -92,6 +96,7 @@ class Controller:
         self.rotations_done = 0
         self.turn_errors = 0  # turns that raised: each is a bug, logged with its traceback
         self.rotations_failed = 0
+        self.uninstall_armed = False  # on stop, the agent removes what it made on the node
 
     def wake(self) -> None:
         """Something changed (a watch event): a pass is owed."""
@@ -130,6 +135,7 @@ class Controller:
             before = (self.publisher.published, self.publisher.repairs)
             self._keep_key()
             self._rotate_if_requested()
+            self._arm_for_uninstall()
             self._count_confirmed()
             now = self.clock.monotonic()
             self._pending = self._pending or woke or now >= self._next_resync
@@ -270,6 +276,55 @@ class Controller:
             )
             return ""
         return text
+
+    def _arm_for_uninstall(self) -> None:
+        """Armed while the own WireguardNode carries a recent uninstall request; the change
+        either way is logged, recorded as an Event and written as the UninstallArmed
+        condition (the pre-delete hook waits for it)."""
+        own = self.publisher.watches.wgnode(self.publisher.node_name)
+        if own is None:
+            return
+        annotations = own.get("metadata", {}).get("annotations") or {}
+        text = str(annotations.get(wgnode.UNINSTALL_ANNOTATION) or "")
+        armed, why = self._uninstall_verdict(text)
+        written = self.publisher.uninstall
+        if written is None and not armed and not text:
+            return  # never asked: no condition
+        if written is not None and (armed, why) == (written[0], written[2]):
+            return
+        changed = armed != self.uninstall_armed
+        self.uninstall_armed = armed
+        self.publisher.uninstall = (armed, "Armed" if armed else "NotArmed", why)
+        if changed:
+            self.log.info("uninstall_armed" if armed else "uninstall_disarmed", reason=why)
+            self.recorder.record(
+                "Normal", "UninstallArmed" if armed else "UninstallDisarmed", why, involved=own
+            )
+        self.publisher.write_status()
+
+    def _uninstall_verdict(self, text: str) -> tuple[bool, str]:
+        """Whether the request `text` arms the agent now, and why (or why not)."""
+        if not text:
+            return False, f"{wgnode.UNINSTALL_ANNOTATION} is not set"
+        try:
+            when = wgnode.parse_time(text)
+        except ValueError as e:
+            return False, f"{wgnode.UNINSTALL_ANNOTATION}: {e}"
+        now = self.clock.wall()
+        if when > now + REQUEST_FUTURE_LIMIT:
+            return False, (
+                f"{wgnode.UNINSTALL_ANNOTATION} is {text}, more than "
+                f"{REQUEST_FUTURE_LIMIT:.0f} s in the future: is a clock wrong?"
+            )
+        if when < now - UNINSTALL_MAX_AGE:
+            return False, (
+                f"{wgnode.UNINSTALL_ANNOTATION} is {text}, older than "
+                f"{UNINSTALL_MAX_AGE:.0f} s: a stop leaves the node as it is"
+            )
+        return True, (
+            f"uninstall requested at {text}: when the agent stops, it removes its devices, "
+            "routes, backstops and rules from the node (the key folder stays)"
+        )
 
     def _rotate_if_requested(self) -> None:
         request = self._requested_rotation()

@@ -1,7 +1,9 @@
 """`podwire-agent`: the node daemon. Loads the config, builds the agent and runs it.
 
 Stops cleanly on SIGTERM: the API socket is removed, the device and its peers are left as
-they are, so traffic between pods keeps flowing while the next agent starts.
+they are, so traffic between pods keeps flowing while the next agent starts. An agent armed by
+an uninstall request (`podwire prepare-uninstall`, the chart's pre-delete hook) removes them
+instead, with the backstops and rules: everything it made on the node but the key folder.
 """
 
 from __future__ import annotations

@@ -89,6 +89,9 @@ class Publisher:
         # Set by the controller once a rotation's key is on the device: how many peers have
         # handshaken with it since (status.peersOnCurrentKey); None before any rotation.
         self.peers_on_current_key: int | None = None
+        # Set by the controller once an uninstall was requested: UninstallArmed's status
+        # (armed or not), reason and message; None: the condition is not written.
+        self.uninstall: tuple[bool, str, str] | None = None
         self._unsynced_since = 0.0  # monotonic: since when the watches have not been synced
         self._next_survey = 0.0  # monotonic; the device surveyed itself when it came up
         self.log = log.get("publisher", node=node_name)
@@ -307,6 +310,8 @@ class Publisher:
         put(wgnode.ENCRYPTED, encrypted, reason, message)
         ready, why = self.readiness() if self.readiness else (published and programmed, "")
         put(wgnode.READY, ready, "Ready" if ready else "NotReady", "" if ready else why)
+        if self.uninstall is not None:
+            put(wgnode.UNINSTALL_ARMED, *self.uninstall)
         return conds
 
     def _encrypted(self) -> tuple[bool, str, str]:

@@ -35,6 +35,11 @@ ROTATE_ANNOTATION: Final = "podwire.io/rotate-key-requested-at"
 # Set by `podwire rotate-key --all` on every WireguardNode: the operator rotates the queued
 # nodes one at a time and removes the annotation from each when it is done with it.
 ROTATION_QUEUED_ANNOTATION: Final = "podwire.io/rotation-queued-at"
+# Set to an RFC 3339 time by `podwire prepare-uninstall` (the chart's pre-delete hook) on every
+# WireguardNode: while it is recent, the node's agent is armed (condition UninstallArmed) and,
+# when it is next told to stop, removes its devices, routes, backstops and rules from the node
+# instead of leaving them for the next agent. The key folder stays.
+UNINSTALL_ANNOTATION: Final = "podwire.io/uninstall-requested-at"
 
 DEFAULT_LISTEN_PORT: Final = 51871
 MAX_LANES: Final = 8  # WireGuard devices per node (lane i listens on listenPort + i)
@@ -56,6 +61,10 @@ PEERS_PROGRAMMED: Final = "PeersProgrammed"
 PEERS_REFUSED: Final = "PeersRefused"
 ENCRYPTED: Final = "Encrypted"
 CONDITION_TYPES: Final = (READY, KEY_PUBLISHED, PEERS_PROGRAMMED, PEERS_REFUSED, ENCRYPTED)
+# - UninstallArmed: written once an uninstall was requested (UNINSTALL_ANNOTATION): True while
+#   the agent will clean the node when it stops; False once the request is gone or stale. Not
+#   in CONDITION_TYPES: a node never asked to uninstall does not carry it.
+UNINSTALL_ARMED: Final = "UninstallArmed"
 
 ConditionStatus: TypeAlias = Literal["True", "False", "Unknown"]
 CONDITION_STATUSES: Final = ("True", "False", "Unknown")

@@ -33,6 +33,11 @@ class Backend(Protocol):
         """The device as it is now: its public key, port and every peer with its counters."""
         ...
 
+    def remove(self) -> None:
+        """Deletes the device (and ends a userspace engine); its peers' routes go with it.
+        Only at uninstall."""
+        ...
+
     def apply(self, changes: Sequence[wgdevice.PeerChange]) -> None:
         """The changes in order, with the meaning of `wgdevice.PeerTable.apply`."""
         ...

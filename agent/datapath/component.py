@@ -35,6 +35,7 @@ class RoutesLike(Protocol):
 
     def install_fail_closed(self, cidrs: Iterable[wgdevice.IPNetwork]) -> None: ...
     def list_routes(self) -> list[wgdevice.IPNetwork]: ...
+    def remove_all(self) -> list[str]: ...
     def apply(self, plan: reconcile.RoutePlan) -> None: ...
     def list_paths(self) -> dict[wgdevice.IPNetwork, tuple[int, ...]]: ...
     def apply_paths(self, plan: reconcile.PathPlan) -> None: ...
@@ -127,6 +128,49 @@ class Datapath:
 
     def stop(self) -> None:
         pass  # the device, its peers and routes stay: traffic flows while the next agent starts
+
+    def remove_from_node(self) -> list[str]:
+        """Everything the datapath made on the node goes: every lane's device (a userspace
+        engine ends), the peers' routes with them, the backstops, strictMode's table and rules,
+        and with lanes the multipath hash goes back to the kernel's default. Only at uninstall
+        (an armed agent told to stop): pods lose their way to other nodes, in clear or not.
+        The key folder stays. What it removed, for the log; a step that fails does not keep
+        the next from running, and the first failure is raised at the end."""
+        done: list[str] = []
+        failed: list[Exception] = []
+        for lane in reversed(self.lanes):
+            self._remove_device(lane.device, lane.backend, done, failed)
+        self._remove_device(self.device, self.backend, done, failed)
+        try:
+            done += self.routes.remove_all()
+        except Exception as e:
+            failed.append(e)
+        if self.lanes:
+            try:
+                multipath.restore(dict.fromkeys(multipath.SETTINGS, 0), netns=self.netns)
+                done.append("multipath hash back to layer 3 (the kernel's default)")
+            except OSError as e:
+                failed.append(e)
+        self.fail_closed_installed = False
+        if failed:
+            raise failed[0]
+        return done
+
+    def _remove_device(
+        self,
+        device: str,
+        backend: backend_mod.Backend | None,
+        done: list[str],
+        failed: list[Exception],
+    ) -> None:
+        try:
+            if backend is not None:
+                backend.remove()
+            else:  # never brought up by this agent: whatever link has the name is ours
+                link.delete(device, self.netns)
+            done.append(f"device {device}")
+        except Exception as e:
+            failed.append(e)
 
     def bring_up(self, underlay_address: str | None) -> None:
         """Chooses the backend for the underlay, then brings the device up with key and port."""

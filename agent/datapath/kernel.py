@@ -30,6 +30,9 @@ class KernelBackend:
         wireguard.create_device(self.device, netns=self.netns)
         self._link.configure(kernel=True)
 
+    def remove(self) -> None:
+        link.delete(self.device, self.netns)
+
     def identity(self) -> object | None:
         return link.ifindex(self.device, self.netns)
 

@@ -82,6 +82,11 @@ class Link:
             self.applied = (*self.applied, THREADED_NAPI)
 
 
+def delete(device: str, netns: str | None) -> None:
+    """Deletes the link; one already gone is fine."""
+    links.delete_link(device, netns=netns)
+
+
 def ifindex(device: str, netns: str | None) -> int | None:
     """The link's ifindex, None when it is gone; the watchdog asks every second."""
     if netns is None:  # the agent's own namespace: one ioctl

@@ -67,6 +67,25 @@ class Routes:
         for cidr in cidrs:
             nl_routes.remove_fail_closed(cidr, netns=self.netns)
 
+    def remove_all(self) -> list[str]:
+        """Every route of podwire's left once the devices are gone (the backstops in main and
+        in podwire's table, strictMode's throw routes, a peer route a device did not take
+        with it) and podwire's rules: at uninstall only. What it removed, for the log."""
+        removed: list[str] = []
+        for r in nl_routes.dump(netns=self.netns):
+            if r.proto != nl_routes.PROTO:
+                continue
+            if r.type in (nl_routes.FAIL_CLOSED_TYPE, THROW):
+                nl_routes.remove_typed(r.dst, r.type, table=r.table, netns=self.netns)
+            elif r.device and not r.device.count(","):
+                nl_routes.apply_routes(r.device, [], [r.dst], table=r.table, netns=self.netns)
+            else:
+                continue
+            removed.append(str(r))
+        rules = nl_rules.list_rules(netns=self.netns)
+        nl_rules.remove_rules(rules, netns=self.netns)
+        return removed + [f"rule {r}" for r in rules]
+
     def list_fail_closed(self) -> list[wgdevice.IPNetwork]:
         return nl_routes.list_fail_closed(netns=self.netns)
 

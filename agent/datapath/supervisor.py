@@ -13,10 +13,12 @@ The agent waits for the socket, saying what it waits for, while the fail-closed 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +30,7 @@ from podwire.agent import log
 from podwire.agent.datapath import uapi
 
 START_TIMEOUT: Final = 15.0
+STOP_TIMEOUT: Final = 5.0  # for the engine to end on SIGTERM, at uninstall
 # In external mode: how often the agent looks for the engine's socket, and says it still waits.
 EXTERNAL_POLL: Final = 0.2
 EXTERNAL_REPORT_EVERY: Final = 30.0
@@ -86,6 +89,27 @@ class Engine:
         else:
             self._wait_for_external()
         self.found = True
+
+    def stop_engine(self, *, timeout: float = STOP_TIMEOUT) -> None:
+        """Ends the engine that serves the device (this agent's child, or the one an earlier
+        agent started, found by its socket) with SIGTERM, SIGKILL after `timeout`; its TUN
+        link goes with it. Only at uninstall: a restart leaves the engine running. In external
+        mode the engine belongs to its DaemonSet, which ends it."""
+        if self.external:
+            return
+        pid = self.process.pid if self.process is not None else self.client.engine_pid()
+        if pid is None:
+            return
+        _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _running(pid, self.process) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _running(pid, self.process):
+            _signal(pid, signal.SIGKILL)
+            if self.process is not None:
+                self.process.wait(timeout)
+        with contextlib.suppress(FileNotFoundError):
+            self.client.path.unlink()  # an engine ended by SIGKILL leaves its socket
 
     def absent_message(self) -> str:
         """What the agent waits for in external mode, for its log and its health line."""
@@ -160,3 +184,27 @@ class Engine:
                     f"no UAPI socket after {self.start_timeout}s",
                 )
             time.sleep(0.05)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
+
+
+def _running(pid: int, process: subprocess.Popen[bytes] | None) -> bool:
+    """Whether pid still runs: a child of ours is reaped by poll, anyone else's is asked."""
+    if process is not None:
+        return process.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"

@@ -19,6 +19,7 @@ import ipaddress
 import os
 import pathlib
 import socket
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -185,6 +186,19 @@ class UapiClient:
         self.device = device
         self.path = socket_dir / f"{device}.sock"
         self.timeout = timeout
+
+    def engine_pid(self) -> int | None:
+        """The PID of the process serving the socket (SO_PEERCRED), None if none serves it:
+        how an agent finds the engine an earlier agent started."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.path))
+                creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        except OSError:
+            return None
+        pid = int.from_bytes(creds[:4], sys.byteorder, signed=True)
+        return pid if pid > 0 else None
 
     def alive(self) -> bool:
         """True when an engine answers on the socket (a leftover file of a crash does not)."""

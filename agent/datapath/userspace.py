@@ -55,6 +55,13 @@ class UserspaceBackend:
         self.engine.ensure_running()
         self._link.configure(kernel=False)
 
+    def remove(self) -> None:
+        """The engine ends and its TUN link with it; in external mode the engine's DaemonSet
+        ends it (and its link), so only its socket's engine is left alone."""
+        self.engine.stop_engine()
+        if not self.engine.external:
+            link.delete(self.device, self.netns)
+
     def identity(self) -> object | None:
         """The link and the socket: a restarted engine has a new TUN link and a new socket."""
         index = link.ifindex(self.device, self.netns)
