@@ -59,7 +59,89 @@ def _parser(plugins: Iterable[Plugin] | None = None) -> argparse.ArgumentParser:
         "--timeout", type=float, default=120.0, help="seconds to wait for --node (0: do not wait)"
     )
     r.set_defaults(handler=_rotate_key)
+    u = sub.add_parser(
+        "prepare-uninstall",
+        help="arm every node's agent to clear its node when it stops (the chart's pre-delete hook)",
+        description=(
+            f"Sets {wgnode.UNINSTALL_ANNOTATION} to now on every WireguardNode and waits until "
+            f"each node's agent acknowledges it (condition {wgnode.UNINSTALL_ARMED}=True). An "
+            "armed agent removes its devices, routes, backstops and rules when it is stopped "
+            "within 10 minutes; the key folder stays. Names the nodes that did not acknowledge "
+            "and exits 0 all the same: a dead node must not block an uninstall."
+        ),
+    )
+    u.add_argument(
+        "--kubeconfig",
+        help="default: $KUBECONFIG, then the in-cluster service account, then ~/.kube/config",
+    )
+    u.add_argument(
+        "--timeout", type=_duration, default=60.0, help="how long to wait: 60, 60s, 2m (0: no wait)"
+    )
+    u.set_defaults(handler=_prepare_uninstall)
     return p
+
+
+def _duration(text: str) -> float:
+    """Seconds from 60, 60s or 2m (what a Helm value like `60s` holds)."""
+    number, scale = text.strip(), 1.0
+    if number.endswith(("s", "m")):
+        number, scale = number[:-1], 60.0 if number.endswith("m") else 1.0
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (60, 60s, 2m)") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
+    return seconds
+
+
+def _prepare_uninstall(args: argparse.Namespace) -> int:
+    from podwire.agent import kube
+
+    path = args.kubeconfig or os.environ.get("KUBECONFIG")
+    if not path and not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        path = os.path.expanduser("~/.kube/config")
+    now = wgnode.format_precise_time(time.time())
+    try:
+        client = kube.Client(kubeconfig=path)
+        names = sorted(o["metadata"]["name"] for o in client.list_all("wgnodes")[0])
+        for name in names:
+            client.patch_wgnode_metadata(
+                name, {"metadata": {"annotations": {wgnode.UNINSTALL_ANNOTATION: now}}}
+            )
+    except (kube.KubeError, OSError) as e:  # the uninstall goes on; the nodes keep their state
+        print(f"podwire: could not ask the nodes to prepare: {e}", file=sys.stderr)
+        return 0
+    print(f"asked {len(names)} nodes to clear themselves when their agent stops ({now})")
+    waiting = set(names)
+    deadline = time.monotonic() + args.timeout
+    while waiting and time.monotonic() < deadline:
+        for name in sorted(waiting):
+            try:
+                obj = client.get_wgnode(name) or {}
+            except kube.KubeError:
+                continue
+            if _armed_for(obj, now):
+                print(f"node {name}: armed")
+                waiting.discard(name)
+        if waiting:
+            time.sleep(0.5)
+    if waiting:
+        print(
+            f"not armed within {args.timeout:.0f} s: {', '.join(sorted(waiting))}; their "
+            "agents will leave podwire's devices, routes and rules on those nodes (see the "
+            "chart's README, Uninstalling)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _armed_for(obj: dict[str, Any], request: str) -> bool:
+    """Whether the WireguardNode's agent acknowledged this request (not an earlier one)."""
+    for c in obj.get("status", {}).get("conditions", []):
+        if c.get("type") == wgnode.UNINSTALL_ARMED:
+            return c.get("status") == "True" and request in str(c.get("message", ""))
+    return False
 
 
 def _rotate_key(args: argparse.Namespace) -> int:

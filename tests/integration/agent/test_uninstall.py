@@ -4,13 +4,16 @@ removes everything of podwire's as it stops; one not armed leaves it all for the
 node1 and node2 run real agents with two lanes each (two podwire-engine children per node) in
 their namespaces, strictMode and fail-closed on (the defaults). What is looked at is what `ip`
 shows in node1's namespace: links, routes of podwire's protocol in every table, both families,
-podwire's rules, and the multipath hash the lanes set.
+podwire's rules, and the multipath hash the lanes set. The request comes as the chart's pre-delete hook makes it:
+`podwire prepare-uninstall`, which names the node whose agent is down and exits 0.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import pathlib
+import subprocess
+import sys
 
 from podwire.agent.datapath import uapi
 from podwire.agent.netlink import routes as nl_routes
@@ -20,6 +23,7 @@ from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import topology
 
 LANES = {"PODWIRE_LANES": "2"}
+PODWIRE = str(pathlib.Path(sys.executable).with_name("podwire"))
 
 
 def _condition(cluster: topology.Cluster, name: str, kind: str) -> str:
@@ -97,10 +101,23 @@ def test_only_an_armed_agent_clears_the_node_when_it_stops(cluster: topology.Clu
     # Armed by the uninstall request, the next stop removes it all but the key folder.
     cluster.start_agent(n1, env=LANES)
     _wait(cluster, "node1", wgnode.READY, "True/Ready")
-    now = wgnode.format_precise_time(time.time())
-    cluster.cp.kubectl(
-        "annotate", "wgnode", "node1", f"{wgnode.UNINSTALL_ANNOTATION}={now}", "--overwrite"
+    cluster.stop_agent(n2)  # a node whose agent is down must not block the uninstall
+    cli = subprocess.run(
+        [
+            PODWIRE,
+            "prepare-uninstall",
+            "--timeout",
+            "8s",
+            "--kubeconfig",
+            str(cluster.cp.kubeconfig),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+    assert cli.returncode == 0, cli.stderr
+    assert "node node1: armed" in cli.stdout
+    assert "not armed within 8 s: node2" in cli.stderr
     _wait(cluster, "node1", wgnode.UNINSTALL_ARMED, "True/Armed")
     cluster.stop_agent(n1)
     assert _podwire_state(n1) == {"links": [], "routes": [], "rules": []}

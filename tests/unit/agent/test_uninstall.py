@@ -14,7 +14,7 @@ import pathlib
 import agentfakes
 import pytest
 
-from podwire.agent import controller
+from podwire.agent import cli, controller
 from podwire.api import wgnode
 
 AgentHarness = agentfakes.AgentHarness
@@ -153,3 +153,19 @@ def test_a_disarmed_stop_leaves_the_node(h: AgentHarness) -> None:
     h.step()
     h.agent.stop()
     assert removals.calls == []
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("60", 60.0), ("60s", 60.0), ("2m", 120.0)])
+def test_prepare_uninstall_takes_helm_style_durations(text: str, seconds: float) -> None:
+    args = cli._parser(plugins=()).parse_args(["prepare-uninstall", "--timeout", text])
+    assert args.timeout == seconds
+
+
+@pytest.mark.parametrize("text", ["-5s", "soon", "1h"])
+def test_prepare_uninstall_refuses_a_bad_timeout(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli._parser(plugins=()).parse_args(["prepare-uninstall", f"--timeout={text}"])
+    assert exit_info.value.code == 2
+    assert repr(text) in capsys.readouterr().err
