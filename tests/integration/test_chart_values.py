@@ -83,6 +83,7 @@ EVERY_OPTION_CHANGED: dict[str, Any] = {
             "annotations": {"grafana_folder": "Networking"},
         },
     },
+    "uninstallCleanup": {"enabled": False, "timeout": "2m"},
 }
 
 
@@ -138,6 +139,10 @@ def _find(docs: list[dict[str, Any]], kind: str, component: str) -> dict[str, An
         ),
         ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval", "'often'"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy", "'IfNotPresent'"),
+        ("uninstallCleanup.timeout=soon", "/uninstallCleanup/timeout", "'soon'"),
+        ("uninstallCleanup.timeout=-5s", "/uninstallCleanup/timeout", "'-5s'"),
+        ("uninstallCleanup.timeout=1h", "/uninstallCleanup/timeout", "'1h'"),
+        ("uninstallCleanup.enabled=maybe", "/uninstallCleanup/enabled", "boolean"),
     ],
 )
 def test_the_schema_refuses_a_wrong_value_naming_it(setting: str, named: str, says: str) -> None:
@@ -270,7 +275,7 @@ def test_the_dashboard_is_a_grafana_dashboard_in_a_configmap() -> None:
 
 def test_every_pod_is_held_to_the_tightest_security_context() -> None:
     docs = _render("--set", CIDRS, "--set", "agent.datapath=userspace")
-    for kind, component in (("DaemonSet", "agent"), ("DaemonSet", "engine"), ("Deployment", "operator")):  # fmt: skip
+    for kind, component in (("DaemonSet", "agent"), ("DaemonSet", "engine"), ("Deployment", "operator"), ("Job", "uninstall")):  # fmt: skip
         pod = _find(docs, kind, component)["spec"]["template"]["spec"]
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, component
         for container in pod["containers"]:
@@ -281,5 +286,37 @@ def test_every_pod_is_held_to_the_tightest_security_context() -> None:
             assert set(security["capabilities"].get("add", [])) <= {"NET_ADMIN"}, component
             assert "privileged" not in security, component
             assert container["resources"]["requests"] and container["resources"]["limits"]
-        if component != "operator":
+        if component not in ("operator", "uninstall"):
             assert pod["priorityClassName"] == "system-node-critical", component
+
+
+def test_the_uninstall_hook_arms_the_agents_before_anything_is_deleted() -> None:
+    docs = [
+        d
+        for d in _render("--set", CIDRS, "--set", "uninstallCleanup.timeout=90s")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "uninstall"
+    ]
+    by_kind = {d["kind"]: d for d in docs}
+    assert sorted(by_kind) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    weights = {}
+    for kind, doc in by_kind.items():
+        notes = doc["metadata"]["annotations"]
+        assert notes["helm.sh/hook"] == "pre-delete", kind
+        assert notes["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+        weights[kind] = int(notes["helm.sh/hook-weight"])
+    assert (
+        max(weights[k] for k in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding"))
+        < (weights["Job"])
+    )
+    assert by_kind["ClusterRole"]["rules"] == [
+        {"apiGroups": ["podwire.io"], "resources": ["wgnodes"], "verbs": ["get", "list", "patch"]}
+    ]
+    pod = by_kind["Job"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == by_kind["ServiceAccount"]["metadata"]["name"]
+    assert pod["containers"][0]["args"] == ["podwire", "prepare-uninstall", "--timeout", "90s"]
+    assert pod["restartPolicy"] == "Never"
+
+
+def test_the_uninstall_hook_can_be_turned_off() -> None:
+    docs = _render("--set", CIDRS, "--set", "uninstallCleanup.enabled=false")
+    assert not [d for d in docs if "helm.sh/hook" in d["metadata"].get("annotations", {})]

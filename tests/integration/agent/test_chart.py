@@ -67,17 +67,19 @@ def test_the_apiserver_accepts_everything_the_chart_renders(
         if line.startswith("kind:")
     ]
     # The agent's, the engine's (userspace), the operator's (a Deployment with its disruption
-    # budget, and a Role for its Lease beside the Events Roles), and the dashboard.
+    # budget, and a Role for its Lease beside the Events Roles), the dashboard, and the
+    # uninstall hook (a Job with its ServiceAccount, ClusterRole and binding).
     assert sorted(kinds) == [
-        *["ClusterRole"] * 2,
-        *["ClusterRoleBinding"] * 2,
+        *["ClusterRole"] * 3,
+        *["ClusterRoleBinding"] * 3,
         "ConfigMap",
         *["DaemonSet"] * 2,
         "Deployment",
+        "Job",
         "PodDisruptionBudget",
         *["Role"] * 3,
         *["RoleBinding"] * 3,
-        *["ServiceAccount"] * 2,
+        *["ServiceAccount"] * 3,
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
     ]
