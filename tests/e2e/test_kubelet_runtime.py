@@ -291,3 +291,60 @@ def test_a_failed_up_of_real_nodes_names_the_step_and_leaves_nothing(
     left = set(pathlib.Path("/sys/fs/cgroup").glob("*/podwire-sandbox-*")) - cgroups_before
     assert not left, f"cgroups left behind: {left}"
     assert sysctls() == before
+
+
+def _podwire_on(node: Any) -> dict[str, list[str]]:
+    """What of podwire's `ip` shows in a node's namespace: its links (every lane's), routes of
+    its protocol in any table of either family, its rules."""
+    ns = node.ns
+    links = [
+        line
+        for line in ns.ip("-d", "-o", "link", "show").stdout.splitlines()
+        if f" {cluster.CHART_DEVICE}" in line
+    ]
+    routes = [
+        line
+        for family in ("-4", "-6")
+        for line in ns.ip(family, "route", "show", "table", "all").stdout.splitlines()
+        if "proto 251" in line or cluster.CHART_DEVICE in line
+    ]
+    rules = [
+        line
+        for family in ("-4", "-6")
+        for line in ns.ip(family, "rule", "show").stdout.splitlines()
+        if line.startswith(("5200:", "5210:"))
+    ]
+    return {"links": links, "routes": routes, "rules": rules}
+
+
+def test_helm_uninstall_leaves_nothing_of_podwire_on_the_nodes_but_the_key_folder(
+    kubelet_sandbox: Any,
+) -> None:
+    st = kubelet_sandbox.state
+    nodes = [st.node(f"node{i}") for i in range(1, NODES + 1)]
+    for node in nodes:  # the control: what the uninstall must take away is there
+        made = _podwire_on(node)
+        assert made["links"] and made["rules"], made
+        assert any(line.startswith("unreachable 10.244.0.0/16") for line in made["routes"]), made
+    started = time.monotonic()
+    out = cluster.helm(st, "uninstall", "podwire", "--namespace", "default", "--wait",
+                       "--timeout", "180s", timeout=240)  # fmt: skip
+    print(f"`helm uninstall` on real nodes: {time.monotonic() - started:.1f}s")
+    assert 'release "podwire" uninstalled' in out
+    netns.wait_until(
+        lambda: (
+            not kubelet_sandbox.kubectl_json("get", "pods", "-l", "app.kubernetes.io/name=podwire")[
+                "items"
+            ]
+        ),
+        timeout=120,
+        interval=1,
+        what="podwire's pods gone",
+    )
+    for node in nodes:
+        assert _podwire_on(node) == {"links": [], "routes": [], "rules": []}, node.name
+        key = pathlib.Path(f"/proc/{node.mounts_pid}/root/var/lib/podwire/private.key")
+        assert key.exists(), f"{node.name}: the key folder must stay"
+    # The hook's Job, its ServiceAccount and ClusterRole went with it (hook-succeeded).
+    jobs = kubelet_sandbox.kubectl_json("get", "jobs")["items"]
+    assert not [j for j in jobs if "uninstall" in j["metadata"]["name"]]
