@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -80,10 +81,7 @@ def cluster(
         if request.node.stash.get(_FAILED, False):
             # What the agents said is what explains a failure seen once in CI.
             for node in c.nodes.values():
-                log = node.workdir / "agent.log"
-                lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-                print(f"\n--- {node.name}'s agent.log, last {LOG_TAIL} lines ---")
-                print("\n".join(lines[-LOG_TAIL:]))
+                _print_node_state(node)
         # Agents first, so they do not react to the clean-up; then the Node objects, cluster
         # state shared by the session's apiserver: leave none behind.
         for node in c.nodes.values():
@@ -94,6 +92,25 @@ def cluster(
             crds.kubectl(
                 "delete", "wgnode", name, "--ignore-not-found", "--wait=false", check=False
             )
+
+
+def _print_node_state(node: topology.Node) -> None:
+    """What explains a failure seen once in CI: the agent's and the engine's logs, and what
+    the node's namespace holds (WireGuard peers and handshakes, rules, every table's routes)."""
+    logs = [node.workdir / "agent.log", node.key_path.parent / f"{node.device}-engine.log"]
+    for log in logs:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        print(f"\n--- {node.name}: {log.name}, last {LOG_TAIL} lines ---")
+        print("\n".join(lines[-LOG_TAIL:]))
+    for args in (
+        ["wg", "show", node.device],
+        ["ip", "rule"],
+        ["ip", "route", "show", "table", "all"],
+    ):
+        done = subprocess.run(
+            ["ip", "netns", "exec", node.netns, *args], capture_output=True, text=True, timeout=10
+        )
+        print(f"--- {node.name}: {' '.join(args)} ---\n{done.stdout}{done.stderr}")
 
 
 @pytest.fixture
