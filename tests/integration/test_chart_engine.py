@@ -24,12 +24,15 @@ import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import record, topology, verify
 
 PINGS = 600  # 6 s at 100 a second, while the agent's container is killed and started again
 MARKER_SIZE = 24
+T = TypeVar("T")
 
 
 def _start_engine(cluster: topology.Cluster, node: record.Node) -> subprocess.Popen[bytes]:
@@ -117,38 +120,28 @@ def _kill_agent_container(cluster: topology.Cluster, node: record.Node) -> list[
     return pids
 
 
-def _stream_while_restarting(
-    cluster: topology.Cluster, mode: str, tmp_path: pathlib.Path
-) -> tuple[str, verify.Analysis, list[int]]:
-    """100 pings a second from node1's pod to node2's while node2's agent container is killed
-    and started again; the ping's summary, the underlay's capture, the PIDs killed."""
+def _stream(
+    cluster: topology.Cluster,
+    pings: int,
+    tmp_path: pathlib.Path,
+    during: Callable[[subprocess.Popen[str]], T],
+) -> tuple[str, verify.Analysis, T]:
+    """100 pings a second from node1's pod to node2's, captured on the underlay, while
+    `during` does to node2 what the test is about; the ping's summary, what the capture saw,
+    and what `during` returned."""
     n1, n2 = cluster.nodes["node1"], cluster.nodes["node2"]
-    src, dst = n1.pods[0], n2.pods[0]
     marker = secrets.token_hex(MARKER_SIZE // 2).encode()
     with verify.Capture(cluster.record, tmp_path / "underlay.pcap") as capture:
         ping = subprocess.Popen(
-            src.ns.exec_args(
-                [
-                    "ping",
-                    "-n",
-                    "-q",
-                    "-i",
-                    "0.01",
-                    "-c",
-                    str(PINGS),
-                    "-W",
-                    "1",
-                    "-p",
-                    marker.hex()[:32],
-                    dst.ip,
-                ]
+            n1.pods[0].ns.exec_args(
+                ["ping", "-n", "-q", "-i", "0.01", "-c", str(pings), "-W", "1",
+                 "-p", marker.hex()[:32], n2.pods[0].ip]
             ),
             stdout=subprocess.PIPE,
             text=True,
-        )
+        )  # fmt: skip
         try:
-            killed = _kill_agent_container(cluster, n2)
-            _start_agent(cluster, n2, mode)
+            result = during(ping)
             out, _ = ping.communicate(timeout=60)
         finally:
             if ping.poll() is None:
@@ -156,7 +149,22 @@ def _stream_while_restarting(
                 ping.wait()
         frames = capture.stop()
     pod_ips = [p.ip for n in (n1, n2) for p in n.pods]
-    analysis = verify.analyze(frames, pod_ips, marker[:16], topology.LISTEN_PORT)
+    return out, verify.analyze(frames, pod_ips, marker[:16], topology.LISTEN_PORT), result
+
+
+def _stream_while_restarting(
+    cluster: topology.Cluster, mode: str, tmp_path: pathlib.Path
+) -> tuple[str, verify.Analysis, list[int]]:
+    """The stream while node2's agent container is killed and started again; the ping's
+    summary, the underlay's capture, the PIDs killed."""
+    n2 = cluster.nodes["node2"]
+
+    def restart(_ping: subprocess.Popen[str]) -> list[int]:
+        killed = _kill_agent_container(cluster, n2)
+        _start_agent(cluster, n2, mode)
+        return killed
+
+    out, analysis, killed = _stream(cluster, PINGS, tmp_path, restart)
     summary = [line for line in out.splitlines() if "packets transmitted" in line]
     print(f"engine mode {mode}: {summary}; {analysis}")
     return out, analysis, killed
@@ -233,37 +241,22 @@ def test_upgrading_the_engine_itself_is_a_short_fail_closed_gap(
     _wait_ready(cluster, "node1", "node2")
     src, dst = n1.pods[0], n2.pods[0]
     assert src.ns.ping(dst.ip, count=2, timeout=10)
-    marker = secrets.token_hex(MARKER_SIZE // 2).encode()
-    with verify.Capture(cluster.record, tmp_path / "underlay.pcap") as capture:
-        ping = subprocess.Popen(
-            src.ns.exec_args(
-                ["ping", "-n", "-q", "-i", "0.01", "-c", str(ENGINE_UPGRADE_PINGS), "-W", "1",
-                 "-p", marker.hex()[:32], dst.ip]
-            ),
-            stdout=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+
+    def upgrade(ping: subprocess.Popen[str]) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             ping.wait(timeout=2)  # two seconds of the stream, then the upgrade
-        try:
-            netns_mod.stop_process(engines["node2"], grace=10)
-            # The new pod's engine comes once the old pod is gone; meanwhile the agent starts
-            # none, and says what is missing on /readyz.
-            netns_mod.wait_until(
-                lambda: _readyz(n2)[0] == 503, timeout=15, what="node2's agent not ready"
-            )
-            body = _readyz(n2)[1]
-            absent = f"no userspace engine serves {topology.UAPI_DIR / f'{n2.device}.sock'}"
-            assert absent in body and "fail-closed holds" in body, body
-            _start_engine(cluster, n2)
-            out, _ = ping.communicate(timeout=60)
-        finally:
-            if ping.poll() is None:
-                ping.kill()
-                ping.wait()
-        frames = capture.stop()
-    pod_ips = [p.ip for n in (n1, n2) for p in n.pods]
-    seen = verify.analyze(frames, pod_ips, marker[:16], topology.LISTEN_PORT)
+        netns_mod.stop_process(engines["node2"], grace=10)
+        # The new pod's engine comes once the old pod is gone; meanwhile the agent starts
+        # none, and says what is missing on /readyz.
+        netns_mod.wait_until(
+            lambda: _readyz(n2)[0] == 503, timeout=15, what="node2's agent not ready"
+        )
+        body = _readyz(n2)[1]
+        absent = f"no userspace engine serves {topology.UAPI_DIR / f'{n2.device}.sock'}"
+        assert absent in body and "fail-closed holds" in body, body
+        _start_engine(cluster, n2)
+
+    out, seen, _ = _stream(cluster, ENGINE_UPGRADE_PINGS, tmp_path, upgrade)
     summary = [line for line in out.splitlines() if "packets transmitted" in line]
     print(f"engine upgrade: {summary}; {seen}")
     assert seen.clear == 0 and seen.payload == 0, seen.examples
