@@ -1,7 +1,10 @@
 """A throwaway certificate authority for the sandbox's kube-apiserver and its admin.
 
 Each control plane gets its own CA, a serving certificate for loopback, an admin client
-certificate in the system:masters group, and the key that signs service-account tokens.
+certificate in the system:masters group, the apiserver's client certificate for the kubelets
+(logs, exec), and the key that signs service-account tokens. Real nodes get from it each a
+kubelet client certificate (system:node:<name>) and a serving certificate for the node's
+address, which the apiserver checks (--kubelet-certificate-authority).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ class Bundle:
     serving_key: pathlib.Path
     admin_cert: pathlib.Path
     admin_key: pathlib.Path
+    kubelet_client_cert: pathlib.Path
+    kubelet_client_key: pathlib.Path
     sa_key: pathlib.Path
     sa_pub: pathlib.Path
 
@@ -38,14 +43,19 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_key(path: pathlib.Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """0600 from its first byte, and whole or not at all (a temporary file renamed over)."""
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
 
 
 def _name(cn: str, org: str | None = None) -> x509.Name:
@@ -119,6 +129,11 @@ def make(directory: pathlib.Path) -> Bundle:
         ],
     )
     admin_key, admin = leaf("podwire-admin", "system:masters", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    # What the apiserver shows a kubelet for logs, exec and port-forward; the kubelet asks the
+    # apiserver (a SubjectAccessReview) whether this user may, and system:masters may.
+    kubelet_client_key, kubelet_client = leaf(
+        "kube-apiserver-kubelet-client", "system:masters", ExtendedKeyUsageOID.CLIENT_AUTH, []
+    )
     sa_key = _key()
 
     bundle = Bundle(
@@ -127,6 +142,8 @@ def make(directory: pathlib.Path) -> Bundle:
         serving_key=directory / "apiserver.key",
         admin_cert=directory / "admin.crt",
         admin_key=directory / "admin.key",
+        kubelet_client_cert=directory / "apiserver-kubelet-client.crt",
+        kubelet_client_key=directory / "apiserver-kubelet-client.key",
         sa_key=directory / "sa.key",
         sa_pub=directory / "sa.pub",
     )
@@ -137,6 +154,8 @@ def make(directory: pathlib.Path) -> Bundle:
     bundle.admin_cert.write_bytes(admin.public_bytes(serialization.Encoding.PEM))
     _write_key(bundle.serving_key, serving_key)
     _write_key(bundle.admin_key, admin_key)
+    bundle.kubelet_client_cert.write_bytes(kubelet_client.public_bytes(serialization.Encoding.PEM))
+    _write_key(bundle.kubelet_client_key, kubelet_client_key)
     _write_key(bundle.sa_key, sa_key)
     bundle.sa_pub.write_bytes(
         sa_key.public_key().public_bytes(
@@ -151,16 +170,37 @@ def client(
 ) -> tuple[pathlib.Path, pathlib.Path]:
     """A client certificate and key (0600) for cn in group org, signed by the CA that make()
     wrote into directory: a kubelet's (system:node:<node>, system:nodes). Returns their paths."""
+    return _issue(directory, name, _name(cn, org), ExtendedKeyUsageOID.CLIENT_AUTH, [])
+
+
+def serving(
+    directory: pathlib.Path, name: str, cn: str, addresses: list[str]
+) -> tuple[pathlib.Path, pathlib.Path]:
+    """A serving certificate and key (0600) for cn at these IP addresses, signed by the CA that
+    make() wrote into directory: a kubelet's, for its node's address. Returns their paths."""
+    sans: list[x509.GeneralName] = [x509.DNSName(cn)]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+    return _issue(directory, name, _name(cn), ExtendedKeyUsageOID.SERVER_AUTH, sans)
+
+
+def _issue(
+    directory: pathlib.Path,
+    name: str,
+    subject: x509.Name,
+    usage: x509.ObjectIdentifier,
+    sans: list[x509.GeneralName],
+) -> tuple[pathlib.Path, pathlib.Path]:
     ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{directory / CA_KEY} is not the CA's EC key")
     key = _key()
-    cert = (
-        _builder(_name(cn, org), ca_cert.subject, key.public_key())
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    builder = _builder(subject, ca_cert.subject, key.public_key()).add_extension(
+        x509.ExtendedKeyUsage([usage]), critical=False
     )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
     cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

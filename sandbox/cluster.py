@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 from podwire.sandbox import (
     controlplane,
+    kubeletproxy,
     kubenode,
     netns,
     operatorproc,
@@ -71,6 +72,13 @@ RELEASE = "podwire"  # the kubelet runtime's `helm install`, in the default name
 CHART = tools.REPO / "deploy" / "helm" / "podwire"
 CHART_DEVICE = "podwire_wg0"
 PODS_PER_NODE = 2
+KUBELET_PROXY_NODES = "kubeletproxy-nodes.json"  # in the control plane's folder
+
+
+def kubelet_proxy_socket(st: record.Record) -> pathlib.Path:
+    """The kubelet proxy's socket: a short path of its own (a unix socket's name has at most
+    107 bytes, which a sandbox folder under a test's temporary directory may exceed)."""
+    return pathlib.Path(f"/run/podwire-sandbox-{st.tag}-kubelets.sock")
 
 
 class SandboxError(RuntimeError):
@@ -309,6 +317,9 @@ class _Up:
             self._underlay()
             step = "datapath"
             self._check_datapath()
+            if self.kubelet:
+                step = "kubelet proxy"
+                self._kubelet_proxy()
             step = "control plane"
             self._control_plane()
             if self.kubelet:
@@ -412,6 +423,49 @@ class _Up:
             )
             self.cp.kubectl("apply", "-f", "-", input=rbac)
 
+    def _kubelet_proxy(self) -> None:
+        """The apiserver's way to the kubelets for logs and exec (sandbox.kubeletproxy), started
+        before the apiserver that is told about it (its egress selector); the apiserver shows the
+        kubelets its own client certificate and checks theirs against the sandbox's CA."""
+        workdir = self.sandbox.control_plane_dir
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = workdir / "kubeletproxy.log"
+        log.write_text("")
+        sock = kubelet_proxy_socket(self.st)
+        self.st.files.append(str(sock))  # outside the sandbox folder: `down` removes it
+        argv = [sys.executable, "-m", "podwire.sandbox.kubeletproxy", "--socket", str(sock),
+                "--nodes", str(workdir / KUBELET_PROXY_NODES)]  # fmt: skip
+        proc = record.launch("kubeletproxy", argv, log=log)
+        self.st.processes.append(proc)
+        self._checkpoint()
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise SandboxError(f"the kubelet proxy exited: see {log}\n{_tail(log)}")
+            return "ready" in log.read_text()
+
+        supervisor.wait_until(ready, timeout=30, interval=0.1, what="the kubelet proxy")
+        egress = {
+            "apiVersion": "apiserver.k8s.io/v1beta1",
+            "kind": "EgressSelectorConfiguration",
+            "egressSelections": [{
+                "name": "cluster",
+                "connection": {"proxyProtocol": "HTTPConnect",
+                               "transport": {"uds": {"udsName": str(sock)}}},
+            }],
+        }  # fmt: skip
+        (workdir / "egress-selector.json").write_text(json.dumps(egress, indent=2))
+        pki = workdir / "pki"  # certs.make writes them there as the apiserver starts
+        self.cp.extra_args += [
+            f"--egress-selector-config-file={workdir / 'egress-selector.json'}",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            # The address the kubelet serves on and its certificate names; Hostname, the
+            # default's first, is a name no resolver here knows.
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+
     def _controllers(self) -> None:
         self.progress.step("starting kube-controller-manager and kube-scheduler")
         try:
@@ -445,6 +499,10 @@ class _Up:
             kn = kubenode.KubeNode(self.st, self.cp, node)
             kn.write_config(kubenode.make_cgroup_root(self.st, node))
             nodes.append(kn)
+        kubeletproxy.write_nodes(
+            self.sandbox.control_plane_dir / KUBELET_PROXY_NODES,
+            {kn.node.underlay_ip: kn.node.netns for kn in nodes},
+        )
         kubenode.save_sysctls(self.st)
         self.progress.step(f"starting containerd, the images and a kubelet on {self.n} nodes ...")
         errors = []
@@ -720,7 +778,7 @@ def _remove(st: record.Record, progress: Progress) -> None:
     # and its store last; a role not named here is stopped first of all, never left running.
     order = (
         "operator", "agent", "engine", "kubelet", PODS, "containerd", SHIMS, "node-mounts",
-        "apiproxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd",
+        "apiproxy", "kubeletproxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd",
     )  # fmt: skip
     live = [p for p in st.processes if p.alive()]
     if live:

@@ -12,7 +12,10 @@ its own, held by one small process ("node-mounts") and entered with nsenter, nev
 containerd (runc, cgroupfs) and a kubelet run in it; the bridge CNI plugin gives each pod an
 address from its node's pod CIDR (set on the Node before the kubelet registers it). The kubelet
 reaches the apiserver through the node's relay (sandbox.apiproxy) as system:node:<name>; a pod
-on the node's network reaches the in-cluster address 10.96.0.1:443 through one DNAT rule.
+on the node's network reaches the in-cluster address 10.96.0.1:443 through one DNAT rule. The
+apiserver reaches the kubelet (`kubectl logs`, `exec`) the other way, through the sandbox's
+CONNECT proxy (sandbox.kubeletproxy), and checks its serving certificate, which the sandbox's CA
+signed for the node's address.
 
 The kubelets' cgroups live under one root per node, made here in every v1 controller; the
 global sysctls a kubelet sets are read first and written back by restore(). Everything is
@@ -312,6 +315,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
             "current-context": "c",
         }  # fmt: skip
+        serving_cert, serving_key = certs.serving(
+            pki, f"kubelet-serving-{self.node.name}", self.node.name, [self.node.underlay_ip]
+        )
         fd = os.open(self.dir / "kubelet.kubeconfig", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(kubeconfig, f)
@@ -321,12 +327,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "address": self.node.underlay_ip,
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
+            # Served with a certificate from the sandbox's CA for the node's address, which the
+            # apiserver checks; only clients with one from that CA get in, and the apiserver
+            # decides what each may do (the apiserver's own client, for logs and exec, may).
+            "tlsCertFile": str(serving_cert),
+            "tlsPrivateKeyFile": str(serving_key),
             "authentication": {
                 "anonymous": {"enabled": False},
                 "webhook": {"enabled": False},
                 "x509": {"clientCAFile": str(pki / "ca.crt")},
             },
-            "authorization": {"mode": "AlwaysAllow"},
+            "authorization": {"mode": "Webhook"},
             "cgroupDriver": "cgroupfs",
             "cgroupRoot": cgroup_root,
             "failSwapOn": False,

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -348,3 +349,58 @@ def test_helm_uninstall_leaves_nothing_of_podwire_on_the_nodes_but_the_key_folde
     # The hook's Job, its ServiceAccount and ClusterRole went with it (hook-succeeded).
     jobs = kubelet_sandbox.kubectl_json("get", "jobs")["items"]
     assert not [j for j in jobs if "uninstall" in j["metadata"]["name"]]
+
+
+def _connect_through(sock: pathlib.Path, target: str) -> bytes:
+    """What the kubelet proxy answers to `CONNECT target`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        return s.recv(4096)
+
+
+def test_kubectl_logs_and_exec_reach_every_agent_pod_on_real_nodes(kubelet_sandbox: Any) -> None:
+    """An operator's first moves when a pod misbehaves: its log, a command inside it. The
+    apiserver reaches each kubelet through the sandbox's CONNECT proxy and checks the kubelet's
+    serving certificate (from the sandbox's CA, for the node's address)."""
+    sb = kubelet_sandbox
+    st = sb.state
+    print(f"`podwire sandbox up --runtime kubelet` ({NODES} nodes): {sb.up_seconds:.1f}s")
+    cp = sb.api.control_plane(st)
+    agents = _agent_pods(sb)
+    assert sorted(agents) == [f"node{i}" for i in range(1, NODES + 1)]
+    for node, pod in sorted(agents.items()):
+        name = pod["metadata"]["name"]
+        started = time.monotonic()
+        logs = cp.kubectl("logs", "-n", "default", name, "-c", "agent", check=False)
+        took = time.monotonic() - started
+        assert logs.returncode == 0, f"kubectl logs {name}: {logs.stderr}"
+        # The agent's own structured log: the device it brought up on this node.
+        events = [json.loads(line) for line in logs.stdout.splitlines() if line.startswith("{")]
+        assert any(e.get("event") == "device_ready" for e in events), logs.stdout[-2000:]
+        status = cp.kubectl("exec", "-n", "default", name, "-c", "agent", "--",
+                            "podwire", "status", check=False)  # fmt: skip
+        assert status.returncode == 0, f"kubectl exec {name} -- podwire status: {status.stderr}"
+        assert f"node:        {node}" in status.stdout, status.stdout
+        assert f"peers:       {NODES - 1}" in status.stdout, status.stdout
+        print(f"{node}: kubectl logs {took:.2f}s, {len(events)} log lines; exec podwire status ok")
+    # exec with stdin both ways (a shell's session): what goes in comes back out.
+    name = agents["node2"]["metadata"]["name"]
+    echoed = cp.kubectl("exec", "-i", "-n", "default", name, "-c", "agent", "--", "cat",
+                        input="podwire-exec-stdin\n", check=False)  # fmt: skip
+    assert echoed.returncode == 0 and echoed.stdout == "podwire-exec-stdin\n", echoed
+    # The engine's pod too (its own DaemonSet): its log names its device.
+    engines = sb.kubectl_json("get", "pods", "-l", "app.kubernetes.io/component=engine")["items"]
+    assert len(engines) == NODES
+    engine_log = cp.kubectl("logs", "-n", "default", engines[0]["metadata"]["name"], check=False)
+    assert engine_log.returncode == 0 and cluster.CHART_DEVICE in engine_log.stdout, engine_log
+
+    # The proxy reaches the nodes' kubelets and nothing else: not the machine's loopback (the
+    # apiserver, etcd), not an address no node has.
+    sock = cluster.kubelet_proxy_socket(st)
+    assert sock.stat().st_mode & 0o777 == 0o600
+    reply = _connect_through(sock, f"{st.nodes[0].underlay_ip}:10250")
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    for target in (f"127.0.0.1:{st.apiserver_port}", "192.0.2.250:10250"):
+        assert _connect_through(sock, target).startswith(b"HTTP/1.1 403"), target
