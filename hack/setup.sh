@@ -14,6 +14,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 DEBIAN_PACKAGES=(
   iproute2 iputils-ping procps kmod
   wireguard-tools wireguard-go
+  # the engine's native fast path (agent/engine/native), built by `pip install -e .`
+  gcc libc6-dev libssl-dev python3-dev
   iperf3 tcpdump ethtool
   # the kernel tier: QEMU, and busybox for virtme-ng's initramfs
   qemu-system-x86 busybox-static xz-utils

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from podwire.agent.engine import constants, cookie, messages, noise, peer, timers
+from podwire.agent.engine import constants, cookie, fastpath, messages, noise, peer, timers
 from podwire.agent.engine.actions import Action, Endpoint, SendDatagram
 from podwire.agent.engine.counters import Drop
 
 if TYPE_CHECKING:
     from podwire.agent.engine import device
 
-_HEADER = messages.TRANSPORT_HEADER
-_NONCE = messages.TRANSPORT_NONCE
-_TRANSPORT = constants.MESSAGE_TRANSPORT
-_PADDING = constants.PADDING_MULTIPLE
 # send_packets seals a peer's staged packets once this many wait, well before they overflow.
 _FLUSH_AT = peer.MAX_STAGED_PACKETS // 2
 
@@ -101,11 +97,13 @@ def send_staged(dev: device.Device, p: peer.Peer, now: float, actions: list[Acti
     sent = data_sent = False
     try:
         while staged:
-            if keypair.send_counter >= config.reject_after_messages:
+            room = config.reject_after_messages - keypair.send_counter
+            if room <= 0:
                 keypair.sending_valid = False
                 send_initiation(dev, p, now, actions, retry=False)
                 return
-            data_sent |= _encrypt(dev, p, keypair, staged.popleft(), actions)
+            batch = [staged.popleft() for _ in range(min(room, len(staged)))]
+            data_sent |= _encrypt(dev, p, keypair, batch, actions)
             sent = True
     finally:
         # The timers hear of the pass once: every packet in it went at the same `now`.
@@ -130,28 +128,25 @@ def _encrypt(
     dev: device.Device,
     p: peer.Peer,
     keypair: noise.Keypair,
-    packet: bytes,
+    packets: list[bytes],
     actions: list[Action],
 ) -> bool:
-    """Seals packet as the next transport message; True if it carried data (not a keepalive).
-    The caller tells the timers."""
-    n = len(packet)
-    pad = -n % _PADDING
-    if pad:
-        if n + pad > dev.mtu:
-            pad = max(0, dev.mtu - n)
-        packet += bytes(pad)
+    """Seals packets as the next transport messages, in one call to the fast path in force;
+    True if any carried data (not a keepalive). The caller tells the timers."""
     counter = keypair.send_counter
-    keypair.send_counter = counter + 1
-    data = _HEADER.pack(_TRANSPORT, keypair.remote_index, counter) + keypair.sending.encrypt(
-        _NONCE.pack(counter), packet, None
-    )
-    if n:
-        dev.counters.transport_sent += 1
+    keypair.send_counter = counter + len(packets)
+    sealed = fastpath.seal(keypair.sending, keypair.remote_index, counter, packets, dev.mtu)
+    keepalives = packets.count(b"")
+    counters = dev.counters
+    counters.transport_sent += len(packets) - keepalives
+    counters.keepalives_sent += keepalives
+    endpoint = p.endpoint
+    if endpoint is None:
+        counters.drops[Drop.NO_ENDPOINT] += len(sealed)
     else:
-        dev.counters.keepalives_sent += 1
-    _emit(dev, p, data, actions)
-    return n > 0
+        p.tx_bytes += sum(map(len, sealed))
+        actions += [SendDatagram(data, endpoint) for data in sealed]
+    return keepalives < len(packets)
 
 
 def _emit(dev: device.Device, p: peer.Peer, data: bytes, actions: list[Action]) -> None:

@@ -10,7 +10,7 @@ engine.
 Offloads, as the newest wireguard-go opens it: with IFF_VNET_HDR every read and write carries
 a virtio_net_hdr, and TUNSETOFFLOAD lets the kernel hand over up to 64 KiB of TCP (TSO) or UDP
 (USO, where the kernel has it) with the checksum left partial, which `offload.split` cuts into
-MTU-size packets; decrypted TCP segments go back joined into one write (`offload.coalesce`).
+MTU-size packets (`fastpath.split`, native where the extension is built); decrypted TCP segments go back joined into one write (`offload.coalesce`).
 Each feature is tried at creation and dropped if the kernel refuses it; `offloads` says what
 is in force. A header that makes no sense drops its packet (counter tun_bad_offload).
 """
@@ -24,7 +24,7 @@ import os
 import socket
 import struct
 
-from podwire.agent.engine import offload
+from podwire.agent.engine import fastpath, offload
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -155,7 +155,7 @@ class Tun:
         packets: list[bytes] = []
         read = os.read
         fd = self.fd
-        split = offload.split
+        split = fastpath.split
         single = offload.SINGLE_HEADER
         hdr_len = offload.VNET_HDR_LEN
         for _ in range(limit):

@@ -1,0 +1,286 @@
+"""The two fast paths against each other and against the references: the C extension and the
+pure-Python path seal to the same bytes (and to what the protocol prescribes, built here from
+the cryptography package), open the same datagrams and refuse the same tampered ones, and cut
+TSO packets into the same segments, refusing the same garbage. Any input, however broken,
+raises at most the documented error and never crashes the interpreter."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from podwire.agent.engine import fastpath, offload
+
+SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@dataclasses.dataclass
+class Path:
+    name: str
+    cipher: Callable[[bytes], Any]
+    seal: Callable[..., list[bytes]]
+    open: Callable[..., list[bytes | None]]
+    split: Callable[[bytes, bytes], list[bytes]]
+
+
+def _path(native: bool) -> Path:
+    before = fastpath.name == fastpath.NATIVE_NAME
+    fastpath.select(native)
+    try:
+        # split reads the TSO cutter in force when called: bind it to this path.
+        cut = fastpath._split_tcp
+
+        def split(header: bytes, packet: bytes) -> list[bytes]:
+            if len(header) == offload.VNET_HDR_LEN and header[1] & ~offload.GSO_ECN in (1, 4):
+                size = header[4] | header[5] << 8
+                return cut(packet, size, header[1] & ~offload.GSO_ECN == offload.GSO_TCPV6)
+            return offload.split(header, packet)
+
+        return Path(fastpath.name, fastpath.cipher, fastpath.seal, fastpath.open, split)
+    finally:
+        fastpath.select(before)
+
+
+@pytest.fixture(scope="module")
+def paths() -> tuple[Path, Path]:
+    assert fastpath.native_available(), fastpath.unavailable_reason
+    return _path(True), _path(False)
+
+
+def reference_seal(key: bytes, receiver: int, counter: int, packet: bytes, mtu: int) -> bytes:
+    """The transport message as the paper and wireguard-go build it."""
+    pad = -len(packet) % 16
+    if len(packet) + pad > mtu:
+        pad = max(0, mtu - len(packet))
+    nonce = bytes(4) + counter.to_bytes(8, "little")
+    body = ChaCha20Poly1305(key).encrypt(nonce, packet + bytes(pad), None)
+    return struct.pack("<IIQ", 4, receiver, counter) + body
+
+
+keys = st.binary(min_size=32, max_size=32)
+packets = st.lists(st.binary(max_size=1500), max_size=12)
+
+
+@SETTINGS
+@given(
+    key=keys,
+    receiver=st.integers(0, 2**32 - 1),
+    counter=st.integers(0, 2**60),
+    batch=packets,
+    mtu=st.integers(0, 1500),
+)
+def test_seal_is_the_same_on_both_paths_and_as_the_protocol_says(
+    paths: tuple[Path, Path], key: bytes, receiver: int, counter: int, batch: list[bytes], mtu: int
+) -> None:
+    native, pure = paths
+    expected = [reference_seal(key, receiver, counter + i, p, mtu) for i, p in enumerate(batch)]
+    assert native.seal(native.cipher(key), receiver, counter, batch, mtu) == expected
+    assert pure.seal(pure.cipher(key), receiver, counter, batch, mtu) == expected
+
+
+def test_seal_takes_any_bytes_like_packet(paths: tuple[Path, Path]) -> None:
+    key = bytes(range(32))
+    batch: list[Any] = [bytearray(b"a" * 20), memoryview(b"b" * 33), b""]
+    native, pure = paths
+    expected = [reference_seal(key, 9, 7 + i, bytes(p), 1420) for i, p in enumerate(batch)]
+    assert native.seal(native.cipher(key), 9, 7, batch, 1420) == expected
+    assert pure.seal(pure.cipher(key), 9, 7, batch, 1420) == expected
+
+
+def _tamper(data: bytes, how: int, where: int) -> bytes:
+    """One of the ways a datagram arrives broken: a bit flipped in what the AEAD covers (the
+    counter, as the nonce, and the ciphertext and tag; the type and receiver index are the
+    caller's to check), cut short, grown."""
+    if how == 0:
+        i = 8 + where % (len(data) - 8)
+        return data[:i] + bytes([data[i] ^ (1 << (where % 8))]) + data[i + 1 :]
+    if how == 1:
+        return data[: where % len(data)]
+    return data + bytes([where % 256])
+
+
+@SETTINGS
+@given(
+    two_keys=st.lists(keys, min_size=2, max_size=2, unique=True),
+    batch=packets,
+    owners=st.lists(st.integers(0, 1), min_size=12, max_size=12),
+    broken=st.lists(st.tuples(st.booleans(), st.integers(0, 2), st.integers(0, 10**6)), min_size=12, max_size=12),
+)  # fmt: skip
+def test_open_gives_the_plaintext_and_refuses_tampering_alike(
+    paths: tuple[Path, Path],
+    two_keys: list[bytes],
+    batch: list[bytes],
+    owners: list[int],
+    broken: list[tuple[bool, int, int]],
+) -> None:
+    """Datagrams of two keypairs interleaved, some tampered with: both paths open the intact
+    ones to their padded plaintext and give None for every other."""
+    native, pure = paths
+    datagrams, which, expected = [], [], []
+    for i, packet in enumerate(batch):
+        key = two_keys[owners[i]]
+        sealed = reference_seal(key, 1, 1000 + i, packet, 1500)
+        tampered, how, where = broken[i]
+        if tampered:
+            sealed = _tamper(sealed, how, where)
+            expected.append(None)
+        else:
+            expected.append(packet + bytes(-len(packet) % 16))
+        datagrams.append(sealed)
+        which.append(key)
+    for path in (native, pure):
+        assert path.open([path.cipher(k) for k in which], datagrams) == expected, path.name
+
+
+@SETTINGS
+@given(garbage=st.lists(st.binary(max_size=80), max_size=8), key=keys)
+def test_open_garbage_gives_none_on_both_paths(
+    paths: tuple[Path, Path], garbage: list[bytes], key: bytes
+) -> None:
+    for path in paths:
+        assert path.open([path.cipher(key)] * len(garbage), garbage) == [None] * len(garbage)
+
+
+def test_wrong_arguments_are_errors_not_crashes(paths: tuple[Path, Path]) -> None:
+    native = paths[0]
+    for path in paths:
+        with pytest.raises(ValueError):
+            path.open([path.cipher(bytes(32))], [])
+    with pytest.raises(ValueError):
+        native.seal(b"short key", 1, 0, [b"x"], 1420)
+    with pytest.raises(ValueError):
+        native.open([b"short key"], [bytes(48)])
+    with pytest.raises(TypeError):
+        native.seal(native.cipher(bytes(32)), 1, 0, [None], 1420)
+    with pytest.raises(TypeError):
+        native.open([native.cipher(bytes(32))], [None])
+    with pytest.raises(OverflowError):
+        native.seal(native.cipher(bytes(32)), 2**32, 0, [b""], 1420)
+
+
+# Cutting TSO packets.
+
+
+def _tso(
+    v6: bool, payload: bytes, *, seq: int, flags: int, options: bytes, ip_options: bytes, ident: int
+) -> bytes:
+    thl = 20 + len(options)
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 77, (thl // 4) << 4, flags, 500, 0, 0)
+    tcp += options
+    if v6:
+        return (
+            struct.pack("!IHBB", 0x6000_0000, len(tcp) + len(payload), 6, 64)
+            + ipaddress.IPv6Address("fd00::1").packed
+            + ipaddress.IPv6Address("fd00::2").packed
+            + tcp
+            + payload
+        )
+    ihl = 20 + len(ip_options)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x40 | ihl // 4, 0, ihl + len(tcp) + len(payload), ident, 0x4000, 64, 6,
+        0, bytes([10, 99, 0, 1]), bytes([10, 99, 0, 2]),
+    )  # fmt: skip
+    return ip + ip_options + tcp + payload
+
+
+@SETTINGS
+@given(
+    v6=st.booleans(),
+    size=st.integers(0, 9000),
+    mss=st.integers(1, 3000),
+    seq=st.integers(0, 2**32 - 1),
+    flags=st.integers(0, 255),
+    options=st.integers(0, 10).map(lambda n: bytes(range(4 * n))),
+    ip_options=st.integers(0, 10).map(lambda n: bytes([1]) * (4 * n)),
+    ident=st.integers(0, 0xFFFF),
+    ecn=st.booleans(),
+    seed=st.binary(min_size=1, max_size=64),
+)
+def test_split_is_the_same_on_both_paths(
+    paths: tuple[Path, Path],
+    v6: bool,
+    size: int,
+    mss: int,
+    seq: int,
+    flags: int,
+    options: bytes,
+    ip_options: bytes,
+    ident: int,
+    ecn: bool,
+    seed: bytes,
+) -> None:
+    payload = (seed * (size // len(seed) + 1))[:size]
+    packet = _tso(v6, payload, seq=seq, flags=flags, options=options, ip_options=ip_options, ident=ident)  # fmt: skip
+    gso = (offload.GSO_TCPV6 if v6 else offload.GSO_TCPV4) | (offload.GSO_ECN if ecn else 0)
+    header = offload.VNET_HDR.pack(offload.F_NEEDS_CSUM, gso, 0, mss, 0, 0)
+    native, pure = paths
+    expected = pure.split(header, packet)
+    assert native.split(header, packet) == expected
+    head_len = len(packet) - size
+    assert b"".join(s[head_len:] for s in expected) == payload
+
+
+def _outcome(split: Callable[[bytes, bytes], list[bytes]], header: bytes, packet: bytes) -> object:
+    try:
+        return split(header, packet)
+    except offload.OffloadError:
+        return "refused"
+
+
+@SETTINGS
+@given(
+    gso=st.sampled_from([offload.GSO_TCPV4, offload.GSO_TCPV6, offload.GSO_TCPV4 | offload.GSO_ECN]),
+    mss=st.integers(0, 0xFFFF),
+    packet=st.one_of(
+        st.binary(max_size=200),
+        st.binary(max_size=120).map(lambda b: bytes([0x45]) + b),
+        st.binary(max_size=120).map(lambda b: bytes([0x60]) + b),
+        st.binary(min_size=60, max_size=200).map(
+            lambda b: bytes([0x45]) + b[1:9] + bytes([6]) + b[10:]
+        ),
+        st.binary(min_size=80, max_size=200).map(lambda b: bytes([0x60]) + b[1:6] + bytes([6]) + b[7:]),
+    ),
+)  # fmt: skip
+def test_split_refuses_the_same_garbage_on_both_paths(
+    paths: tuple[Path, Path], gso: int, mss: int, packet: bytes
+) -> None:
+    header = offload.VNET_HDR.pack(offload.F_NEEDS_CSUM, gso, 0, mss, 0, 0)
+    native, pure = paths
+    assert _outcome(native.split, header, packet) == _outcome(pure.split, header, packet)
+
+
+def test_split_through_the_api_uses_the_path_in_force(paths: tuple[Path, Path]) -> None:
+    """fastpath.split cuts with whichever path select() put in force, and both match."""
+    packet = _tso(False, bytes(range(256)) * 20, seq=5, flags=0x18, options=b"", ip_options=b"", ident=1)  # fmt: skip
+    header = offload.VNET_HDR.pack(offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 52, 1368, 20, 16)
+    results = []
+    for native in (True, False):
+        before = fastpath.name == fastpath.NATIVE_NAME
+        fastpath.select(native)
+        try:
+            results.append(fastpath.split(header, packet))
+        finally:
+            fastpath.select(before)
+    assert results[0] == results[1] == offload.split(header, packet)
+    assert len(results[0]) == 4
+
+
+def test_select_names_the_path_in_force() -> None:
+    before = fastpath.name == fastpath.NATIVE_NAME
+    try:
+        fastpath.select(False)
+        assert fastpath.name == fastpath.PYTHON_NAME
+        fastpath.select(True)
+        assert fastpath.name == fastpath.NATIVE_NAME
+    finally:
+        fastpath.select(before)
