@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from podwire.sandbox import cluster, kubenode, netns, supervisor, tools, verify
+from tests.support import podstream
 
 PODWIRE = str(pathlib.Path(sys.executable).parent / "podwire")
 NODES = 3  # the kubelet_sandbox fixture's
@@ -404,3 +405,64 @@ def test_kubectl_logs_and_exec_reach_every_agent_pod_on_real_nodes(kubelet_sandb
     assert reply.startswith(b"HTTP/1.1 200"), reply
     for target in (f"127.0.0.1:{st.apiserver_port}", "192.0.2.250:10250"):
         assert _connect_through(sock, target).startswith(b"HTTP/1.1 403"), target
+
+
+def _http_status(node: Any, port: int, path: str = "/metrics") -> int:
+    """The HTTP status of path on the node's own network at port (0: nothing answers)."""
+    script = (
+        "import sys, urllib.request\n"
+        "try:\n"
+        f"    print(urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5).status)\n"
+        "except OSError:\n"
+        "    print(0)\n"
+    )
+    return int(node.ns.run(sys.executable, "-c", script, check=False).stdout.strip() or 0)
+
+
+def _device_mtu(node: Any) -> int:
+    out = node.ns.ip("-o", "link", "show", "dev", cluster.CHART_DEVICE).stdout
+    return int(out.split(" mtu ", 1)[1].split()[0])
+
+
+def test_helm_upgrade_with_changed_values_rolls_the_agents_out_and_they_take_them(
+    kubelet_sandbox: Any, tmp_path: pathlib.Path
+) -> None:
+    """`helm upgrade --reuse-values` with the agents' metrics port and MTU changed, under a 100
+    packets-per-second stream between pods on different nodes: every agent pod is replaced,
+    the new port answers (and the old does not), the devices and `podwire status` have the new
+    MTU, the pods stay reachable and nothing crosses in clear."""
+    sb = kubelet_sandbox
+    st = sb.state
+    cp = sb.api.control_plane(st)
+    old_port, new_port, new_mtu = 9871, 9881, 1380
+    nodes = [st.node(f"node{i}") for i in range(1, NODES + 1)]
+    for node in nodes:  # the control: the values in force before
+        assert _http_status(node, old_port) == 200 and _http_status(node, new_port) == 0
+        assert _device_mtu(node) != new_mtu
+    old_agents = {p["metadata"]["uid"] for p in _agent_pods(sb).values()}
+    a, b = st.node("node1").pods[0], st.node("node2").pods[0]
+    with podstream.PodStream(st, a, b, tmp_path / "values.pcap", count=3000) as stream:
+        started = time.monotonic()
+        cluster.helm(st, "upgrade", "podwire", str(cluster.CHART), "--namespace", "default",
+                     "--reuse-values", f"--set=agent.metricsPort={new_port}",
+                     f"--set=agent.mtu={new_mtu}")  # fmt: skip
+        cp.kubectl("rollout", "status", "daemonset/podwire-agent", "--timeout=120s", timeout=130)
+        rolled = time.monotonic() - started
+        seen = stream.result()
+    print(f"helm upgrade (metrics port {old_port}->{new_port}, MTU {new_mtu}), rolled out in "
+          f"{rolled:.1f}s, under a 100/s stream: {seen.describe()}")  # fmt: skip
+    agents = _agent_pods(sb)
+    assert not old_agents & {p["metadata"]["uid"] for p in agents.values()}  # all replaced
+    for node in nodes:
+        assert _http_status(node, new_port) == 200, node.name
+        assert _http_status(node, old_port) == 0, node.name
+        assert _device_mtu(node) == new_mtu, node.name
+        name = agents[node.name]["metadata"]["name"]
+        status = cp.kubectl("exec", "-n", "default", name, "-c", "agent", "--", "podwire", "status")
+        assert f"mtu:         {new_mtu}" in status.stdout, status.stdout
+    assert seen.sent == 3000 and seen.received == seen.sent, seen.describe()
+    assert seen.analysis.clear == 0 and seen.analysis.payload == 0, seen.analysis.examples
+    assert seen.analysis.transport >= seen.sent
+    # Every pod still reaches every other (status runs them all).
+    status = json.loads(sb.cli("sandbox", "status", "-o", "json").stdout)
+    assert not [c for c in status["connectivity"] if not c["ok"]]
