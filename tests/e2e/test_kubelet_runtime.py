@@ -466,3 +466,63 @@ def test_helm_upgrade_with_changed_values_rolls_the_agents_out_and_they_take_the
     # Every pod still reaches every other (status runs them all).
     status = json.loads(sb.cli("sandbox", "status", "-o", "json").stdout)
     assert not [c for c in status["connectivity"] if not c["ok"]]
+
+
+ENGINE_PINGS = 2000  # 20 s at 100 a second; node2's engine pod is deleted after 2 s
+
+
+def _engine_pods(sb: Any) -> dict[str, dict[str, Any]]:
+    items = sb.kubectl_json("get", "pods", "-l", "app.kubernetes.io/component=engine")["items"]
+    return {
+        p["spec"]["nodeName"]: p for p in items if p["metadata"].get("deletionTimestamp") is None
+    }
+
+
+def test_engine_upgrade_on_real_nodes_is_a_measured_fail_closed_gap_then_traffic_resumes(
+    kubelet_sandbox: Any, tmp_path: pathlib.Path
+) -> None:
+    """The engine's own upgrade as the chart has it (its DaemonSet is OnDelete): `helm upgrade`
+    to a new image leaves every engine running; deleting node2's engine pod starts the new one.
+    Meanwhile 100 pings a second go from a pod on node1 to one on node2, captured on the
+    underlay: the gap is measured, nothing crosses in clear, and the traffic comes back."""
+    sb = kubelet_sandbox
+    st = sb.state
+    cp = sb.api.control_plane(st)
+    ref = next(iter(_engine_pods(sb).values()))["spec"]["containers"][0]["image"]
+    new_tag = ref.rsplit(":", 1)[1] + "-engine2"
+    for node in st.nodes:  # the same build under a new tag in every node's containerd
+        tagged = kubenode.KubeNode(st, cp, node).ctr("images", "tag", ref, f"{ref}-engine2")
+        assert tagged.returncode == 0, tagged.stderr
+    engines = {n: p["metadata"]["uid"] for n, p in _engine_pods(sb).items()}
+    cluster.helm(st, "upgrade", "podwire", str(cluster.CHART), "--namespace", "default",
+                 "--reuse-values", f"--set-string=image.tag={new_tag}")  # fmt: skip
+    cp.kubectl("rollout", "status", "daemonset/podwire-agent", "--timeout=120s", timeout=130)
+    # OnDelete: the upgrade replaced the agents, and no engine.
+    assert {n: p["metadata"]["uid"] for n, p in _engine_pods(sb).items()} == engines
+    a, b = st.node("node1").pods[0], st.node("node2").pods[0]
+    assert a.ns.ping(b.ip, count=3, timeout=5)
+    old = _engine_pods(sb)["node2"]["metadata"]["name"]
+    with podstream.PodStream(st, a, b, tmp_path / "engine.pcap", count=ENGINE_PINGS) as stream:
+        time.sleep(2)
+        deleted = time.monotonic()
+        cp.kubectl("delete", "pod", "-n", "default", old, "--timeout=60s", timeout=70)
+        netns.wait_until(
+            lambda: "node2" in (e := _engine_pods(sb)) and _ready(e["node2"]),
+            timeout=60, interval=0.2, what="node2's new engine pod Ready",
+        )  # fmt: skip
+        replaced = time.monotonic() - deleted
+        seen = stream.result()
+    print(f"engine upgrade on node2 (pod deleted, new pod Ready in {replaced:.1f}s) under a "
+          f"100/s stream: {seen.describe()}")  # fmt: skip
+    now = _engine_pods(sb)
+    assert now["node2"]["metadata"]["uid"] != engines["node2"]
+    assert now["node2"]["spec"]["containers"][0]["image"].endswith(new_tag)
+    assert {n: now[n]["metadata"]["uid"] for n in ("node1", "node3")} == {
+        n: engines[n] for n in ("node1", "node3")
+    }  # the other nodes' engines were left alone
+    # Fail-closed throughout: no pod address, no payload in clear, not even in the gap.
+    assert seen.analysis.clear == 0 and seen.analysis.payload == 0, seen.analysis.examples
+    # The traffic came back: every one of the last 3 s of requests had its reply.
+    assert seen.sent == ENGINE_PINGS
+    assert not [n for n in seen.lost if n > ENGINE_PINGS - 300], seen.describe()
+    assert seen.longest_gap < 15, seen.describe()

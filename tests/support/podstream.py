@@ -31,7 +31,7 @@ class Seen:
     received: int
     lost: list[int]  # icmp_seq of every request without a reply
     longest_gap: float  # seconds: the longest run of lost requests, at the stream's interval
-    gap_from: float  # seconds after the stream began, where that run starts (0: none lost)
+    gap_from: int  # the icmp_seq that run starts with (0: none lost)
     summary: str  # ping's own line
     analysis: verify.Analysis
 
@@ -39,7 +39,7 @@ class Seen:
         a = self.analysis
         return (
             f"{self.received}/{self.sent} replies, {len(self.lost)} lost, longest gap "
-            f"{self.longest_gap:.2f}s at +{self.gap_from:.2f}s; underlay: {a.transport} WireGuard "
+            f"{self.longest_gap:.2f}s from icmp_seq {self.gap_from}; underlay: {a.transport} WireGuard "
             f"transport messages, {a.clear} frames with a pod address in clear, {a.payload} with "
             "the payload"
         )
@@ -117,7 +117,7 @@ class PodStream:
             received=received,
             lost=lost,
             longest_gap=length * self.interval,
-            gap_from=(first - 1) * self.interval if length else 0.0,
+            gap_from=first,
             summary=next(line for line in out.splitlines() if "packets transmitted" in line),
             analysis=verify.analyze(frames, pods, self.marker, self.wg_port),
         )
