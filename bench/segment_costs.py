@@ -4,10 +4,11 @@ Two Devices, one handshake between them in memory, then a 64 KiB TSO packet (as 
 over with offloads) taken through each step of the data path in turn, each timed alone:
 splitting it into MTU-size segments (`offload.split`), sealing them (`Device.send_packets`),
 opening them on the other side (`Device.receive_datagrams`), and joining the decrypted segments
-into one write (`offload.coalesce`); plus the bare ChaCha20-Poly1305 seal of one segment, the
-floor any Python engine pays. The figures are per segment, best of --repeat. No root needed.
+into one write (`fastpath.coalesce`); plus the bare seal of the segments (fastpath.seal), the floor of
+the path. The figures are per segment, best of --repeat, for each fast
+path (fastpath.py: the C extension, then pure Python) in one run. No root needed.
 
-Usage: .venv/bin/python bench/segment_costs.py [--repeat 20]
+Usage: .venv/bin/python bench/segment_costs.py [--repeat 20] [--path native|python|both]
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
-from podwire.agent.engine import actions, device, offload
+from podwire.agent.engine import actions, device, fastpath, offload
 
 A, B = ("192.0.2.1", 51820), ("192.0.2.2", 51820)
 MSS = 1368
@@ -69,14 +68,12 @@ def _best(repeat: int, segments: int, step: Callable[[], object]) -> float:
     return min(times) / segments * 1e6
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--repeat", type=int, default=20)
-    args = p.parse_args()
+def measure(repeat: int) -> dict[str, float]:
+    """Microseconds per segment of each step, on the fast path in force."""
     a, b = _pair()
     big = _tcp(os.urandom(MSS * 47))
     vnet = offload.VNET_HDR.pack(offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 52, MSS, 20, 16)
-    segments = offload.split(vnet, big)
+    segments = fastpath.split(vnet, big)
     n = len(segments)
     sealed: list[bytes] = []
 
@@ -101,28 +98,47 @@ def main() -> int:
 
     open_all()
     assert len(opened) == n, (len(opened), n)
-    aead = ChaCha20Poly1305(os.urandom(32))
-    rows = {
-        "split (TSO -> segments, checksums)": _best(args.repeat, n, lambda: offload.split(vnet, big)),
-        "seal (Device.send_packets)": _best(args.repeat, n, seal),
-        "  of which ChaCha20-Poly1305 alone": _best(
-            args.repeat, n, lambda: [aead.encrypt(bytes(12), s, None) for s in segments]
+    cipher = fastpath.cipher(os.urandom(32))
+    return {
+        "split (TSO -> segments, checksums)": _best(repeat, n, lambda: fastpath.split(vnet, big)),
+        "seal (Device.send_packets)": _best(repeat, n, seal),
+        "  of which fastpath.seal alone": _best(
+            repeat, n, lambda: fastpath.seal(cipher, 1, 0, segments, 1420)
         ),
-        "open (Device.receive_datagrams)": _best(args.repeat, n, open_all),
-        "coalesce (segments -> one write)": _best(args.repeat, n, lambda: offload.coalesce(opened)),
+        "open (Device.receive_datagrams)": _best(repeat, n, open_all),
+        "coalesce (segments -> one write)": _best(repeat, n, lambda: fastpath.coalesce(opened)),
     }  # fmt: skip
-    total = sum(v for k, v in rows.items() if not k.startswith(" "))
-    print(f"{n} segments of {MSS} bytes from one 64 KiB TSO packet; microseconds per segment:")
-    for name, us in rows.items():
-        print(f"  {name:<40}{us:8.2f}")
-    print(f"  {'Python total, both ends':<40}{total:8.2f}")
-    send_us = rows["split (TSO -> segments, checksums)"] + rows["seal (Device.send_packets)"]
-    receive_us = rows["open (Device.receive_datagrams)"] + rows["coalesce (segments -> one write)"]
-    bound = MSS * 8 / max(send_us, receive_us) / 1e3
-    print(
-        f"  => Python alone bounds one stream at {bound:.2f} Gbit/s of payload (one core per end,"
-    )
-    print("     before any system call; the kernel's share comes on top)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--path", choices=("native", "python", "both"), default="both")
+    args = p.parse_args()
+    natives = {"native": [True], "python": [False], "both": [True, False]}[args.path]
+    if True in natives and not fastpath.native_available():
+        print(f"the native fast path is not built: {fastpath.unavailable_reason}")
+        return 1
+    columns = {}
+    for native in natives:
+        fastpath.select(native)
+        columns[fastpath.name] = measure(args.repeat)
+    print(f"47 segments of {MSS} bytes from one 64 KiB TSO packet; microseconds per segment:")
+    print(f"  {'':<40}" + "".join(f"{name:>18}" for name in columns))
+    steps = next(iter(columns.values()))
+    for step in steps:
+        print(f"  {step:<40}" + "".join(f"{c[step]:18.2f}" for c in columns.values()))
+    totals, bounds = [], []
+    for rows in columns.values():
+        totals.append(sum(v for k, v in rows.items() if not k.startswith(" ")))
+        send_us = rows["split (TSO -> segments, checksums)"] + rows["seal (Device.send_packets)"]
+        receive_us = (
+            rows["open (Device.receive_datagrams)"] + rows["coalesce (segments -> one write)"]
+        )
+        bounds.append(MSS * 8 / max(send_us, receive_us) / 1e3)
+    print(f"  {'total, both ends':<40}" + "".join(f"{t:18.2f}" for t in totals))
+    print(f"  {'=> bound on one stream, Gbit/s':<40}" + "".join(f"{b:18.2f}" for b in bounds))
+    print("     (payload, one core per end, before any system call; the kernel's share on top)")
     return 0
 
 

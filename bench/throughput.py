@@ -50,12 +50,16 @@ CASES: dict[str, tuple[str | None, str | None]] = {
     "wireguard-go": ("wggo", "wggo"),
     "boringtun": ("boringtun", "boringtun"),
     "engine <-> engine": ("engine", "engine"),
+    "engine (pure Python)": ("engine-python", "engine-python"),
     "engine (offloads off)": ("engine-plain", "engine-plain"),
     "engine -> wireguard-go": ("engine", "wggo"),
+    "engine (pure Python) -> wireguard-go": ("engine-python", "wggo"),
 }
 # "engine -> wireguard-go" is both directions: a->b is the engine sending, the reverse column
 # wireguard-go sending to the engine. "engine (offloads off)" is the engine as it was before
-# them (PODWIRE_ENGINE_OFFLOADS=off), one packet per system call.
+# them (PODWIRE_ENGINE_OFFLOADS=off), one packet per system call. The engine runs its native
+# fast path (agent/engine/native) where it is built; "(pure Python)" is the same engine with
+# PODWIRE_ENGINE_NATIVE=off.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 Tunnel = tuple[netns.NetnsFactory, netns.Netns, netns.Netns, str, list[int]]
 
@@ -145,7 +149,11 @@ def tunnel(
     for i, (ns, kind) in enumerate(zip((a, b), kinds, strict=True)):
         assert kind is not None
         dev = f.unique("w")
-        env = {**ENV, "PODWIRE_ENGINE_OFFLOADS": "off" if kind == "engine-plain" else "on"}
+        env = {
+            **ENV,
+            "PODWIRE_ENGINE_OFFLOADS": "off" if kind == "engine-plain" else "on",
+            "PODWIRE_ENGINE_NATIVE": "off" if kind == "engine-python" else "on",
+        }
         proc = f.spawn(ns, command(kind, dev), log_path=workdir / f"{dev}.log", env=env)
         pids.append(proc.pid)
         sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")

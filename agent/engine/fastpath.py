@@ -115,6 +115,10 @@ seal: Callable[[Cipher, int, int, Sequence[Buffer], int], list[bytes]] = _seal_p
 # authenticate (or is too short to).
 open: Callable[[Sequence[Cipher], Sequence[Buffer]], list[bytes | None]] = _open_py
 _split_tcp: Callable[[bytes, int, bool], list[bytes]] = _split_tcp_py
+# coalesce(packets): the writes to TUN for decrypted packets (offload.coalesce), each a list
+# of buffers that starts with the virtio_net_hdr; a write whose second byte (the GSO type) is
+# not 0 is a joined one.
+coalesce: Callable[[Sequence[bytes]], list[list[bytes | memoryview]]] = offload.coalesce
 
 
 def native_available() -> bool:
@@ -124,15 +128,15 @@ def native_available() -> bool:
 def select(native: bool) -> None:
     """Puts the native (True) or the pure-Python path in force; keypairs made before keep the
     ciphers of the path they were made under, so call it before any handshake."""
-    global name, cipher, seal, open, _split_tcp
+    global name, cipher, seal, open, coalesce, _split_tcp
     if native:
         if _native is None:
             raise RuntimeError(f"the native fast path is not available: {unavailable_reason}")
         name, cipher, seal, open = NATIVE_NAME, bytes, _native.seal, _native.open
-        _split_tcp = _native_split_tcp
+        _split_tcp, coalesce = _native_split_tcp, _native_coalesce
     else:
         name, cipher, seal, open = PYTHON_NAME, _cipher_py, _seal_py, _open_py
-        _split_tcp = _split_tcp_py
+        _split_tcp, coalesce = _split_tcp_py, offload.coalesce
 
 
 def _native_split_tcp(packet: bytes, mss: int, v6: bool) -> list[bytes]:
@@ -142,6 +146,11 @@ def _native_split_tcp(packet: bytes, mss: int, v6: bool) -> list[bytes]:
     except ValueError as exc:
         raise offload.OffloadError(str(exc)) from None
     return segments
+
+
+def _native_coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]:
+    assert _native is not None
+    return [[write] for write in _native.coalesce(packets)]
 
 
 def split(header: bytes | memoryview, packet: bytes) -> list[bytes]:

@@ -212,12 +212,13 @@ class Tun:
                 self._write([offload.SINGLE_HEADER, packet])
             return
         try:
-            writes = offload.coalesce(packets)
+            writes = fastpath.coalesce(packets)
         except Exception:  # a bug, never a peer's packet: write them as they came
             self.bad_offload += 1
             writes = [[offload.SINGLE_HEADER, packet] for packet in packets]
         for buffers in writes:
-            if len(buffers) == 2:
+            # The GSO type, the virtio_net_hdr's second byte: 0 for a packet written alone.
+            if not buffers[0][1]:
                 self._write(buffers)
                 continue
             self.coalesced_writes += 1

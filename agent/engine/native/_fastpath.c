@@ -428,10 +428,206 @@ done:
     return result;
 }
 
+
+/* ---- coalesce ------------------------------------------------------------------------ */
+
+#define ACK 0x10
+#define MAX_LENGTH 65535
+#define VNET_LEN 10
+
+/* A run of segments of one TCP flow that follow each other, as offload._Run keeps it. */
+typedef struct {
+    Py_ssize_t first, last; /* packet indices; members chain through next[] */
+    Py_ssize_t ihl, head_len, size, length;
+    uint32_t next_seq;
+    unsigned next_id;
+    int open, psh, count;
+} Run;
+
+/* Where a packet stands: its flow key (addresses and ports) and header lengths, or none. */
+static int tcp_flow(const unsigned char *p, Py_ssize_t n, Py_ssize_t *ihl, Py_ssize_t *head_len,
+                    const unsigned char **flow, Py_ssize_t *flow_len) {
+    if (n < 40) return 0;
+    int version = p[0] >> 4;
+    if (version == 4) {
+        if (p[0] != 0x45 || p[9] != 6 || (p[6] & 0x3F) || p[7]) return 0;
+        *ihl = 20;
+        *flow = p + 12;
+        *flow_len = 12;
+    } else if (version == 6) {
+        if (n < 60 || p[6] != 6) return 0;
+        *ihl = 40;
+        *flow = p + 8;
+        *flow_len = 36;
+    } else {
+        return 0;
+    }
+    Py_ssize_t thl = (p[*ihl + 12] >> 4) * 4;
+    *head_len = *ihl + thl;
+    if (thl < 20 || n <= *head_len || (p[*ihl + 13] & ~PSH) != ACK) return 0;
+    return 1;
+}
+
+/* offload._fixed: what must be equal between the segments of a run besides their flow. */
+static int same_fixed(const unsigned char *a, const unsigned char *b, Py_ssize_t ihl,
+                      Py_ssize_t head_len) {
+    if (ihl == 20) {
+        if (a[1] != b[1] || a[8] != b[8] || a[6] != b[6]) return 0;
+    } else if (memcmp(a, b, 4) != 0 || a[7] != b[7]) {
+        return 0;
+    }
+    return memcmp(a + ihl + 8, b + ihl + 8, 5) == 0 && memcmp(a + ihl + 14, b + ihl + 14, 2) == 0
+        && memcmp(a + ihl + 20, b + ihl + 20, (size_t)(head_len - ihl - 20)) == 0;
+}
+
+static uint64_t flow_hash(const unsigned char *flow, Py_ssize_t len) {
+    uint64_t h = 1469598103934665603ULL;
+    for (Py_ssize_t i = 0; i < len; i++) h = (h ^ flow[i]) * 1099511628211ULL;
+    return h;
+}
+
+static void put_le16(unsigned char *p, unsigned v) {
+    p[0] = (unsigned char)v;
+    p[1] = (unsigned char)(v >> 8);
+}
+
+PyDoc_STRVAR(coalesce_doc,
+"coalesce(packets) -> list[bytes]\n\n"
+"The writes to TUN for packets, each a virtio_net_hdr and its packet, as offload.coalesce\n"
+"makes them: consecutive segments of a TCP flow joined into one GSO packet.");
+
+static PyObject *fp_coalesce(PyObject *self, PyObject *args) {
+    PyObject *packets_arg;
+    if (!PyArg_ParseTuple(args, "O:coalesce", &packets_arg)) return NULL;
+    Views in = {0, NULL};
+    if (views_take(packets_arg, &in, "packets must be a sequence") < 0) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = in.n;
+    size_t slots = 16;
+    while (slots < (size_t)n * 2) slots <<= 1;
+    Run *runs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Run));
+    Py_ssize_t *next = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_ssize_t));
+    Py_ssize_t *table = PyMem_Malloc(slots * sizeof(Py_ssize_t)); /* flow -> run, or -1 */
+    if (runs == NULL || next == NULL || table == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t i = 0; i < slots; i++) table[i] = -1;
+    Py_ssize_t nruns = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char *p = in.views[i].buf;
+        Py_ssize_t len = in.views[i].len, ihl, head_len, flow_len;
+        const unsigned char *flow;
+        next[i] = -1;
+        if (!tcp_flow(p, len, &ihl, &head_len, &flow, &flow_len)) {
+            runs[nruns] = (Run){.first = i, .last = i, .count = 1, .length = len, .ihl = 0};
+            nruns++;
+            continue;
+        }
+        size_t slot = (size_t)flow_hash(flow, flow_len) & (slots - 1);
+        Py_ssize_t *entry = NULL;
+        for (;;) {
+            Py_ssize_t r = table[slot];
+            if (r < 0) break;
+            const unsigned char *q = in.views[runs[r].first].buf;
+            const unsigned char *qflow = q + (runs[r].ihl == 20 ? 12 : 8);
+            if (runs[r].ihl == ihl && memcmp(qflow, flow, (size_t)flow_len) == 0) {
+                entry = &table[slot];
+                break;
+            }
+            slot = (slot + 1) & (slots - 1);
+        }
+        if (entry != NULL) {
+            Run *run = &runs[*entry];
+            const unsigned char *first = in.views[run->first].buf;
+            Py_ssize_t size = len - head_len;
+            if (run->open && size <= run->size && run->length + size <= MAX_LENGTH
+                && get_be32(p + ihl + 4) == run->next_seq
+                && (ihl != 20 || (((unsigned)p[4] << 8) | p[5]) == run->next_id)
+                && head_len == run->head_len && same_fixed(first, p, ihl, head_len)) {
+                next[run->last] = i;
+                run->last = i;
+                run->count++;
+                run->length += size;
+                run->next_seq += (uint32_t)size;
+                run->next_id = (run->next_id + 1) & 0xFFFF;
+                if (size < run->size || (p[ihl + 13] & PSH)) {
+                    run->open = 0;
+                    if (p[ihl + 13] & PSH) run->psh = 1;
+                }
+                continue;
+            }
+        }
+        Run *run = &runs[nruns];
+        *run = (Run){.first = i, .last = i, .ihl = ihl, .head_len = head_len,
+                     .size = len - head_len, .length = len, .count = 1};
+        run->next_seq = get_be32(p + ihl + 4) + (uint32_t)run->size;
+        run->next_id = ((((unsigned)p[4] << 8) | p[5]) + 1) & 0xFFFF;
+        run->open = !(p[ihl + 13] & PSH);
+        if (entry != NULL) *entry = nruns;
+        else table[slot] = nruns;
+        nruns++;
+    }
+    result = PyList_New(nruns);
+    if (result == NULL) goto done;
+    for (Py_ssize_t w = 0; w < nruns; w++) {
+        Run *run = &runs[w];
+        const unsigned char *first = in.views[run->first].buf;
+        PyObject *out = PyBytes_FromStringAndSize(NULL, VNET_LEN + run->length);
+        if (out == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, w, out);
+        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+        memset(o, 0, VNET_LEN);
+        if (run->count == 1) {
+            o[0] = 2; /* VIRTIO_NET_HDR_F_DATA_VALID: WireGuard authenticated it */
+            memcpy(o + VNET_LEN, first, (size_t)in.views[run->first].len);
+            continue;
+        }
+        Py_ssize_t ihl = run->ihl, head_len = run->head_len;
+        o[0] = 1; /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+        o[1] = ihl == 20 ? 1 : 4; /* GSO_TCPV4, GSO_TCPV6 */
+        put_le16(o + 2, (unsigned)head_len);
+        put_le16(o + 4, (unsigned)run->size);
+        put_le16(o + 6, (unsigned)ihl);
+        put_le16(o + 8, 16);
+        unsigned char *head = o + VNET_LEN;
+        memcpy(head, first, (size_t)in.views[run->first].len);
+        if (run->psh) head[ihl + 13] |= PSH;
+        if (ihl == 20) {
+            put_be16(head + 2, (unsigned)run->length);
+            head[10] = head[11] = 0;
+            put_be16(head + 10, field_of(sum16(head, 20)));
+        } else {
+            put_be16(head + 4, (unsigned)(run->length - 40));
+        }
+        /* NEEDS_CSUM: the field holds the pseudo-header's sum; the kernel adds the rest. */
+        uint64_t pseudo = (ihl == 20 ? sum16(head + 12, 8) : sum16(head + 8, 32)) + 6
+            + (uint64_t)(run->length - ihl);
+        unsigned folded = (unsigned)(pseudo % 0xFFFF);
+        put_be16(head + ihl + 16, folded ? folded : 0xFFFF);
+        unsigned char *tail = head + in.views[run->first].len;
+        for (Py_ssize_t i = next[run->first]; i >= 0; i = next[i]) {
+            Py_ssize_t size = in.views[i].len - head_len;
+            memcpy(tail, (const unsigned char *)in.views[i].buf + head_len, (size_t)size);
+            tail += size;
+        }
+    }
+done:
+    PyMem_Free(table);
+    PyMem_Free(next);
+    PyMem_Free(runs);
+    views_release(&in);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"seal", fp_seal, METH_VARARGS, seal_doc},
     {"open", fp_open, METH_VARARGS, open_doc},
     {"split_tcp", fp_split_tcp, METH_VARARGS, split_tcp_doc},
+    {"coalesce", fp_coalesce, METH_VARARGS, coalesce_doc},
     {NULL, NULL, 0, NULL},
 };
 
