@@ -172,6 +172,8 @@ def build(
         wakeup=wakeup,
         open_backend=open_backend or _opener(cfg, stop),
         open_lane=_lane_opener(cfg, stop),
+        retire_lane=lambda lane: select.retire_lane(cfg, lane),
+        flow_hash=datapath_mod.NodeFlowHash(),
         routes=routes_mod.Routes(
             cfg.device,
             strict=cfg.strict_mode,
@@ -195,16 +197,24 @@ def assemble(
     clock: clock_mod.Clock,
     apiserver: str = "",
     open_lane: Callable[[int], datapath_mod.OpenLane] | None = None,
+    retire_lane: datapath_mod.RetireLane | None = None,
+    flow_hash: datapath_mod.FlowHash | None = None,
 ) -> Agent:
     """Every component of one agent, wired to what it needs; the unit tests pass fakes here.
 
     `apiserver` is the URL the agent reaches the apiserver at: its address is guarded like a
     node's (no peer's pod CIDR may cover it). `open_lane(i)` opens lane i's backend (lanes
-    above 1); it must pick the datapath lane 0 got."""
+    above 1); it must pick the datapath lane 0 got. `retire_lane(i)` takes away lane i's device
+    where an earlier agent had more lanes; the key files of those lanes go in any case.
+    `flow_hash` is the node's multipath hash, which lanes set; without it (fakes) no kernel
+    setting is touched."""
     broadcaster = events.Broadcaster()
     recorder = events.Recorder(broadcaster, emit=emit, wall=clock.wall)
+    retired = select.retired_lanes(cfg)
     keys = keystore.KeyStore(
-        cfg.key_path, lane_paths=tuple(cfg.lane_key_path(i) for i in range(1, cfg.lanes))
+        cfg.key_path,
+        lane_paths=tuple(cfg.lane_key_path(i) for i in range(1, cfg.lanes)),
+        retired_paths=tuple(cfg.lane_key_path(i) for i in retired),
     )
     if cfg.lanes > 1 and open_lane is None:
         raise ValueError("lanes above 1 need open_lane: each lane has a backend of its own")
@@ -227,6 +237,9 @@ def assemble(
         routes=routes,
         keys=keys,
         lanes=lanes,
+        retire_lane=retire_lane,
+        retired_lanes=retired,
+        flow_hash=flow_hash,
     )
     rec = reconciler.Reconciler(
         node_name=cfg.node_name,

@@ -116,7 +116,9 @@ class Config:
     engine_mode: EngineMode = "child"
     # WireGuard devices per node, each with its own key and port (listen_port + i): all
     # traffic between two nodes over one device is one UDP flow, received on one core; routes
-    # to a remote node's pods spread flows over the lanes both nodes have (see `lanes`).
+    # to a remote node's pods spread flows over the lanes both nodes have (see `lanes`). On
+    # userspace each lane has an engine of its own: the agent's child, or in engine mode
+    # external one the engine's DaemonSet runs per lane (`podwire-engine <device>_<i>`).
     lanes: int = 1
 
     def __post_init__(self) -> None:
@@ -435,12 +437,6 @@ def _check_lanes(cfg: Config) -> None:
     if cfg.listen_port + cfg.lanes - 1 > 65535:
         raise ConfigError(
             "lanes", f"lane {cfg.lanes - 1} would listen on {cfg.listen_port + cfg.lanes - 1}"
-        )
-    if cfg.engine_mode == "external":
-        raise ConfigError(
-            "lanes",
-            "lanes above 1 need engine mode child (the agent starts one engine per lane);"
-            " the chart's engine DaemonSet runs one engine, for lane 0 only",
         )
 
 

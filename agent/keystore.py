@@ -4,22 +4,35 @@ The file itself is `keys`' business (mode 0600, atomic writes, never followed in
 leak); this component holds the key in use and knows when it was last rotated. With lanes, each
 lane beyond the first has a key file of its own (`lane_paths`), held by a store of its own in
 `lanes`: they load, rotate and finish with lane 0's, so one rotation renews every lane.
+
+The key files of lanes the node no longer has (`lanes` lowered) are removed at start, with any
+previous key a rotation kept for them: a private key no device uses is only a secret to leak.
+Raising `lanes` again makes a new key for the lane, published like any.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import threading
 
-from podwire.agent import component, keys
+from podwire.agent import component, keys, log
 
 
 class KeyStore:
     name = "keystore"
 
-    def __init__(self, path: pathlib.Path, *, lane_paths: tuple[pathlib.Path, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: pathlib.Path,
+        *,
+        lane_paths: tuple[pathlib.Path, ...] = (),
+        retired_paths: tuple[pathlib.Path, ...] = (),
+    ) -> None:
         self.path = path
         self.lanes = tuple(KeyStore(p) for p in lane_paths)  # lanes 1..N-1
+        self.retired_paths = retired_paths  # the key files of lanes above N-1, to remove
+        self.retired: list[pathlib.Path] = []  # what start removed of them
         self._key: keys.PrivateKey | None = None
         self._lock = threading.Lock()
         self.made_wall = 0.0  # when the key in use was made (unix time), from its file
@@ -51,6 +64,25 @@ class KeyStore:
         for lane in self.lanes:
             lane.start()
         self.interrupted = self.interrupted or any(lane.interrupted for lane in self.lanes)
+        self.retired = self._remove_retired()
+
+    def _remove_retired(self) -> list[pathlib.Path]:
+        """Removes what it can; a file it cannot remove is logged (by name) and left."""
+        logger = log.get("keystore")
+        removed = []
+        for path in self.retired_paths:
+            for file in (path, keys.previous_path(path)):
+                try:
+                    os.unlink(file)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    logger.warning("retired_lane_key_kept", file=str(file), error=e.strerror)
+                    continue
+                removed.append(file)
+        if removed:
+            logger.info("retired_lane_keys_removed", files=[str(p) for p in removed])
+        return removed
 
     def stop(self) -> None:
         pass

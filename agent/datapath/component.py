@@ -13,7 +13,9 @@ that cost WireGuard throughput and keeps them as advisories.
 With lanes (the setting `lanes`), the node has a device per lane, each with its own key (from
 the key store's lanes), port and backend (on userspace, an engine of its own); lane 0 is the
 device as it always was. They come up, are checked and are restored together, and the node's
-multipath hash is set to layer 4 so that a flow stays on one lane and flows spread.
+multipath hash is set to layer 4 so that a flow stays on one lane and flows spread. Lanes an
+earlier agent had beyond this one's (`lanes` lowered) are retired when the device comes up
+(`retire`): routes stop using them first, then their devices (and engines) go.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from podwire.agent import advisories, component, keystore, reconcile, wgdevice
+from podwire.agent import advisories, component, keystore, log, reconcile, wgdevice
 from podwire.agent.datapath import backend as backend_mod
 from podwire.agent.datapath import link
 from podwire.agent.datapath import routes as routes_mod
@@ -53,6 +55,8 @@ class RoutesLike(Protocol):
 OpenBackend = Callable[[str | None], backend_mod.Backend]  # underlay address -> backend
 # A lane's: underlay address, the datapath lane 0 got (kernel, userspace) -> backend
 OpenLane = Callable[[str | None, str], backend_mod.Backend]
+# Takes away lane i's device left by an agent with more lanes: what it did, None if none was.
+RetireLane = Callable[[int], str | None]
 
 
 @dataclasses.dataclass
@@ -65,6 +69,28 @@ class Lane:
     open_backend: OpenLane
     backend: backend_mod.Backend | None = None
     identity: object | None = None
+
+
+class FlowHash(Protocol):
+    """The node's multipath hash, which lanes need by flow (layer 4); `NodeFlowHash` on a node.
+    A Datapath without one (the unit tests' fakes) touches no kernel setting."""
+
+    def by_flow(self) -> None: ...
+    def reset(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeFlowHash:
+    """The hash of the namespace the devices live in (None: the agent's own)."""
+
+    netns: str | None = None
+
+    def by_flow(self) -> None:
+        multipath.hash_by_flow(netns=self.netns)
+
+    def reset(self) -> None:
+        """Back to layer 3, the kernel's default."""
+        multipath.restore(dict.fromkeys(multipath.SETTINGS, 0), netns=self.netns)
 
 
 class Surveyor(Protocol):
@@ -97,9 +123,16 @@ class Datapath:
         netns: str | None = None,
         surveyor: Surveyor = link.survey,
         lanes: Sequence[Lane] = (),
+        retire_lane: RetireLane | None = None,
+        retired_lanes: Sequence[int] = (),
+        flow_hash: FlowHash | None = None,
     ) -> None:
         self.device = device
         self.lanes = tuple(lanes)  # lanes 1..N-1
+        self._retire_lane = retire_lane
+        self.retired_lanes = tuple(retired_lanes)  # lanes above N-1 an earlier agent may have
+        self.retired: tuple[str, ...] = ()  # what `retire` took away
+        self.flow_hash = flow_hash
         self.listen_port = listen_port
         self.cluster_pod_cidrs = tuple(cluster_pod_cidrs)
         self.fail_closed = fail_closed
@@ -145,9 +178,9 @@ class Datapath:
             done += self.routes.remove_all()
         except Exception as e:
             failed.append(e)
-        if self.lanes:
+        if self.lanes and self.flow_hash is not None:
             try:
-                multipath.restore(dict.fromkeys(multipath.SETTINGS, 0), netns=self.netns)
+                self.flow_hash.reset()
                 done.append("multipath hash back to layer 3 (the kernel's default)")
             except OSError as e:
                 failed.append(e)
@@ -177,6 +210,52 @@ class Datapath:
         self.backend = self._open_backend(underlay_address)
         self.underlay_address = underlay_address
         self.restore()
+        self.retire()
+
+    def retire(self) -> None:
+        """Lanes above this agent's that an earlier agent left (`lanes` lowered) go. First
+        podwire's routes stop using their devices, narrowed in place to the lanes that stay, so
+        no flow meets the backstop meanwhile; then each device goes, with its engine (see
+        `select.retire_lane`); with one lane left the multipath hash goes back to the
+        kernel's default, as at uninstall. A failure is logged, never raised: the node's own
+        lanes carry its traffic without this, and the next start tries again."""
+        if self._retire_lane is None or not self.retired_lanes:
+            return
+        logger = log.get("datapath")
+        try:
+            self._narrow_routes()
+        except Exception as e:
+            logger.error("retire_lanes_failed", step="narrow routes", error=str(e))
+            return  # a device taken away now would take its routes, and their flows, with it
+        done: list[str] = []
+        for lane in self.retired_lanes:
+            try:
+                what = self._retire_lane(lane)
+            except Exception as e:
+                logger.error("retire_lanes_failed", lane=lane, error=str(e))
+                continue
+            if what:
+                done.append(what)
+        if done and not self.lanes and self.flow_hash is not None:
+            try:
+                self.flow_hash.reset()
+                done.append("multipath hash back to layer 3 (the kernel's default)")
+            except OSError as e:
+                logger.error("retire_lanes_failed", step="multipath hash", error=str(e))
+        if done:
+            logger.info("lanes_retired", lanes=self.lane_count, removed=done)
+        self.retired = tuple(done)
+
+    def _narrow_routes(self) -> None:
+        """podwire's routes with a nexthop through no lane of this agent's (a retired lane's
+        device: lane -1) go over the lanes they have that stay."""
+        narrowed = tuple(
+            (net, kept)
+            for net, lanes in self.routes.list_paths().items()
+            if -1 in lanes and (kept := tuple(lane for lane in lanes if lane >= 0))
+        )
+        if narrowed:
+            self.routes.apply_paths(reconcile.PathPlan(add=narrowed))
 
     def restore(self) -> None:
         """Every lane's device exists with its key and port; peers are the caller's business."""
@@ -194,8 +273,8 @@ class Datapath:
             lane.backend.set_private_key(self._keys.lane_key(lane.index).raw)
             lane.backend.set_listen_port(lane.listen_port)
             lane.identity = lane.backend.identity()
-        if self.lanes:
-            multipath.hash_by_flow(netns=self.netns)
+        if self.lanes and self.flow_hash is not None:
+            self.flow_hash.by_flow()
         self.survey()
 
     @property

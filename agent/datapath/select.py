@@ -13,8 +13,10 @@ import threading
 from collections.abc import Sequence
 
 from podwire.agent import config
-from podwire.agent.datapath import backend, kernel, link, uapi, userspace
+from podwire.agent.datapath import backend, kernel, link, supervisor, uapi, userspace
 from podwire.agent.netlink import core, wireguard
+
+_IFNAMSIZ = 16
 
 
 def open_lane(
@@ -47,6 +49,43 @@ def open_lane(
         socket_dir=socket_dir,
         stop=stop,
     )
+
+
+def retired_lanes(cfg: config.Config) -> range:
+    """The lanes above the configured ones that an agent with more lanes may have left."""
+    return range(cfg.lanes, config.MAX_LANES)
+
+
+def retire_lane(
+    cfg: config.Config,
+    lane: int,
+    *,
+    netns: str | None = None,
+    socket_dir: pathlib.Path = uapi.SOCKET_DIR,
+) -> str | None:
+    """Takes away lane `lane`'s device, left by an agent that had more lanes (`lanes` was
+    lowered); None when there is none. Its engine ends (SIGTERM, found by its socket) and its
+    link goes. In engine mode external the engine is the engine DaemonSet's container, which
+    goes when that pod is made again: meanwhile its device is emptied of peers, so it carries
+    nothing and holds no session. Call it once lane 0's routes no longer use the device."""
+    device = cfg.lane_device(lane)
+    if len(device) >= _IFNAMSIZ:
+        return None  # no such link can exist
+    client = uapi.UapiClient(device, socket_dir=socket_dir)
+    alive = client.alive()
+    if alive and cfg.engine_mode == "external":
+        client.set(replace_peers=True)
+        return (
+            f"lane {lane}'s device {device} emptied of peers (its engine is the engine DaemonSet's)"
+        )
+    if alive:
+        supervisor.Engine(device, client, netns=netns).stop_engine()
+    elif client.path.exists():
+        client.path.unlink(missing_ok=True)  # an engine ended by SIGKILL leaves its socket
+    if link.ifindex(device, netns) is None:
+        return f"lane {lane}'s engine for {device}" if alive else None
+    link.delete(device, netns)
+    return f"lane {lane}'s device {device}" + (" and its engine" if alive else "")
 
 
 def open_backend(
