@@ -50,8 +50,16 @@ HANDSHAKE_GIVE_UP = 25.0
 # The flooder, run inside ns f by this same file.
 
 
-def flood(target_public_b64: str, target: str, seconds: float, out: pathlib.Path) -> None:
-    """Sends one mac1-valid initiation after another from SOURCES addresses, round robin."""
+def flood(
+    target_public_b64: str,
+    target: str,
+    seconds: float,
+    out: pathlib.Path,
+    *,
+    sources: int = SOURCES,
+) -> None:
+    """Sends one mac1-valid initiation after another from `sources` addresses (FLOOD_NET.1
+    onwards), round robin."""
     public = base64.b64decode(target_public_b64)
     identity = noise.StaticIdentity(os.urandom(32))
     handshake = noise.Handshake(public)
@@ -61,7 +69,7 @@ def flood(target_public_b64: str, target: str, seconds: float, out: pathlib.Path
     )
     data = cookie.CookieGenerator(public).stamp(message.pack(), now=0.0)
     socks = []
-    for i in range(1, SOURCES + 1):
+    for i in range(1, sources + 1):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((f"{FLOOD_NET}.{i}", 0))
         sock.setblocking(False)
@@ -211,7 +219,10 @@ def measure(
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "flood":
-        flood(sys.argv[2], sys.argv[3], float(sys.argv[4]), pathlib.Path(sys.argv[5]))
+        sources = int(sys.argv[7]) if sys.argv[6:7] == ["--sources"] else SOURCES
+        flood(
+            sys.argv[2], sys.argv[3], float(sys.argv[4]), pathlib.Path(sys.argv[5]), sources=sources
+        )
         return 0
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=int, default=8, help="each iperf3 stream")

@@ -8,6 +8,12 @@ together (TCP segments of one flow in one write), which is where the offloads pa
 tick runs every TICK_INTERVAL seconds, or earlier when it names a nearer deadline. UAPI
 requests are answered between batches, so `wg` never waits behind more than one batch.
 
+Under a handshake flood the kernel steers (see steer): data and the handshakes from peers'
+endpoints reach sockets of their own, read in full; the rest lands on a small socket that the
+loop reads, under load, only within BUDGETED_PER_WINDOW datagrams per BUDGET_WINDOW, leaving
+it out of the selector once that is spent, so the kernel drops the excess for nothing. The
+program follows the peers' endpoints (after each UAPI set and once a second).
+
 Housekeeping once a second notices what `wg` would want to know (a handshake completed, a
 peer added or removed, drop counters growing) and logs it; the TUN device's MTU is read back
 then too, so `ip link set mtu` reaches the Device.
@@ -40,6 +46,11 @@ COUNTERS_LOG_INTERVAL = 30.0
 # replies, the per-source rate limit) until UNDER_LOAD_HOLD seconds after the last such batch.
 UNDER_LOAD_BACKLOG = BATCH // 8
 UNDER_LOAD_HOLD = 1.0
+# Under load, the budgeted socket's datagrams (handshakes from unknown sources: the flood, a
+# peer that roamed) read per window: 1,000 a second costs at most 73 ms of a core a second
+# should every one be a Diffie-Hellman, and gives a roaming peer's initiation its share.
+BUDGET_WINDOW = 0.1
+BUDGETED_PER_WINDOW = 100
 
 Clock = Callable[[], float]
 
@@ -82,6 +93,13 @@ class Engine:
         self._last_counters: dict[str, int] = {}
         self._gso_off_told = False
         self._coalescing_off_told = False
+        self._steer_off_told = False
+        self._steered = False
+        self._budget_left = BUDGETED_PER_WINDOW
+        self._budget_window_end = now
+        # The budgeted socket while it is out of the selector (its budget spent), else None.
+        self._budget_paused: socket.socket | None = None
+        self._kernel_drops = 0
         device.listen_port = bind.port
         self._selector.register(tun.fd, selectors.EVENT_READ, self._on_tun)
         self._selector.register(uapi_listener, selectors.EVENT_READ, self._on_accept)
@@ -134,10 +152,17 @@ class Engine:
             self._next_tick = now + TICK_INTERVAL
             self._perform(self.device.tick(now))
             deadline = self.device.next_deadline()
+            self._notice_kernel_drops(now)
+        if now >= self._budget_window_end:
+            self._budget_window_end = now + BUDGET_WINDOW
+            self._budget_left = BUDGETED_PER_WINDOW
+            self._resume_budgeted()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
             self._housekeeping(now)
         wake = self._next_tick if deadline is None else min(deadline, self._next_tick)
+        if self._budget_paused is not None:
+            wake = min(wake, self._budget_window_end)
         return max(0.0, wake - now)
 
     # The data path.
@@ -191,6 +216,50 @@ class Engine:
 
         return on_readable
 
+    def _on_budgeted(self, sock: socket.socket) -> Callable[[int], None]:
+        """The socket of handshakes from unknown sources: read in full, as the others, unless
+        under load; then only within the window's budget, and left out of the selector once
+        the budget is spent (the kernel drops what overflows its small buffer)."""
+        read_in_full = self._on_udp(sock)
+
+        def on_readable(mask: int) -> None:
+            now = self._clock()
+            if now >= self._under_load_until:
+                read_in_full(mask)
+                return
+            limit = min(BATCH, self._budget_left)
+            datagrams = self.bind.receive_batch(sock, limit) if limit else []
+            self._budget_left -= len(datagrams)
+            self.device.under_load = True
+            if datagrams:
+                self._perform_batch(self.device.receive_datagrams(datagrams, now))
+            if self._budget_left <= 0:
+                # Spent while the flood goes on: that is load, held as a backlog is.
+                self._on_handshake_backlog(now)
+                self._pause_budgeted(sock)
+
+        return on_readable
+
+    def _pause_budgeted(self, sock: socket.socket) -> None:
+        if self._budget_paused is None:
+            self._selector.unregister(sock)
+            self._budget_paused = sock
+
+    def _resume_budgeted(self) -> None:
+        sock, self._budget_paused = self._budget_paused, None
+        if sock is not None:
+            self._selector.register(sock, selectors.EVENT_READ, self._on_budgeted(sock))
+
+    def _notice_kernel_drops(self, now: float) -> None:
+        """What the kernel dropped for the budgeted socket since the last look: a flood that
+        the loop never reads is load too."""
+        drops = self.bind.kernel_drops() if self._steered else None
+        if drops is None:
+            return
+        if drops - self._kernel_drops >= UNDER_LOAD_BACKLOG:
+            self._on_handshake_backlog(now)
+        self._kernel_drops = drops
+
     def _on_handshake_backlog(self, now: float) -> None:
         if now >= self._under_load_until:
             self.log.warning("under_load", handshakes_per_batch_at_least=UNDER_LOAD_BACKLOG)
@@ -198,18 +267,48 @@ class Engine:
         self.device.under_load = True
 
     def _register_bind(self, bind: udp_mod.UdpBind) -> None:
+        # A bind of one socket (the kernel refused steering, or a test's fake) has no
+        # budgeted socket, no drops to watch and no program to follow the endpoints.
+        self._steered = bool(getattr(bind, "steered", False))
         for sock in bind.sockets:
-            self._selector.register(sock, selectors.EVENT_READ, self._on_udp(sock))
+            steered = self._steered and sock is bind.budgeted
+            handler = self._on_budgeted(sock) if steered else self._on_udp(sock)
+            self._selector.register(sock, selectors.EVENT_READ, handler)
+        self._kernel_drops = (bind.kernel_drops() or 0) if self._steered else 0
+        self._steer_to_endpoints()
+
+    def _steer_to_endpoints(self) -> None:
+        """Call when the peers' endpoints may have changed: the program follows them."""
+        if not self._steered:
+            reason = getattr(self.bind, "steer_off_reason", "")
+            if reason and not self._steer_off_told:
+                self._steer_off_told = True
+                self.log.warning("udp_steering_off", reason=reason)
+            return
+        hosts = {p.endpoint[0] for p in self.device.peers.values() if p.endpoint is not None}
+        if self.bind.steer_sources(hosts):
+            self.log.debug("steering", sources=self.bind.steered_sources, endpoints=len(hosts))
+        elif self.bind.steer_off_reason and not self._steer_off_told:
+            # The program stays as it was: new endpoints' handshakes take the budgeted socket.
+            self._steer_off_told = True
+            self.log.warning("udp_steering_stale", reason=self.bind.steer_off_reason)
 
     def _rebind(self, port: int, fwmark: int) -> None:
         """Moves to a new listen port; the old socket stays if the new one cannot be had."""
         try:
-            new = udp_mod.UdpBind.open(port, fwmark=fwmark, offloads=self.bind.offloads_wanted)
+            new = udp_mod.UdpBind.open(
+                port,
+                fwmark=fwmark,
+                offloads=self.bind.offloads_wanted,
+                steering=self.bind.steering_wanted,
+            )
         except OSError as exc:
             code = errno.EADDRINUSE if exc.errno == errno.EADDRINUSE else errno.EIO
             raise uapi.UapiError(f"cannot bind port {port}: {exc.strerror}", errno=code) from None
         for sock in self.bind.sockets:
-            self._selector.unregister(sock)
+            if sock is not self._budget_paused:
+                self._selector.unregister(sock)
+        self._budget_paused = None
         self.bind.close()
         self.bind = new
         self._register_bind(new)
@@ -301,12 +400,14 @@ class Engine:
                     None if previous is None else self.device.timer_config.previous_key_grace
                 ),
             )
+        self._steer_to_endpoints()
         # A new endpoint or keepalive interval may have work due right now.
         self._perform(self.device.tick(self._clock()))
 
     # Housekeeping.
 
     def _housekeeping(self, now: float) -> None:
+        self._steer_to_endpoints()  # a peer may have roamed
         for key, peer in self.device.peers.items():
             handshake = peer.last_handshake_wall
             if handshake is not None and handshake != self._handshakes.get(key):

@@ -21,6 +21,10 @@ Environment:
   PODWIRE_ENGINE_OFFLOADS   "off": no TUN offloads (IFF_VNET_HDR) nor UDP GSO/GRO, one
                             packet per system call as before them; otherwise each is used
                             where the kernel has it (the engine_started line lists them).
+  PODWIRE_ENGINE_STEERING   "off": one UDP socket, no steering program (see steer); the
+                            benchmark's baseline. Otherwise the kernel steers handshakes apart
+                            from data where it takes the program ("udp_steering" is listed
+                            with the offloads), one socket as before where it does not.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ FOREGROUND_ENV = "WG_PROCESS_FOREGROUND"
 # Where the engine writes its log itself, rotating it past a size (set by the agent).
 LOG_FILE_ENV = "PODWIRE_ENGINE_LOG_FILE"
 OFFLOADS_ENV = "PODWIRE_ENGINE_OFFLOADS"
+STEERING_ENV = "PODWIRE_ENGINE_STEERING"
 LOG_MAX_BYTES_ENV = "PODWIRE_ENGINE_LOG_MAX_BYTES"
 DEFAULT_LOG_MAX_BYTES = 16 * 1024 * 1024
 # wireguard-go's LOG_LEVEL names, as podwire.agent.log's levels.
@@ -173,7 +178,8 @@ def _serve_reporting(
 
 def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[], None]) -> int:
     """Creates the device, socket and listen port, calls on_ready, and serves until stopped."""
-    offloads = os.environ.get(OFFLOADS_ENV, "").strip().lower() not in ("off", "0", "false", "no")
+    offloads = _switched_on(OFFLOADS_ENV)
+    steering = _switched_on(STEERING_ENV)
     try:
         tun = tun_mod.Tun.create(name, offloads=offloads)
     except tun_mod.TunError as exc:
@@ -187,7 +193,7 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
             raise StartError(f"cannot open the UAPI socket {path}: {exc}") from None
         cleanup.callback(ipc.remove_socket, path, listener)
         try:
-            bind = udp_mod.UdpBind.open(0, offloads=offloads)
+            bind = udp_mod.UdpBind.open(0, offloads=offloads, steering=steering)
         except OSError as exc:
             raise StartError(f"cannot open a UDP socket: {exc.strerror}") from None
         cleanup.callback(bind.close)
@@ -213,6 +219,10 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
             "engine_stopping", device=name, reason=engine.stop_reason, **engine.counters()
         )
     return 0
+
+
+def _switched_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("off", "0", "false", "no")
 
 
 def _stop_on_signals(engine: loop.Engine, cleanup: contextlib.ExitStack) -> None:

@@ -7,6 +7,12 @@ the protocol core sees the same endpoint whichever socket carried a datagram. Po
 random port; the caller reports the chosen one to the device, as wireguard-go does. A change
 of listen port or fwmark through UAPI opens a new UdpBind before the old one is closed, so a
 port that is taken leaves the engine on its old one.
+
+Where the kernel takes the steering program (see steer), the port has three sockets in a
+SO_REUSEPORT group, one per role: data, handshakes from peers' endpoints, and the rest, whose
+small buffer the kernel lets overflow under a flood. Where it does not, one socket does all,
+as before. The group is only formed on a port that nothing else holds: a port that is taken
+is refused (EADDRINUSE) as with one socket, never joined.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import socket
 import struct
 import sys
 
+from podwire.agent.engine import steer
 from podwire.agent.engine.actions import Endpoint
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -27,6 +34,9 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 # wireguard-go's socketBufferSize: room for bursts while the loop is busy elsewhere.
 SOCKET_BUFFER = 7 << 20
+# The budgeted socket's: a few hundred handshake messages, so a flood overflows it in the
+# kernel (for nothing) rather than in the loop; room enough for a burst when not flooded.
+BUDGETED_BUFFER = 256 << 10
 # A GSO send: at most this many datagrams (the kernel's UDP_MAX_SEGMENTS) and bytes.
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
@@ -43,11 +53,27 @@ class UdpBind:
     """The bound socket(s) for one listen port; non-blocking."""
 
     def __init__(
-        self, sockets: list[socket.socket], port: int, *, dual_stack: bool, offloads: bool = True
+        self,
+        sockets: list[socket.socket],
+        port: int,
+        *,
+        dual_stack: bool,
+        offloads: bool = True,
+        steered: bool = False,
     ) -> None:
+        # With steering, the group's sockets in their roles' order (steer.ROLES).
         self.sockets = sockets
         self.port = port
         self.dual_stack = dual_stack
+        self.steered = steered
+        self._sender = sockets[steer.DATA] if steered else sockets[0]
+        # The handshakes from unknown sources, read within a budget under load; None: one socket.
+        self.budgeted: socket.socket | None = sockets[steer.BUDGETED] if steered else None
+        # Kept for a rebind, which opens the new port the same way.
+        self.steering_wanted = steered
+        # Why the kernel refused steering ("" while it steers, or was not asked to), to log.
+        self.steer_off_reason = ""
+        self._steered_sources: tuple[list[bytes], list[bytes]] = ([], [])
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
         self.send_errors = 0
@@ -61,8 +87,11 @@ class UdpBind:
         self.gro_receives = 0
 
     @classmethod
-    def open(cls, port: int, *, fwmark: int = 0, offloads: bool = True) -> UdpBind:
-        """Binds port (0 picks one); raises OSError (EADDRINUSE, ...) if it cannot."""
+    def open(
+        cls, port: int, *, fwmark: int = 0, offloads: bool = True, steering: bool = True
+    ) -> UdpBind:
+        """Binds port (0 picks one); raises OSError (EADDRINUSE, ...) if it cannot. With
+        steering, a group of sockets, or one socket if the kernel refuses the program."""
         try:
             sock = _bound(socket.AF_INET6, ("::", port))
             dual_stack = True
@@ -71,7 +100,16 @@ class UdpBind:
                 raise
             sock = _bound(socket.AF_INET, ("0.0.0.0", port))
             dual_stack = False
-        bind = cls([sock], sock.getsockname()[1], dual_stack=dual_stack, offloads=offloads)
+        group, reason = _steered_group(sock, dual_stack=dual_stack) if steering else ([], "")
+        if group:
+            bind = cls(
+                group, group[0].getsockname()[1], dual_stack=dual_stack, offloads=offloads,
+                steered=True,
+            )  # fmt: skip
+        else:
+            bind = cls([sock], sock.getsockname()[1], dual_stack=dual_stack, offloads=offloads)
+        bind.steering_wanted = steering
+        bind.steer_off_reason = reason
         try:
             bind.set_fwmark(fwmark)
         except OSError:
@@ -79,17 +117,46 @@ class UdpBind:
             raise
         return bind
 
+    def steer_sources(self, hosts: set[str]) -> bool:
+        """Handshakes from these hosts (the peers' endpoints) take the priority socket from
+        now on; True if the program changed. Call when the endpoints change. A refusal turns
+        nothing off: the previous program stays, and steer_off_reason says why."""
+        if not self.steered:
+            return False
+        sources = steer.sources(hosts)
+        if sources == self._steered_sources:
+            return False
+        try:
+            steer.attach(self.sockets[0], steer.program(*sources))
+        except steer.SteerError as exc:
+            self.steer_off_reason = str(exc)
+            return False
+        self._steered_sources = sources
+        return True
+
+    @property
+    def steered_sources(self) -> int:
+        """How many source addresses the program sends to the priority socket."""
+        v4, v6 = steer.fitting(*self._steered_sources)
+        return len(v4) + len(v6)
+
+    def kernel_drops(self) -> int | None:
+        """What the kernel dropped for the budgeted socket (its buffer full), if steered."""
+        return None if self.budgeted is None else steer.kernel_drops(self.budgeted)
+
     def set_fwmark(self, mark: int) -> None:
         for sock in self.sockets:
             sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
     def offloads(self) -> list[str]:
-        """The offloads in force: "udp_gso", "udp_gro"."""
-        return [name for name, on in (("udp_gso", self.gso), ("udp_gro", self.gro)) if on]
+        """The offloads in force: "udp_gso", "udp_gro", and "udp_steering" (not an offload,
+        but a feature of the socket's that engine_started lists beside them)."""
+        features = [("udp_gso", self.gso), ("udp_gro", self.gro), ("udp_steering", self.steered)]
+        return [name for name, on in features if on]
 
     def buffer_sizes(self) -> tuple[int, int]:
         """The receive and send buffers the kernel granted (it reports them doubled)."""
-        sock = self.sockets[0]
+        sock = self._sender
         return (
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2,
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 2,
@@ -186,7 +253,7 @@ class UdpBind:
             host = _MAPPED_PREFIX + host
         control = [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))]
         try:
-            self.sockets[0].sendmsg(train, control, 0, (host, port))
+            self._sender.sendmsg(train, control, 0, (host, port))
             self.gso_sends += 1
             return
         except OSError as exc:
@@ -204,7 +271,7 @@ class UdpBind:
         if self.dual_stack and ":" not in host:
             host = _MAPPED_PREFIX + host
         try:
-            self.sockets[0].sendto(data, (host, port))
+            self._sender.sendto(data, (host, port))
         except OSError:
             self.send_errors += 1
 
@@ -215,12 +282,20 @@ class UdpBind:
         self.sockets = []
 
 
-def _bound(family: socket.AddressFamily, address: tuple[str, int]) -> socket.socket:
+def _bound(
+    family: socket.AddressFamily,
+    address: tuple[str, int],
+    *,
+    reuseport: bool = False,
+    receive_buffer: int = SOCKET_BUFFER,
+) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        _grow_buffers(sock)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _grow_buffers(sock, receive_buffer)
         sock.bind(address)
     except BaseException:
         sock.close()
@@ -228,13 +303,44 @@ def _bound(family: socket.AddressFamily, address: tuple[str, int]) -> socket.soc
     return sock
 
 
-def _grow_buffers(sock: socket.socket) -> None:
-    for forced, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+def _steered_group(plain: socket.socket, *, dual_stack: bool) -> tuple[list[socket.socket], str]:
+    """The group in place of `plain`, which held the port (so it was nobody else's) and is
+    closed here; or no group and why, `plain` kept, if the kernel refuses the program."""
+    family = socket.AF_INET6 if dual_stack else socket.AF_INET
+    host, port = plain.getsockname()[:2]
+    group: list[socket.socket] = []
+    try:
+        probe = _bound(family, (host, 0), reuseport=True)
+        group.append(probe)
+        steer.attach(probe, steer.program([], []))
+    except OSError as exc:
+        for sock in group:
+            sock.close()
+        return [], str(exc)
+    group.pop().close()
+    plain.close()
+    try:
+        for role in steer.ROLES:
+            size = BUDGETED_BUFFER if role == steer.BUDGETED else SOCKET_BUFFER
+            group.append(_bound(family, (host, port), reuseport=True, receive_buffer=size))
+        steer.attach(group[0], steer.program([], []))
+    except OSError:
+        for sock in group:
+            sock.close()
+        raise
+    return group, ""
+
+
+def _grow_buffers(sock: socket.socket, receive_buffer: int = SOCKET_BUFFER) -> None:
+    for forced, plain, size in (
+        (SO_RCVBUFFORCE, socket.SO_RCVBUF, receive_buffer),
+        (SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCKET_BUFFER),
+    ):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, forced, size)
         except OSError:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 def _try_option(sock: socket.socket, option: int, value: int) -> bool:
