@@ -11,7 +11,9 @@ Real agents, podwire-engine per lane in each node's namespace, the real apiserve
   multipath over both lanes.
 - Engine mode external (the chart's engine DaemonSet): the test starts one podwire-engine per
   lane as that DaemonSet's containers do; the agent starts none, waits for every lane's socket
-  and configures them; flows travel over both lanes.
+  and configures them; flows travel over both lanes. Lowered there, the retired lane's engine
+  (the DaemonSet's container, which runs on until its pod is made again) is left running but
+  emptied of peers and out of the routes.
 """
 
 from __future__ import annotations
@@ -214,5 +216,47 @@ def test_external_engines_one_per_lane_carry_flows_over_every_lane(
     grew = [_rx(n2, _lane(n2, i)) - before[i] for i in range(lanes)]
     print(f"\n{FLOWS} flows, bytes received per lane: {grew}")
     assert all(g > 0 for g in grew), f"a lane carried nothing: {grew}"
+    leaked = _read(clear_pcap)
+    assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
+
+
+def test_lowering_lanes_with_external_engines_empties_the_lane_the_daemonset_still_runs(
+    lanes_cluster: topology.Cluster, tmp_path: pathlib.Path
+) -> None:
+    """With the engine DaemonSet (OnDelete) a lowered lane's container runs on until its pod
+    is made again: the agent neither ends it nor routes over it, and empties it of peers."""
+    cluster = lanes_cluster
+    n1, n2 = (cluster.add_node(n, device=cluster.factory.unique("w")) for n in ("node1", "node2"))
+    engines = {
+        (node.name, i): _start_engine(cluster, node, _lane(node, i))
+        for node in (n1, n2)
+        for i in (0, 1)
+    }
+    env = {"PODWIRE_LANES": "2", "PODWIRE_ENGINE_MODE": "external"}
+    for node in (n1, n2):
+        cluster.start_agent(node, env=env)
+    netns_mod.wait_until(
+        lambda: _settled(cluster, {"node1": 2, "node2": 2}), timeout=90, what="two lanes each"
+    )
+    assert len(_peers(n1, _lane(n1, 1))) == 1
+
+    _restart(cluster, n1, 1, PODWIRE_ENGINE_MODE="external")
+    netns_mod.wait_until(
+        lambda: _settled(cluster, {"node1": 1, "node2": 2}) and not _peers(n2, _lane(n2, 1)),
+        timeout=90,
+        what="node1 on one lane, node2 without node1's lane 1",
+    )
+    assert _engine_pid(n1, _lane(n1, 1)) == engines[("node1", 1)], "the DaemonSet's to end"
+    assert _peers(n1, _lane(n1, 1)) == [], "the retired lane still has peers"
+    assert not _lane_key(n1, 1).exists()
+    for a, b in ((n1, n2), (n2, n1)):
+        route = _route(a, b.pod_cidr)
+        assert f"dev {_lane(a, 0)}" in route and "nexthop" not in route, f"{a.name}: {route}"
+    clear, clear_pcap = capture_underlay(cluster, tmp_path)
+    try:
+        _all_arrive(cluster, n1.pods[0], n2.pods[0])
+        _all_arrive(cluster, n2.pods[1], n1.pods[1])
+    finally:
+        netns_mod.stop_process(clear)
     leaked = _read(clear_pcap)
     assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
