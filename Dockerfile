@@ -13,10 +13,13 @@ FROM ${BASE_IMAGE} AS builder
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG DEBIAN_FRONTEND=noninteractive
 # Debian's versions of these follow the base's point release; pinning them would only make the
-# build fail when the mirror drops a superseded version.
+# build fail when the mirror drops a superseded version. gcc, libssl-dev and python3-dev build
+# the engine's native fast path (agent/engine/native, against OpenSSL's libcrypto) in this
+# stage only; the image keeps no compiler and needs only libssl3, which python3 brings.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+    gcc libc6-dev libssl-dev python3-dev \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 # The runtime's environment has no pip: Debian's pip installs into it from outside.
@@ -37,11 +40,14 @@ RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyprojec
 
 # podwire itself, on its own path (/opt/podwire-app, on the environment's sys.path through the
 # .pth above), its commands beside the environment's Python where the agent looks for the engine.
+# The native fast path is compiled here; the import check fails the build if it was not (the
+# extension is optional for pip, not for the image).
 FROM builder AS app
 ARG PIP_CERT
 COPY . /src
 RUN pip3 --python /opt/podwire/bin/python install --no-deps --target /opt/podwire-app /src \
- && mv /opt/podwire-app/bin /opt/podwire-bin
+ && mv /opt/podwire-app/bin /opt/podwire-bin \
+ && /opt/podwire/bin/python -c 'import podwire.agent.engine._fastpath'
 
 FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
