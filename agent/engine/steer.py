@@ -63,6 +63,11 @@ _HANDSHAKE_TYPES = (
 )
 
 Instruction = tuple[int, int, int, int]
+# The program's length: the type checks (7), the version check (4), each block's load(s) and
+# final return (2 and 9), and per address 2 (IPv4) or 9 (IPv6) instructions.
+_FIXED_INSTRUCTIONS = 7 + 4 + 2 + 9
+_PER_V4 = 2
+_PER_V6 = 9
 
 
 class SteerError(OSError):
@@ -102,10 +107,10 @@ def program(v4: Iterable[bytes], v6: Iterable[bytes]) -> list[Instruction]:
 def fitting(v4: list[bytes], v6: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     """As many of the addresses as fit in one program, IPv4 first (each costs 2 instructions,
     an IPv6 address 9)."""
-    room = MAX_INSTRUCTIONS - 8 - 4 - 2 - 9
-    v4 = v4[: room // 2]
-    room -= 2 * len(v4)
-    return v4, v6[: max(0, room // 9)]
+    room = MAX_INSTRUCTIONS - _FIXED_INSTRUCTIONS
+    v4 = v4[: room // _PER_V4]
+    room -= _PER_V4 * len(v4)
+    return v4, v6[: room // _PER_V6]
 
 
 def _ipv4_block(addresses: list[bytes]) -> list[Instruction]:

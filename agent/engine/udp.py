@@ -280,6 +280,7 @@ class UdpBind:
             with contextlib.suppress(OSError):
                 sock.close()
         self.sockets = []
+        self.budgeted = None
 
 
 def _bound(
