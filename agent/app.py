@@ -98,7 +98,12 @@ class Agent:
         if stop.is_set():
             return False
         self.phase = (
-            "waiting for the userspace engine's UAPI socket (engine mode external)"
+            (
+                "waiting for the userspace engine's UAPI socket (engine mode external)"
+                if self.cfg.lanes == 1
+                else f"waiting for the {self.cfg.lanes} lanes' userspace engines' UAPI sockets"
+                " (engine mode external: one engine per lane)"
+            )
             if self.cfg.engine_mode == "external" and self.cfg.datapath == "userspace"
             else "bringing up the device"
         )

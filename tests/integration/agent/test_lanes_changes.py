@@ -59,6 +59,18 @@ def _metrics(node: topology.Node) -> str:
     return node.ns.run(sys.executable, "-c", script).stdout
 
 
+def _readyz(node: topology.Node) -> str:
+    """The agent's /readyz body, as the kubelet's probe reads it (503 while not ready)."""
+    script = (
+        "import urllib.request, urllib.error\n"
+        "try:\n"
+        "    print(urllib.request.urlopen('http://127.0.0.1:9871/readyz', timeout=5).read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code, e.read().decode())\n"
+    )
+    return node.ns.run(sys.executable, "-c", script).stdout
+
+
 def _running(pid: int) -> bool:
     """Whether pid runs (a zombie waiting for its reaper does not)."""
     try:
@@ -194,6 +206,8 @@ def test_external_engines_one_per_lane_carry_flows_over_every_lane(
         what="node1's agent to say it waits for lane 1's engine",
     )
     assert not n1.ns.link_exists(_lane(n1, 1)), "the agent started an engine in external mode"
+    waiting = _readyz(n1)
+    assert waiting.startswith("503") and "2 lanes' userspace engines" in waiting, waiting
     engines[_lane(n1, 1)] = _start_engine(cluster, n1, _lane(n1, 1))
     netns_mod.wait_until(
         lambda: _settled(cluster, {"node1": lanes, "node2": lanes}),
