@@ -140,3 +140,19 @@ def test_the_server_takes_the_engine_daemonset_with_lanes(
     )
     names = [c["name"] for c in engine["spec"]["template"]["spec"]["containers"]]
     assert names == ["engine", "engine-1", "engine-2", "engine-3"]
+
+
+def test_a_device_name_with_no_room_for_the_lane_suffix_is_refused() -> None:
+    for command in ("template", "lint"):
+        long = _helm(command, "podwire", str(CHART), *USERSPACE, "--set", "agent.lanes=2",
+                     "--set", "agent.device=fourteen_chars")  # fmt: skip
+        text = long.stdout + long.stderr
+        assert long.returncode != 0, f"helm {command} took a 16-character lane device"
+        assert '"fourteen_chars_1", longer than the 15 characters' in text, text
+    # One lane needs no suffix, and 13 characters leave room for `_1`.
+    assert _render(*USERSPACE, "--set", "agent.device=fourteen_chars")
+    pods = _render(*USERSPACE, "--set", "agent.lanes=2", "--set", "agent.device=thirteen_chrs")
+    assert [c["args"][1] for c in pods["engine"]["containers"]] == [
+        "thirteen_chrs",
+        "thirteen_chrs_1",
+    ]
