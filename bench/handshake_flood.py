@@ -3,7 +3,9 @@
 The responder (ns b) takes a flood of initiations with a valid mac1 (they need only its public
 key, which every WireguardNode publishes) from a hundred source addresses, sent by one process
 as fast as it can go, while the legitimate peer (ns a) loses its session, handshakes again and
-then carries a TCP stream (iperf3). For each implementation, the same figures:
+then carries a TCP stream (iperf3). Three responders take it in turn: wireguard-go, the engine
+with one socket for data and flood alike (PODWIRE_ENGINE_STEERING=off: the engine before the
+kernel steered for it), and the engine as it runs. For each, the same figures:
 
 - the flood's rate (initiations a second that left the sender);
 - the time from the legitimate peer's first packet to its completed handshake;
@@ -18,6 +20,7 @@ Everything runs in namespaces this script makes and removes, and every process i
 ended by its PID; the flood stops by itself after --flood-seconds.
 
 Usage (root): .venv/bin/python bench/handshake_flood.py [--seconds 8] [--flood-seconds 40]
+    [--only CASE]
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ from podwire.sandbox import netns, supervisor, tools
 
 ENGINE = str(pathlib.Path(sys.executable).parent / "podwire-engine")
 ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+# Each case: its binary and environment.
+CASES = {
+    "wireguard-go": ("wggo", {}),
+    "engine (one socket)": ("engine", {"PODWIRE_ENGINE_STEERING": "off"}),
+    "podwire-engine": ("engine", {}),
+}
 PORT = 51820
 SOURCES = 100
 FLOOD_NET = "198.51.100"
@@ -141,10 +150,11 @@ def _device(
     peer_public: str,
     peer_endpoint: str,
     address: str,
+    env: dict[str, str],
 ) -> str:
     dev = f.unique("w")
     binary = ENGINE if kind == "engine" else tools.path("wireguard-go")
-    f.spawn(ns, [binary, "-f", dev], log_path=workdir / f"{dev}.log", env=ENV)
+    f.spawn(ns, [binary, "-f", dev], log_path=workdir / f"{dev}.log", env={**ENV, **env})
     sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")
     supervisor.wait_until(lambda: sock.exists() and ns.link_exists(dev), timeout=20, what=dev)
     keyfile = workdir / f"{dev}.key"
@@ -160,8 +170,9 @@ def _device(
 
 
 def measure(
-    kind: str, seconds: int, flood_seconds: float, workdir: pathlib.Path
+    case: str, seconds: int, flood_seconds: float, workdir: pathlib.Path
 ) -> dict[str, float]:
+    kind, env = CASES[case]
     comm = "podwire-engine" if kind == "engine" else "wireguard-go"
     with netns.factory(prefix="pwf") as f:
         a, b, fl = f.namespace("a"), f.namespace("b"), f.namespace("f")
@@ -170,13 +181,15 @@ def measure(
         for i in range(2, SOURCES + 1):
             fl.ip("addr", "add", f"{FLOOD_NET}.{i}/24", "dev", f_side)
         key_a, key_b = tools.wg_keypair(), tools.wg_keypair()
-        dev_a = _device(f, a, kind, workdir, key_a, key_b[1], f"192.0.2.2:{PORT}", "10.98.0.1/24")
-        _device(f, b, kind, workdir, key_b, key_a[1], f"192.0.2.1:{PORT}", "10.98.0.2/24")
+        dev_a = _device(
+            f, a, kind, workdir, key_a, key_b[1], f"192.0.2.2:{PORT}", "10.98.0.1/24", env
+        )
+        _device(f, b, kind, workdir, key_b, key_a[1], f"192.0.2.1:{PORT}", "10.98.0.2/24", env)
         if not a.ping("10.98.0.2", count=3, timeout=10):
-            raise SystemExit(f"{kind}: no tunnel")
+            raise SystemExit(f"{case}: no tunnel")
         quiet = _iperf(f, a, b, seconds)
 
-        rate_file = workdir / f"{kind}-flood.json"
+        rate_file = workdir / f"{f.unique('r')}-flood.json"
         flooder = f.spawn(
             fl,
             [sys.executable, __file__, "flood", key_b[1], f"{FLOOD_NET}.254", str(flood_seconds),
@@ -227,23 +240,22 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=int, default=8, help="each iperf3 stream")
     p.add_argument("--flood-seconds", type=float, default=40.0)
-    p.add_argument("--only", choices=["engine", "wireguard-go"])
+    p.add_argument("--only", choices=list(CASES))
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="podwire-flood-"))
-    kinds = {"wireguard-go": "wggo", "podwire-engine": "engine"}
     results = {
-        name: measure(kind, args.seconds, args.flood_seconds, workdir)
-        for name, kind in kinds.items()
-        if args.only is None or args.only in name
+        name: measure(name, args.seconds, args.flood_seconds, workdir)
+        for name in CASES
+        if args.only is None or args.only == name
     }
     print(
-        f"\n{'responder':<16}{'flood/s':>10}{'handshake s':>13}{'quiet Mbit/s':>14}"
+        f"\n{'responder':<22}{'flood/s':>10}{'handshake s':>13}{'quiet Mbit/s':>14}"
         f"{'flooded Mbit/s':>16}{'share':>8}{'CPU':>7}"
     )
     for name, r in results.items():
         print(
-            f"{name:<16}{r['flood_per_second']:>10.0f}{r['handshake_seconds']:>13.1f}"
+            f"{name:<22}{r['flood_per_second']:>10.0f}{r['handshake_seconds']:>13.1f}"
             f"{r['quiet_mbps']:>14.0f}{r['flooded_mbps']:>16.0f}{r['share']:>8.2f}"
             f"{r['responder_cpu']:>7.2f}"
         )

@@ -445,6 +445,9 @@ class Engine:
         counts["tun_coalesced_writes"] = self.tun.coalesced_writes
         counts["udp_gso_sends"] = self.bind.gso_sends
         counts["udp_gro_receives"] = self.bind.gro_receives
+        if self._steered:
+            # What the kernel dropped of the budgeted socket's (a flood's, mostly) unread.
+            counts["udp_budgeted_dropped"] = self.bind.kernel_drops() or 0
         return counts
 
     def offloads(self) -> list[str]:

@@ -158,7 +158,8 @@ def attach(sock: socket.socket, instructions: list[Instruction]) -> None:
     """Makes the program the group's (any member's socket will do); raises SteerError."""
     code = b"".join(_INSN.pack(*insn) for insn in instructions)
     buffer = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("HxxxxxxP", len(instructions), ctypes.addressof(buffer))
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }, natively aligned.
+    fprog = struct.pack("@HP", len(instructions), ctypes.addressof(buffer))
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
     except OSError as exc:

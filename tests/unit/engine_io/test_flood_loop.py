@@ -104,6 +104,7 @@ def test_under_a_flood_the_loop_reads_handshakes_within_its_budget_and_all_the_d
         engine.stop("test")
         runner.join(timeout=10)
         kernel_drops = bind.kernel_drops() or 0
+        counted = engine.counters().get("udp_budgeted_dropped")
         for sender in senders:
             sender.close()
         engine.close()
@@ -119,3 +120,4 @@ def test_under_a_flood_the_loop_reads_handshakes_within_its_budget_and_all_the_d
     assert device.counters.cookie_replies_sent > 0
     assert device.counters.drops[Drop.NO_PEER] <= 2 * loop.BATCH
     assert kernel_drops > flood // 2
+    assert counted == kernel_drops  # the engine's counters (logged, and at its stop) tell it
