@@ -700,6 +700,9 @@ class _Up:
             say(
                 "  kubectl get nodes,pods -A -o wide  # real nodes; agents, engines, operator as pods"
             )
+            say(f"  kubectl logs ds/{RELEASE}-agent    # an agent's log (its pods: -l "
+                "app.kubernetes.io/component=agent)")  # fmt: skip
+            say(f"  kubectl exec ds/{RELEASE}-agent -- podwire status   # the agent, from inside")
         pw = topology.BIN / "podwire"
         say(f"  {pw} sandbox status    # peers, handshakes, every pod pair reachable")
         say(f"  {pw} sandbox verify    # the capture proving only WireGuard crosses")

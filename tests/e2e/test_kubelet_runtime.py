@@ -20,8 +20,9 @@ import sys
 import time
 from typing import Any
 
+import podstream
+
 from podwire.sandbox import cluster, kubenode, netns, supervisor, tools, verify
-from tests.support import podstream
 
 PODWIRE = str(pathlib.Path(sys.executable).parent / "podwire")
 NODES = 3  # the kubelet_sandbox fixture's
@@ -386,6 +387,14 @@ def test_kubectl_logs_and_exec_reach_every_agent_pod_on_real_nodes(kubelet_sandb
         assert f"node:        {node}" in status.stdout, status.stdout
         assert f"peers:       {NODES - 1}" in status.stdout, status.stdout
         print(f"{node}: kubectl logs {took:.2f}s, {len(events)} log lines; exec podwire status ok")
+    # The guide `up` prints names both, and they work as it gives them.
+    for line in (
+        "kubectl logs ds/podwire-agent",
+        "kubectl exec ds/podwire-agent -- podwire status",
+    ):
+        assert line in sb.up_output, sb.up_output
+        done = cp.kubectl(*line.split()[1:], check=False)
+        assert done.returncode == 0 and done.stdout.strip(), (line, done.stderr)
     # exec with stdin both ways (a shell's session): what goes in comes back out.
     name = agents["node2"]["metadata"]["name"]
     echoed = cp.kubectl("exec", "-i", "-n", "default", name, "-c", "agent", "--", "cat",
