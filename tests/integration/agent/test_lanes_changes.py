@@ -21,6 +21,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import pytest
 from underlay import capture_underlay
 
 from podwire.agent.netlink import routes as nl_routes
@@ -277,13 +278,15 @@ def test_lowering_lanes_with_external_engines_empties_the_lane_the_daemonset_sti
     assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
 
 
+@pytest.mark.parametrize("after", [1, 2], ids=["lowered-to-1", "control-kept-at-2"])
 def test_lowering_lanes_under_traffic_never_leaves_the_lowered_node_without_its_route(
-    lanes_cluster: topology.Cluster, tmp_path: pathlib.Path
+    lanes_cluster: topology.Cluster, tmp_path: pathlib.Path, after: int
 ) -> None:
     """node1's agent restarted from two lanes to one while 8 flows run each way: its route to
     node2's pods goes from both lanes to lane 0 in place, never deleted (a deleted route would
     send its flows to the backstop) before lane 1's device goes. What node2 sends over lane 1
-    until it reads node1's WireguardNode is dropped (encrypted), and counted."""
+    until it reads node1's WireguardNode is dropped (encrypted), and counted. The control
+    restarts node1's agent with its two lanes, for what a restart alone loses here."""
     cluster = lanes_cluster
     n1, n2 = _start(cluster, {"node1": 2, "node2": 2})
     # The kernel says nothing when a device's deletion takes its routes: look, every 10 ms.
@@ -296,22 +299,32 @@ def test_lowering_lanes_under_traffic_never_leaves_the_lowered_node_without_its_
         out = Flows(cluster, n1.pods[0], n2.pods[0], rate=100, seconds=10)
         back = Flows(cluster, n2.pods[1], n1.pods[1], rate=100, seconds=10)
         netns_mod.wait_until(lambda: _rx(n2, _lane(n2, 1)) > 0, timeout=10, what="lane 1 busy")
-        _restart(cluster, n1, 1)
+        _restart(cluster, n1, after)
         netns_mod.wait_until(
-            lambda: _settled(cluster, {"node1": 1, "node2": 2}), timeout=60, what="one lane"
+            lambda: (
+                _settled(cluster, {"node1": after, "node2": 2})
+                and bool(_peers(n2, _lane(n2, 1))) == (after == 2)
+            ),
+            timeout=60,
+            what=f"node1 on {after} lanes",
         )
         results = {"node1 -> node2": out.result(), "node2 -> node1": back.result()}
     finally:
         netns_mod.stop_process(clear)
         netns_mod.stop_process(monitor)
     seen = monitor_log.read_text().splitlines()
-    assert any("nexthop" in line for line in seen) and f"dev {_lane(n1, 0)} " in seen[-1], seen
+    assert "nexthop" in seen[0], seen[0]
+    assert ("nexthop" in seen[-1]) == (after == 2) and f"dev {_lane(n1, 0)}" in seen[-1], seen[-1]
     missing = seen.count("missing")
-    print(f"\nthe route to node2's pods was missing in {missing} of {len(seen)} looks")
+    print(
+        f"\nlanes 2 -> {after}: the route to node2's pods was missing in {missing} of {len(seen)} looks"
+    )
     assert missing == 0, "node1's flows to node2 met the backstop"
     for direction, (sent, got, damaged) in results.items():
         assert damaged == 0
-        per_flow = {40000 + k: n - got.get(str(40000 + k), 0) for k, n in enumerate(sent)}
-        print(f"lanes 2 -> 1 under traffic, {direction}: lost per flow {per_flow} of {sent[0]}")
+        per_flow = [n - got.get(str(40000 + k), 0) for k, n in enumerate(sent)]
+        print(
+            f"lanes 2 -> {after} under traffic, {direction}: lost per flow {per_flow} of {sent[0]}"
+        )
     leaked = _read(clear_pcap)
     assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
