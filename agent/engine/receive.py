@@ -61,10 +61,11 @@ def receive_datagrams(
     except Exception:
         dev.counters.drops[Drop.INTERNAL_ERROR] += 1
         opened = [None] * len(datagrams)
+    sources: dict[bytes, peer.Peer | None] = {}
     for (data, source), pre in zip(datagrams, opened, strict=True):
         try:
             if len(data) >= 4 and data[0] == _TRANSPORT and not data[1] | data[2] | data[3]:
-                actions += _receive_transport(dev, data, source, now, deferred, pre)
+                actions += _receive_transport(dev, data, source, now, deferred, pre, sources)
                 continue
             _tell_timers(deferred, now)
         except Exception:
@@ -130,8 +131,10 @@ def _receive_transport(
     now: float,
     deferred: dict[peer.Peer, int] | None = None,
     opened: _Opened | None = None,
+    sources: dict[bytes, peer.Peer | None] | None = None,
 ) -> list[Action]:
-    """A transport message; `opened`, what _open_batch made of it, if anything."""
+    """A transport message; `opened`, what _open_batch made of it, if anything; `sources`, the
+    batch's memo for _check_inner_packet."""
     n = len(data)
     if n < constants.TRANSPORT_MIN_LEN:
         dev.counters.drops[Drop.BAD_LENGTH] += 1
@@ -191,29 +194,44 @@ def _receive_transport(
         return actions
     if deferred is None:
         p.timers.on_data_received(now)
-    packet = _check_inner_packet(dev, plain, p)
+    packet = _check_inner_packet(dev, plain, p, sources)
     if packet is not None:
         dev.counters.packets_delivered += 1
         actions.append(DeliverPacket(packet))
     return actions
 
 
-def _check_inner_packet(dev: device.Device, plain: bytes, p: peer.Peer) -> bytes | None:
-    """The packet without padding if it is IP and its source is one of the peer's."""
+def _check_inner_packet(
+    dev: device.Device,
+    plain: bytes,
+    p: peer.Peer,
+    sources: dict[bytes, peer.Peer | None] | None = None,
+) -> bytes | None:
+    """The packet without padding if it is IP and its source is one of the peer's. sources
+    remembers, for one batch, the peer that routes each source address seen (the allowed-ips
+    do not change within a batch)."""
     n = len(plain)
     version = plain[0] >> 4
     if version == 4 and n >= 20:
         length = (plain[2] << 8) | plain[3]
-        routed = dev.allowed_ips.lookup_v4(int.from_bytes(plain[12:16], "big"))
+        key = plain[12:16]
+        lookup = dev.allowed_ips.lookup_v4
     elif version == 6 and n >= 40:
         length = 40 + ((plain[4] << 8) | plain[5])
-        routed = dev.allowed_ips.lookup_v6(int.from_bytes(plain[8:24], "big"))
+        key = plain[8:24]
+        lookup = dev.allowed_ips.lookup_v6
     else:
         dev.counters.drops[Drop.BAD_IP_PACKET] += 1
         return None
     if length > n or (version == 4 and length < 20):
         dev.counters.drops[Drop.BAD_IP_PACKET] += 1
         return None
+    if sources is None:
+        routed = lookup(int.from_bytes(key, "big"))
+    elif key in sources:
+        routed = sources[key]
+    else:
+        routed = sources[key] = lookup(int.from_bytes(key, "big"))
     if routed is not p:
         dev.counters.drops[Drop.BAD_SOURCE_ADDRESS] += 1
         return None

@@ -36,8 +36,9 @@ def send_packets(dev: device.Device, packets: list[bytes], now: float) -> list[A
     staged as send_packet does, then each peer's are sealed in one pass, in order."""
     actions: list[Action] = []
     touched: dict[peer.Peer, None] = {}
+    routes: dict[bytes, peer.Peer] = {}
     for packet in packets:
-        target = _stage(dev, packet)
+        target = _stage(dev, packet, routes)
         if target is None:
             continue
         touched[target] = None
@@ -49,20 +50,35 @@ def send_packets(dev: device.Device, packets: list[bytes], now: float) -> list[A
     return actions
 
 
-def _stage(dev: device.Device, packet: bytes) -> peer.Peer | None:
-    """Queues packet on the peer that routes its destination; None if it was dropped."""
+def _stage(
+    dev: device.Device, packet: bytes, routes: dict[bytes, peer.Peer] | None = None
+) -> peer.Peer | None:
+    """Queues packet on the peer that routes its destination; None if it was dropped.
+
+    routes remembers, for one batch, the destinations already found good and their peer: the
+    routing table and the peers' endpoints do not change within a batch, so the next packet to
+    the same address (the segments of a TSO burst) skips the lookup and the checks."""
     n = len(packet)
     version = packet[0] >> 4 if n else 0
     if version == 4 and n >= 20:
-        destination = int.from_bytes(packet[16:20], "big")
-        target = dev.allowed_ips.lookup_v4(destination)
+        key = packet[16:20]
     elif version == 6 and n >= 40:
-        destination = int.from_bytes(packet[24:40], "big")
-        target = dev.allowed_ips.lookup_v6(destination)
-        destination |= peer.IPV6_TAG
+        key = packet[24:40]
     else:
         dev.counters.drops[Drop.BAD_IP_PACKET] += 1
         return None
+    if routes is not None:
+        known = routes.get(key)
+        if known is not None:
+            if not known.stage(bytes(packet)):
+                dev.counters.drops[Drop.STAGED_OVERFLOW] += 1
+            return known
+    destination = int.from_bytes(key, "big")
+    if version == 4:
+        target = dev.allowed_ips.lookup_v4(destination)
+    else:
+        target = dev.allowed_ips.lookup_v6(destination)
+        destination |= peer.IPV6_TAG
     if target is None:
         dev.counters.drops[Drop.NO_ROUTE] += 1
         return None
@@ -77,6 +93,8 @@ def _stage(dev: device.Device, packet: bytes) -> peer.Peer | None:
         dev.counters.drops[Drop.ROUTING_LOOP] += 1
         target.routing_loops += 1
         return None
+    if routes is not None:
+        routes[key] = target
     if not target.stage(bytes(packet)):
         dev.counters.drops[Drop.STAGED_OVERFLOW] += 1
     return target

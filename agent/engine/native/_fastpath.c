@@ -122,6 +122,11 @@ static PyObject *fp_seal(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < in.n; i++) {
         Py_ssize_t n = in.views[i].len;
+        if (n > INT_MAX - HEADER_LEN - TAG_LEN - PADDING) {
+            PyErr_SetString(PyExc_ValueError, "packet too large to seal");
+            Py_CLEAR(result);
+            goto done;
+        }
         Py_ssize_t pad = (PADDING - n % PADDING) % PADDING;
         if (pad && n + pad > mtu) pad = mtu > n ? mtu - n : 0;
         PyObject *out = PyBytes_FromStringAndSize(NULL, HEADER_LEN + n + pad + TAG_LEN);

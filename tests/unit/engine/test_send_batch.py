@@ -130,3 +130,49 @@ def _keepalive(w: Any, p: Any, now: float) -> list[Any]:
     actions: list[Any] = []
     send.send_keepalive(w.a.device, p, now, actions)
     return actions
+
+
+def test_every_packet_of_a_burst_is_routed_and_checked(wire: Any, packets: Any) -> None:
+    """A burst that mixes good destinations with unrouted ones and the peer's own endpoint
+    (a routing loop): each bad packet is dropped and counted, however many good ones to the
+    same peer came before it, and the good ones arrive in order."""
+    wire.send(wire.a, packets.ipv4(A4, B4, b"hello"))  # the handshake
+    peer_b = wire.a.device.peers[wire.b.device.public_key]
+    wire.a.device.allowed_ips.insert("192.0.2.0/24", peer_b)  # holds peer b's endpoint
+    good = [packets.ipv4(A4, B4, bytes([i]) * 100) for i in range(4)]
+    nowhere = packets.ipv4(A4, "10.9.9.9", b"nowhere")
+    loop = packets.ipv4(A4, wire.b.endpoint[0], b"loop")
+    burst = [good[0], nowhere, loop, good[1], nowhere, good[2], loop, good[3]]
+
+    wire.run(wire.a, wire.a.device.send_packets(burst, wire.clock.monotonic()))
+
+    assert wire.b.delivered[1:] == good
+    drops = wire.a.device.counters.drops
+    assert drops[Drop.NO_ROUTE] == 2
+    assert drops[Drop.ROUTING_LOOP] == 2
+    assert peer_b.routing_loops == 2
+
+
+def test_every_packet_of_a_batch_received_has_its_source_checked(wire: Any, packets: Any) -> None:
+    """Datagrams of one batch from one peer whose inner packets alternate between a source
+    the peer may use and one it may not: each one from the wrong source is dropped, however
+    many from a good source came before."""
+    wire.send(wire.a, packets.ipv4(A4, B4, b"hello"))  # the handshake
+    good = [packets.ipv4(A4, B4, bytes([i]) * 100) for i in range(3)]
+    spoofed = [packets.ipv4("10.0.7.7", B4, bytes([i]) * 90) for i in range(2)]
+    spoofed6 = packets.ipv6("fd00:7::1", B6, b"6" * 50)
+    burst = [good[0], spoofed[0], good[1], spoofed6, spoofed[1], good[2]]
+    actions = wire.a.device.send_packets(burst, wire.clock.monotonic())
+    datagrams = [(a.data, wire.a.endpoint) for a in actions]
+    assert len(datagrams) == len(burst)
+    before = list(wire.b.delivered)
+
+    delivered = [
+        x.packet
+        for x in wire.b.device.receive_datagrams(datagrams, wire.clock.monotonic())
+        if hasattr(x, "packet")
+    ]
+
+    assert wire.b.delivered == before
+    assert delivered == good
+    assert wire.b.device.counters.drops[Drop.BAD_SOURCE_ADDRESS] == 3
