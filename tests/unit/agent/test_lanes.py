@@ -200,7 +200,6 @@ def test_config_names_each_lane_and_refuses_what_cannot_work(tmp_path: pathlib.P
         ({"lanes": 9}, "1..8"),
         ({"lanes": 2, "device": "fifteen_chars_x"[:14]}, "longer than 15"),
         ({"lanes": 2, "listen_port": 65535}, "65536"),
-        ({"lanes": 2, "engine_mode": "external"}, "engine mode child"),
     ]:
         with pytest.raises(config.ConfigError, match=why):
             config.from_mapping({**base, **bad})
