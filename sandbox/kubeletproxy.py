@@ -112,31 +112,40 @@ def write_nodes(path: pathlib.Path, nodes: dict[str, str]) -> None:
 
 
 def handle(client: socket.socket, nodes_file: pathlib.Path) -> None:
-    """One CONNECT: to a node's address from that node's namespace, or refused."""
+    """One CONNECT: to a node's address from that node's namespace, or refused. A client that
+    sends nothing, or garbage, or goes away, ends only its own connection."""
     with client:
         try:
-            host, port, rest = read_request(client)
-        except (ValueError, OSError, UnicodeDecodeError):
-            with contextlib.suppress(OSError):
-                client.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-            return
-        netns = read_nodes(nodes_file).get(host)
-        if netns is None:
-            client.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\nnot a sandbox node's address\n")
-            return
-        try:
-            upstream = connect_in(netns, host, port)
-        except OSError as e:
-            client.sendall(f"HTTP/1.1 502 Bad Gateway\r\n\r\n{e}\n".encode())
-            return
-        with upstream:
-            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            if rest:
-                upstream.sendall(rest)
-            back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
-            back.start()
-            _pipe(client, upstream)
-            back.join()
+            client.settimeout(CONNECT_TIMEOUT)
+            _answer(client, nodes_file)
+        except OSError:
+            pass
+
+
+def _answer(client: socket.socket, nodes_file: pathlib.Path) -> None:
+    try:
+        host, port, rest = read_request(client)
+    except (ValueError, UnicodeDecodeError):
+        client.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        return
+    netns = read_nodes(nodes_file).get(host)
+    if netns is None:
+        client.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\nnot a sandbox node's address\n")
+        return
+    try:
+        upstream = connect_in(netns, host, port)
+    except (OSError, OverflowError) as e:
+        client.sendall(f"HTTP/1.1 502 Bad Gateway\r\n\r\n{e}\n".encode())
+        return
+    client.settimeout(None)
+    with upstream:
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            upstream.sendall(rest)
+        back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+        back.start()
+        _pipe(client, upstream)
+        back.join()
 
 
 def serve(listener: socket.socket, nodes_file: pathlib.Path) -> None:

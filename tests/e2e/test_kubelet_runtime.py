@@ -353,13 +353,18 @@ def test_helm_uninstall_leaves_nothing_of_podwire_on_the_nodes_but_the_key_folde
     assert not [j for j in jobs if "uninstall" in j["metadata"]["name"]]
 
 
-def _connect_through(sock: pathlib.Path, target: str) -> bytes:
-    """What the kubelet proxy answers to `CONNECT target`."""
+def _ask_proxy(sock: pathlib.Path, request: bytes) -> bytes:
+    """What the kubelet proxy answers to request."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(sock))
-        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        s.sendall(request)
         return s.recv(4096)
+
+
+def _connect_through(sock: pathlib.Path, target: str) -> bytes:
+    """What the kubelet proxy answers to `CONNECT target`."""
+    return _ask_proxy(sock, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
 
 
 def test_kubectl_logs_and_exec_reach_every_agent_pod_on_real_nodes(kubelet_sandbox: Any) -> None:
@@ -410,6 +415,10 @@ def test_kubectl_logs_and_exec_reach_every_agent_pod_on_real_nodes(kubelet_sandb
     # apiserver, etcd), not an address no node has.
     sock = cluster.kubelet_proxy_socket(st)
     assert sock.stat().st_mode & 0o777 == 0o600
+    # Bad requests end only their own connection; the proxy serves the next one.
+    for bad in (b"GET / HTTP/1.1\r\n\r\n", b"CONNECT nonsense HTTP/1.1\r\n\r\n",
+                b"CONNECT 192.0.2.11:99999999 HTTP/1.1\r\n\r\n", b"\xff\xfe\r\n\r\n"):  # fmt: skip
+        assert _ask_proxy(sock, bad).startswith((b"HTTP/1.1 400", b"HTTP/1.1 502")), bad
     reply = _connect_through(sock, f"{st.nodes[0].underlay_ip}:10250")
     assert reply.startswith(b"HTTP/1.1 200"), reply
     for target in (f"127.0.0.1:{st.apiserver_port}", "192.0.2.250:10250"):
