@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -364,3 +367,26 @@ def test_coalesce_joins_a_flow_on_both_paths(paths: tuple[Path, Path]) -> None:
         writes = _flat(path.coalesce(segments))
         assert len(writes) == 1 and writes[0][1] == offload.GSO_TCPV4, path.name
     assert _flat(paths[0].coalesce(segments)) == _flat(paths[1].coalesce(segments))
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [(None, fastpath.NATIVE_NAME), ("off", fastpath.PYTHON_NAME), ("OFF", fastpath.PYTHON_NAME),
+     ("on", fastpath.NATIVE_NAME)],
+)  # fmt: skip
+def test_the_environment_picks_the_path_at_start(setting: str | None, expected: str) -> None:
+    """A fresh interpreter, as an engine starts: native where the extension is built, pure
+    Python when PODWIRE_ENGINE_NATIVE=off; and an engine's keypairs seal on the path named."""
+    env = {k: v for k, v in os.environ.items() if k != fastpath.ENV}
+    if setting is not None:
+        env[fastpath.ENV] = setting
+    script = (
+        "from podwire.agent.engine import fastpath, noise\n"
+        "k = noise.Keypair(sending_key=bytes(32), receiving_key=bytes(32),"
+        " i_am_the_initiator=True, local_index=1, remote_index=2, created=0.0)\n"
+        "print(fastpath.name, type(k.sending).__name__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [expected, "bytes" if expected == fastpath.NATIVE_NAME else "ChaCha20Poly1305"]
