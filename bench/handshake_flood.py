@@ -51,6 +51,8 @@ CASES = {
 PORT = 51820
 SOURCES = 100
 FLOOD_NET = "198.51.100"
+# For a target that is an IPv6 address: the sources are FLOOD_NET6 + 1, 2, ... (hex).
+FLOOD_NET6 = "fd00:66::"
 # The target: two retransmissions (REKEY_TIMEOUT 5 s, plus jitter) at most.
 HANDSHAKE_DEADLINE = 12.0
 HANDSHAKE_GIVE_UP = 25.0
@@ -68,7 +70,7 @@ def flood(
     sources: int = SOURCES,
 ) -> None:
     """Sends one mac1-valid initiation after another from `sources` addresses (FLOOD_NET.1
-    onwards), round robin."""
+    onwards, or FLOOD_NET6 1 onwards for an IPv6 target), round robin."""
     public = base64.b64decode(target_public_b64)
     identity = noise.StaticIdentity(os.urandom(32))
     handshake = noise.Handshake(public)
@@ -79,8 +81,12 @@ def flood(
     data = cookie.CookieGenerator(public).stamp(message.pack(), now=0.0)
     socks = []
     for i in range(1, sources + 1):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((f"{FLOOD_NET}.{i}", 0))
+        if ":" in target:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.bind((f"{FLOOD_NET6}{i:x}", 0))
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((f"{FLOOD_NET}.{i}", 0))
         sock.setblocking(False)
         socks.append(sock.sendto)
     address = (target, PORT)
