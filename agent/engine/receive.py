@@ -32,7 +32,9 @@ def receive_datagram(dev: device.Device, data: bytes, source: Endpoint, now: flo
             return []
         kind = _TYPE.unpack_from(data)[0]
         if kind == _TRANSPORT:
-            return _receive_transport(dev, data, source, now)
+            actions: list[Action] = []
+            _receive_transport(dev, data, source, now, actions)
+            return actions
         if kind == constants.MESSAGE_INITIATION:
             return _receive_initiation(dev, data, source, now)
         if kind == constants.MESSAGE_RESPONSE:
@@ -65,7 +67,7 @@ def receive_datagrams(
     for (data, source), pre in zip(datagrams, opened, strict=True):
         try:
             if len(data) >= 4 and data[0] == _TRANSPORT and not data[1] | data[2] | data[3]:
-                actions += _receive_transport(dev, data, source, now, deferred, pre, sources)
+                _receive_transport(dev, data, source, now, actions, deferred, pre, sources)
                 continue
             _tell_timers(deferred, now)
         except Exception:
@@ -129,21 +131,22 @@ def _receive_transport(
     data: bytes,
     source: Endpoint,
     now: float,
+    actions: list[Action],
     deferred: dict[peer.Peer, int] | None = None,
     opened: _Opened | None = None,
     sources: dict[bytes, peer.Peer | None] | None = None,
-) -> list[Action]:
-    """A transport message; `opened`, what _open_batch made of it, if anything; `sources`, the
-    batch's memo for _check_inner_packet."""
+) -> None:
+    """A transport message, its actions appended to actions; `opened`, what _open_batch made
+    of it, if anything; `sources`, the batch's memo for _check_inner_packet."""
     n = len(data)
     if n < constants.TRANSPORT_MIN_LEN:
         dev.counters.drops[Drop.BAD_LENGTH] += 1
-        return []
+        return
     _, receiver, counter = _HEADER.unpack_from(data)
     entry = dev.index.keypair(receiver)
     if entry is None:
         dev.counters.drops[Drop.UNKNOWN_RECEIVER] += 1
-        return []
+        return
     keypair, p = entry
     config = dev.timer_config
     if (
@@ -152,23 +155,22 @@ def _receive_transport(
         or counter >= config.reject_after_messages
     ):
         dev.counters.drops[Drop.KEY_EXPIRED] += 1
-        return []
+        return
     if opened is not None and opened[0] is keypair:
         plain = opened[1]
     else:
         plain = fastpath.open([keypair.receiving], [data])[0]
     if plain is None:
         dev.counters.drops[Drop.BAD_AEAD] += 1
-        return []
+        return
     if not keypair.replay.validate(counter, config.reject_after_messages):
         dev.counters.drops[Drop.REPLAYED] += 1
-        return []
+        return
 
     # Authenticated: the peer roams to wherever this came from.
     p.endpoint = source
     p.rx_bytes += n
     dev.counters.transport_received += 1
-    actions: list[Action] = []
     if p.next is keypair:
         if deferred:
             _tell_timers(deferred, now, p)
@@ -191,14 +193,13 @@ def _receive_transport(
         p.timers.on_any_authenticated_packet_traversal(now)
     if not plain:
         dev.counters.keepalives_received += 1
-        return actions
+        return
     if deferred is None:
         p.timers.on_data_received(now)
     packet = _check_inner_packet(dev, plain, p, sources)
     if packet is not None:
         dev.counters.packets_delivered += 1
         actions.append(DeliverPacket(packet))
-    return actions
 
 
 def _check_inner_packet(
