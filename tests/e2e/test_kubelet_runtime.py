@@ -479,6 +479,7 @@ def test_helm_upgrade_with_changed_values_rolls_the_agents_out_and_they_take_the
         status = cp.kubectl("exec", "-n", "default", name, "-c", "agent", "--", "podwire", "status")
         assert f"mtu:         {new_mtu}" in status.stdout, status.stdout
     assert seen.sent == 3000 and seen.received == seen.sent, seen.describe()
+    assert seen.longest_gap < 2.0, seen.describe()  # never held up either
     assert seen.analysis.clear == 0 and seen.analysis.payload == 0, seen.analysis.examples
     assert seen.analysis.transport >= seen.sent
     # Every pod still reaches every other (status runs them all).
