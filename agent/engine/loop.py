@@ -8,11 +8,13 @@ together (TCP segments of one flow in one write), which is where the offloads pa
 tick runs every TICK_INTERVAL seconds, or earlier when it names a nearer deadline. UAPI
 requests are answered between batches, so `wg` never waits behind more than one batch.
 
-Under a handshake flood the kernel steers (see steer): data and the handshakes from peers'
-endpoints reach sockets of their own, read in full; the rest lands on a small socket that the
-loop reads, under load, only within BUDGETED_PER_WINDOW datagrams per BUDGET_WINDOW, leaving
-it out of the selector once that is spent, so the kernel drops the excess for nothing. The
-program follows the peers' endpoints (after each UAPI set and once a second).
+Under a handshake flood the kernel steers (see steer): data reaches a socket of its own, read
+in full; the rest lands on a small socket that the loop reads, under load, only within
+BUDGETED_PER_WINDOW datagrams per BUDGET_WINDOW, leaving it out of the selector once that is
+spent, so the kernel drops the excess for nothing. The handshakes from peers' endpoints have a
+socket of their own too, with a budget ten times larger (a flood from a spoofed peer address
+must not starve the data either). The program follows the peers' endpoints (after each UAPI
+set and once a second).
 
 Housekeeping once a second notices what `wg` would want to know (a handshake completed, a
 peer added or removed, drop counters growing) and logs it; the TUN device's MTU is read back
@@ -31,7 +33,7 @@ from collections.abc import Callable, Iterable
 from podwire.agent import log as log_mod
 from podwire.agent.engine import actions as actions_mod
 from podwire.agent.engine import device as device_mod
-from podwire.agent.engine import ipc, uapi
+from podwire.agent.engine import ipc, steer, uapi
 from podwire.agent.engine import tun as tun_mod
 from podwire.agent.engine import udp as udp_mod
 
@@ -51,6 +53,10 @@ UNDER_LOAD_HOLD = 1.0
 # should every one be a Diffie-Hellman, and gives a roaming peer's initiation its share.
 BUDGET_WINDOW = 0.1
 BUDGETED_PER_WINDOW = 100
+# The peers' endpoints' handshakes, read per window under load: far more than the peers of a
+# large cluster need (a handshake each every two minutes, all of them at once after a restart
+# in a few windows), and a bound should a flood spoof their addresses.
+PRIORITY_PER_WINDOW = 1000
 
 Clock = Callable[[], float]
 
@@ -95,10 +101,12 @@ class Engine:
         self._coalescing_off_told = False
         self._steer_off_told = False
         self._steered = False
-        self._budget_left = BUDGETED_PER_WINDOW
+        # Per budgeted socket (the budgeted and the priority one): its budget per window and
+        # what is left of it; the sockets out of the selector while their budget is spent.
+        self._budgets: dict[socket.socket, int] = {}
+        self._budget_left: dict[socket.socket, int] = {}
         self._budget_window_end = now
-        # The budgeted socket while it is out of the selector (its budget spent), else None.
-        self._budget_paused: socket.socket | None = None
+        self._budget_paused: list[socket.socket] = []
         self._kernel_drops = 0
         device.listen_port = bind.port
         self._selector.register(tun.fd, selectors.EVENT_READ, self._on_tun)
@@ -155,13 +163,13 @@ class Engine:
             self._notice_kernel_drops(now)
         if now >= self._budget_window_end:
             self._budget_window_end = now + BUDGET_WINDOW
-            self._budget_left = BUDGETED_PER_WINDOW
+            self._budget_left.update(self._budgets)
             self._resume_budgeted()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
             self._housekeeping(now)
         wake = self._next_tick if deadline is None else min(deadline, self._next_tick)
-        if self._budget_paused is not None:
+        if self._budget_paused:
             wake = min(wake, self._budget_window_end)
         return max(0.0, wake - now)
 
@@ -217,9 +225,9 @@ class Engine:
         return on_readable
 
     def _on_budgeted(self, sock: socket.socket) -> Callable[[int], None]:
-        """The socket of handshakes from unknown sources: read in full, as the others, unless
-        under load; then only within the window's budget, and left out of the selector once
-        the budget is spent (the kernel drops what overflows its small buffer)."""
+        """A socket of handshakes: read in full, as the others, unless under load; then only
+        within the window's budget, and left out of the selector once the budget is spent
+        (the kernel drops what overflows its buffer)."""
         read_in_full = self._on_udp(sock)
 
         def on_readable(mask: int) -> None:
@@ -227,27 +235,23 @@ class Engine:
             if now >= self._under_load_until:
                 read_in_full(mask)
                 return
-            limit = min(BATCH, self._budget_left)
-            datagrams = self.bind.receive_batch(sock, limit) if limit else []
-            self._budget_left -= len(datagrams)
+            left = self._budget_left[sock]
+            datagrams = self.bind.receive_batch(sock, min(BATCH, left)) if left else []
+            self._budget_left[sock] = left = left - len(datagrams)
             self.device.under_load = True
             if datagrams:
                 self._perform_batch(self.device.receive_datagrams(datagrams, now))
-            if self._budget_left <= 0:
+            if left <= 0:
                 # Spent while the flood goes on: that is load, held as a backlog is.
                 self._on_handshake_backlog(now)
-                self._pause_budgeted(sock)
+                self._selector.unregister(sock)
+                self._budget_paused.append(sock)
 
         return on_readable
 
-    def _pause_budgeted(self, sock: socket.socket) -> None:
-        if self._budget_paused is None:
-            self._selector.unregister(sock)
-            self._budget_paused = sock
-
     def _resume_budgeted(self) -> None:
-        sock, self._budget_paused = self._budget_paused, None
-        if sock is not None:
+        paused, self._budget_paused = self._budget_paused, []
+        for sock in paused:
             self._selector.register(sock, selectors.EVENT_READ, self._on_budgeted(sock))
 
     def _notice_kernel_drops(self, now: float) -> None:
@@ -270,9 +274,15 @@ class Engine:
         # A bind of one socket (the kernel refused steering, or a test's fake) has no
         # budgeted socket, no drops to watch and no program to follow the endpoints.
         self._steered = bool(getattr(bind, "steered", False))
+        self._budgets = {}
+        if self._steered:
+            self._budgets = {
+                bind.sockets[steer.BUDGETED]: BUDGETED_PER_WINDOW,
+                bind.sockets[steer.PRIORITY]: PRIORITY_PER_WINDOW,
+            }
+        self._budget_left = dict(self._budgets)
         for sock in bind.sockets:
-            steered = self._steered and sock is bind.budgeted
-            handler = self._on_budgeted(sock) if steered else self._on_udp(sock)
+            handler = self._on_budgeted(sock) if sock in self._budgets else self._on_udp(sock)
             self._selector.register(sock, selectors.EVENT_READ, handler)
         self._kernel_drops = (bind.kernel_drops() or 0) if self._steered else 0
         self._steer_to_endpoints()
@@ -306,9 +316,9 @@ class Engine:
             code = errno.EADDRINUSE if exc.errno == errno.EADDRINUSE else errno.EIO
             raise uapi.UapiError(f"cannot bind port {port}: {exc.strerror}", errno=code) from None
         for sock in self.bind.sockets:
-            if sock is not self._budget_paused:
+            if sock not in self._budget_paused:
                 self._selector.unregister(sock)
-        self._budget_paused = None
+        self._budget_paused = []
         self.bind.close()
         self.bind = new
         self._register_bind(new)
