@@ -115,6 +115,7 @@ seal: Callable[[Cipher, int, int, Sequence[Buffer], int], list[bytes]] = _seal_p
 # authenticate (or is too short to).
 open: Callable[[Sequence[Cipher], Sequence[Buffer]], list[bytes | None]] = _open_py
 _split_tcp: Callable[[bytes, int, bool], list[bytes]] = _split_tcp_py
+_complete_checksum: Callable[[bytes, int, int], bytes] = offload.complete_checksum
 # coalesce(packets): the writes to TUN for decrypted packets (offload.coalesce), each a list
 # of buffers that starts with the virtio_net_hdr; a write whose second byte (the GSO type) is
 # not 0 is a joined one.
@@ -128,15 +129,17 @@ def native_available() -> bool:
 def select(native: bool) -> None:
     """Puts the native (True) or the pure-Python path in force; keypairs made before keep the
     ciphers of the path they were made under, so call it before any handshake."""
-    global name, cipher, seal, open, coalesce, _split_tcp
+    global name, cipher, seal, open, coalesce, _split_tcp, _complete_checksum
     if native:
         if _native is None:
             raise RuntimeError(f"the native fast path is not available: {unavailable_reason}")
         name, cipher, seal, open = NATIVE_NAME, bytes, _native.seal, _native.open
         _split_tcp, coalesce = _native_split_tcp, _native_coalesce
+        _complete_checksum = _native_complete_checksum
     else:
         name, cipher, seal, open = PYTHON_NAME, _cipher_py, _seal_py, _open_py
         _split_tcp, coalesce = _split_tcp_py, offload.coalesce
+        _complete_checksum = offload.complete_checksum
 
 
 def _native_split_tcp(packet: bytes, mss: int, v6: bool) -> list[bytes]:
@@ -153,10 +156,24 @@ def _native_coalesce(packets: Sequence[bytes]) -> list[list[bytes | memoryview]]
     return [[write] for write in _native.coalesce(packets)]
 
 
+def _native_complete_checksum(packet: bytes, start: int, offset: int) -> bytes:
+    assert _native is not None
+    try:
+        completed: bytes = _native.complete_checksum(packet, start, offset)
+    except ValueError as exc:
+        raise offload.OffloadError(str(exc)) from None
+    return completed
+
+
 def split(header: bytes | memoryview, packet: bytes) -> list[bytes]:
-    """offload.split, TSO packets cut by the path in force."""
+    """offload.split, TSO packets cut and partial checksums completed by the path in force."""
     if len(header) == offload.VNET_HDR_LEN:
         gso_type = header[1] & ~offload.GSO_ECN
+        if gso_type == offload.GSO_NONE:
+            if not header[0] & offload.F_NEEDS_CSUM:
+                return [packet]
+            start, offset = header[6] | header[7] << 8, header[8] | header[9] << 8
+            return [_complete_checksum(packet, start, offset)]
         if gso_type in (offload.GSO_TCPV4, offload.GSO_TCPV6):
             gso_size = header[4] | header[5] << 8
             segments: list[bytes] = _split_tcp(packet, gso_size, gso_type == offload.GSO_TCPV6)

@@ -434,6 +434,32 @@ done:
 }
 
 
+/* ---- complete_checksum --------------------------------------------------------------- */
+
+PyDoc_STRVAR(complete_checksum_doc,
+"complete_checksum(packet, start, offset) -> bytes\n\n"
+"The packet with the partial checksum at start + offset completed over packet[start:], as\n"
+"offload.complete_checksum completes it; ValueError for offsets beyond the packet.");
+
+static PyObject *fp_complete_checksum(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t start, offset;
+    if (!PyArg_ParseTuple(args, "y*nn:complete_checksum", &view, &start, &offset)) return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t n = view.len;
+    if (start < 0 || offset < 0 || start >= n || start + offset + 2 > n) {
+        PyErr_SetString(PyExc_ValueError, "checksum offsets beyond the packet");
+    } else {
+        out = PyBytes_FromStringAndSize(view.buf, n);
+        if (out != NULL) {
+            unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+            put_be16(p + start + offset, field_of(sum16(p + start, n - start)));
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
 /* ---- coalesce ------------------------------------------------------------------------ */
 
 #define ACK 0x10
@@ -633,6 +659,7 @@ static PyMethodDef methods[] = {
     {"open", fp_open, METH_VARARGS, open_doc},
     {"split_tcp", fp_split_tcp, METH_VARARGS, split_tcp_doc},
     {"coalesce", fp_coalesce, METH_VARARGS, coalesce_doc},
+    {"complete_checksum", fp_complete_checksum, METH_VARARGS, complete_checksum_doc},
     {NULL, NULL, 0, NULL},
 };
 
