@@ -273,7 +273,7 @@ class Engine:
     def _register_bind(self, bind: udp_mod.UdpBind) -> None:
         # A bind of one socket (the kernel refused steering, or a test's fake) has no
         # budgeted socket, no drops to watch and no program to follow the endpoints.
-        self._steered = bool(getattr(bind, "steered", False))
+        self._steered = bind.steered
         self._budgets = {}
         if self._steered:
             self._budgets = {

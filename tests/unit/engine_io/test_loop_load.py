@@ -78,6 +78,8 @@ class FakeBind:
         self.dual_stack = False
         self.send_errors = 0
         self.gso_off_reason = ""
+        self.steered = False
+        self.steer_off_reason = ""
         self.offloads_wanted = False
         self.gso_sends = 0
         self.gro_receives = 0
