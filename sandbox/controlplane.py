@@ -242,7 +242,15 @@ class ControlPlane:
         files = sorted(directory.glob("*.yaml"))
         for f in files:
             self.kubectl("apply", "-f", str(f))
-        self.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        # `kubectl wait` fails at once, not waits, on a CRD the apiserver has not given a status
+        # yet ("status.conditions accessor error"), which a busy machine shows now and then.
+        supervisor.wait_until(
+            lambda: self.kubectl(
+                "wait", "--for=condition=Established", "crd", "--all", "--timeout=5s",
+                check=False, timeout=15,
+            ).returncode == 0,
+            timeout=60, interval=0.5, what="every CRD Established",
+        )  # fmt: skip
 
     def mint_token(
         self,
