@@ -25,6 +25,9 @@ Environment:
                             benchmark's baseline. Otherwise the kernel steers handshakes apart
                             from data where it takes the program ("udp_steering" is listed
                             with the offloads), one socket as before where it does not.
+  PODWIRE_ENGINE_NATIVE     "off": the pure-Python fast path (fastpath.py) even where the C
+                            extension is built; otherwise the native one where it is built
+                            (engine_started says which: fast_path).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from podwire.agent.engine import (
     device as device_mod,
 )
 from podwire.agent.engine import (
+    fastpath,
     ipc,
     loop,
 )
@@ -210,6 +214,8 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
             port=bind.port,
             mtu=device.mtu,
             offloads=engine.offloads(),
+            fast_path=fastpath.name,
+            native_unavailable=fastpath.unavailable_reason or None,
             udp_receive_buffer=receive_buffer,
             udp_send_buffer=send_buffer,
         )

@@ -231,3 +231,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         path = os.environ.get("PODWIRE_THROUGHPUT_JSON")
         if path:
             pathlib.Path(path).write_text(json.dumps(dict(THROUGHPUT), indent=2))
+
+
+@pytest.fixture(params=["native", "python"])
+def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test's engines on the native fast path and again on the pure-Python one: both
+    must interoperate. The engine's fast_path log field names the one in force."""
+    monkeypatch.setenv("PODWIRE_ENGINE_NATIVE", "on" if request.param == "native" else "off")
+    return f"{request.param}_fastpath"

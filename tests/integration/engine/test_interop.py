@@ -7,6 +7,9 @@ from typing import Any
 
 import pytest
 
+# Each test runs on both fast paths, native and pure Python (conftest.fast_path).
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 
 @pytest.mark.parametrize("peer_kind", ["engine", "wireguard-go", "debian-wireguard-go"])
 def test_engine_talks_to(bed: Any, peer_kind: str) -> None:

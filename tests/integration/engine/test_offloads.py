@@ -32,6 +32,9 @@ from podwire.agent.engine import tun as tun_mod
 from podwire.agent.engine import udp as udp_mod
 from podwire.sandbox import netns as netns_mod
 
+# Each test runs on both fast paths, native and pure Python (conftest.fast_path).
+pytestmark = pytest.mark.usefixtures("fast_path")
+
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -77,7 +80,9 @@ def _stopped_counters(side: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("peer_kind", ["engine", "wireguard-go", "engine-offloads-off"])
-def test_bulk_tcp_arrives_whole_both_ways(bed: Any, peer_kind: str, tmp_path: pathlib.Path) -> None:
+def test_bulk_tcp_arrives_whole_both_ways(
+    bed: Any, peer_kind: str, tmp_path: pathlib.Path, fast_path: str
+) -> None:
     env = {"PODWIRE_ENGINE_OFFLOADS": "off"} if peer_kind == "engine-offloads-off" else {}
     w = bed.wire("engine", peer_kind.removesuffix("-offloads-off"), b_env=env)
     data_file = tmp_path / "data"
@@ -89,6 +94,7 @@ def test_bulk_tcp_arrives_whole_both_ways(bed: Any, peer_kind: str, tmp_path: pa
     _transfer(w.b, w.a, data_file, digest)
 
     (started,) = enginelog.events(w.a.log, "engine_started")
+    assert started["fast_path"] == fast_path
     assert {"vnet_hdr", "csum", "tso4", "udp_gso", "udp_gro", "tun_coalescing"} <= set(
         started["offloads"]
     )
@@ -101,7 +107,9 @@ def test_bulk_tcp_arrives_whole_both_ways(bed: Any, peer_kind: str, tmp_path: pa
     assert a["tun_coalesced_writes"] > 0
     if peer_kind == "engine-offloads-off":
         (b_started,) = enginelog.events(w.b.log, "engine_started")
-        assert b_started["offloads"] == []
+        # Steering is a socket feature, not an offload: it stays on with the offloads off.
+        assert [o for o in b_started["offloads"] if o != "udp_steering"] == []
+        assert b_started["fast_path"] == fast_path
         b = _stopped_counters(w.b)
         assert b["udp_gso_sends"] == 0 and b["tun_coalesced_writes"] == 0
         assert b["packets_delivered"] > SIZE // 1500
