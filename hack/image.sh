@@ -59,9 +59,9 @@ source_hash() {
   # this script, which says how the image is built.
   {
     sha256sum hack/image.sh
-    find "${INPUTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 |
+    find "${INPUTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' -print0 |
       LC_ALL=C sort -z | xargs -0 sha256sum
-    find "${INPUTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -perm -u+x -print |
+    find "${INPUTS[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' ! -name '*.so' -perm -u+x -print |
       LC_ALL=C sort
     printf 'base %s\n' "$1"
   } | sha256sum | cut -c1-16

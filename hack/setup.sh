@@ -46,6 +46,14 @@ if [[ ! -x .venv/bin/python || "$(cat .venv/.stamp 2>/dev/null)" != "$want" ]]; 
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > .venv/.stamp
 fi
+# The engine's native fast path (an optional C extension, built in place by an editable
+# install) is rebuilt when its source changes; a failed build leaves the pure-Python path.
+native=$(cat agent/engine/native/*.c | sha256sum | cut -d' ' -f1)
+if [[ "$(cat .venv/.native-stamp 2>/dev/null)" != "$native" ]]; then
+  log "building the engine's native fast path"
+  .venv/bin/pip install -q --no-deps -e .
+  echo "$native" > .venv/.native-stamp
+fi
 
 hack/tools/build.sh
 # promtool, which checks the agent's and the operator's /metrics in the chart's tests
