@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import ipaddress
+import json
 import os
 import pathlib
 import socket
@@ -29,6 +30,9 @@ SOCKET_DIR: Final = pathlib.Path("/var/run/wireguard")
 DEFAULT_TIMEOUT: Final = 5.0
 # A get for thousands of peers is a few megabytes; a reply past this is not a UAPI reply.
 _MAX_REPLY: Final = 256 * 1024 * 1024
+# The engine's features file is a few hundred bytes; past this it is not one.
+_MAX_FEATURES: Final = 64 * 1024
+ENGINE_FEATURES_UNKNOWN: Final = ("engine:unknown",)
 
 
 class UapiError(Exception):
@@ -163,6 +167,23 @@ def _finish_peer(peer: dict[str, object]) -> wgdevice.Peer:
     )
 
 
+def parse_engine_features(text: bytes) -> tuple[str, ...]:
+    """The features file's {"fast_path": name, "offloads": [names]} as `engine:<name>`s."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return ENGINE_FEATURES_UNKNOWN
+    if not isinstance(data, dict):
+        return ENGINE_FEATURES_UNKNOWN
+    fast_path, offloads = data.get("fast_path"), data.get("offloads")
+    if not isinstance(offloads, list):
+        return ENGINE_FEATURES_UNKNOWN
+    names = [fast_path, *offloads]
+    if not all(isinstance(n, str) and n.isidentifier() and n.isascii() for n in names):
+        return ENGINE_FEATURES_UNKNOWN
+    return tuple(f"engine:{name}" for name in names)
+
+
 def _int(value: object) -> int:
     return value if isinstance(value, int) else 0
 
@@ -185,7 +206,19 @@ class UapiClient:
     ) -> None:
         self.device = device
         self.path = socket_dir / f"{device}.sock"
+        self.features_path = socket_dir / f"{device}.features"
         self.timeout = timeout
+
+    def engine_features(self) -> tuple[str, ...]:
+        """What the engine says it has in force (podwire-engine's <device>.features), as
+        `engine:<name>`; `engine:unknown` when it says nothing readable (an older engine,
+        wireguard-go, a file cut short)."""
+        try:
+            with self.features_path.open("rb") as handle:
+                text = handle.read(_MAX_FEATURES)
+        except OSError:
+            return ENGINE_FEATURES_UNKNOWN
+        return parse_engine_features(text)
 
     def engine_pid(self) -> int | None:
         """The PID of the process serving the socket (SO_PEERCRED), None if none serves it:

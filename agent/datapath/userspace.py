@@ -96,7 +96,9 @@ class UserspaceBackend:
             self.client.set(peers=wgdevice.without_renames(changes))
 
     def features(self) -> tuple[str, ...]:
-        return self._link.applied
+        """The link's features, then the engine's own (it may outlive this agent and turn an
+        offload off at run time, so they are read from what it publishes)."""
+        return self._link.applied + self.client.engine_features()
 
     def mtu(self) -> int:
         return self._link.applied_mtu

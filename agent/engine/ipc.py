@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pathlib
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from podwire.agent.engine import uapi
 
@@ -37,6 +38,29 @@ class SocketInUseError(RuntimeError):
 
 def socket_path(device_name: str, *, directory: pathlib.Path | None = None) -> pathlib.Path:
     return (directory or SOCKET_DIR) / f"{device_name}.sock"
+
+
+def features_path(socket: pathlib.Path) -> pathlib.Path:
+    """Beside the socket, what the engine has in force (see `write_features`): the agent, which
+    may not have started this engine, reads it for its status."""
+    return socket.with_suffix(".features")
+
+
+def write_features(path: pathlib.Path, features: Mapping[str, object]) -> None:
+    """Replaces the features file atomically, mode 0644: a reader sees the old or the new."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.fchmod(fd, 0o644)
+        os.write(fd, json.dumps(features, sort_keys=True).encode() + b"\n")
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+def remove_features(path: pathlib.Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def open_listener(path: pathlib.Path) -> socket.socket:

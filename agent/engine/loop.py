@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import pathlib
 import selectors
 import socket
 import time
@@ -77,6 +78,8 @@ class Engine:
         bind: udp_mod.UdpBind,
         uapi_listener: socket.socket,
         clock: Clock = time.monotonic,
+        fast_path: str = "",
+        features_path: pathlib.Path | None = None,
     ) -> None:
         # Bound here, not at import: binding fixes the configuration in force at that moment.
         self.log = log_mod.get("engine")
@@ -85,6 +88,8 @@ class Engine:
         self.bind = bind
         self._listener = uapi_listener
         self._clock = clock
+        self._fast_path = fast_path
+        self._features_path = features_path
         self._selector = selectors.DefaultSelector()
         self._connections: dict[int, ipc.UapiConnection] = {}
         self._stopping = False
@@ -200,11 +205,13 @@ class Engine:
             if self.bind.gso_off_reason and not self._gso_off_told:
                 self._gso_off_told = True
                 self.log.warning("udp_gso_off", reason=self.bind.gso_off_reason)
+                self.publish_features()
         if packets:
             self.tun.write_batch(packets)
             if self.tun.vnet_hdr and not self.tun.coalescing and not self._coalescing_off_told:
                 self._coalescing_off_told = True
                 self.log.warning("tun_coalescing_off", reason="the kernel refused a GSO write")
+                self.publish_features()
 
     def _on_tun(self, _mask: int) -> None:
         packets = self.tun.read_batch(BATCH)
@@ -323,6 +330,7 @@ class Engine:
         self.bind = new
         self._register_bind(new)
         self.log.info("listening", port=new.port, dual_stack=new.dual_stack)
+        self.publish_features()
 
     # UAPI.
 
@@ -466,6 +474,16 @@ class Engine:
         if self.tun.coalescing:
             names.append("tun_coalescing")
         return names + self.bind.offloads()
+
+    def publish_features(self) -> None:
+        """Writes what is in force to the features file; at start and whenever it changes."""
+        if self._features_path is None:
+            return
+        features = {"fast_path": self._fast_path, "offloads": self.offloads()}
+        try:
+            ipc.write_features(self._features_path, features)
+        except OSError as exc:
+            self.log.warning("features_file_unwritable", reason=exc.strerror)
 
     def _log_counters(self) -> None:
         counts = self.counters()

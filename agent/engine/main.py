@@ -7,7 +7,9 @@ into the background; the command returns 0 only once the engine in the backgroun
 and 1 with the reason if it could not start. So it can stand wherever wireguard-go stands, for
 example as wg-quick's WG_QUICK_USERSPACE_IMPLEMENTATION. `wg` configures it. SIGTERM or SIGINT
 end it cleanly, removing the device and the socket; so does deleting the device
-(`ip link del DEVICE`, as `wg-quick down` does).
+(`ip link del DEVICE`, as `wg-quick down` does). Beside the socket, DEVICE.features (JSON, 0644,
+no secrets) says what is in force: {"fast_path": ..., "offloads": [...]}; it is rewritten when
+that changes (GSO refused at run time) and removed with the socket.
 
 Environment:
   WG_PROCESS_FOREGROUND=1   stay in the foreground, as -f does (the agent and the tests do).
@@ -203,7 +205,16 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
         cleanup.callback(bind.close)
         device = device_mod.Device(rng=os.urandom, wall_clock=time.time, timers=timers)
         device.mtu = tun.mtu()
-        engine = loop.Engine(device=device, tun=tun, bind=bind, uapi_listener=listener)
+        features = ipc.features_path(path)
+        cleanup.callback(ipc.remove_features, features)
+        engine = loop.Engine(
+            device=device,
+            tun=tun,
+            bind=bind,
+            uapi_listener=listener,
+            fast_path=fastpath.name,
+            features_path=features,
+        )
         cleanup.callback(engine.close)
         _stop_on_signals(engine, cleanup)
         receive_buffer, send_buffer = bind.buffer_sizes()
@@ -219,6 +230,7 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
             udp_receive_buffer=receive_buffer,
             udp_send_buffer=send_buffer,
         )
+        engine.publish_features()
         on_ready()
         engine.run()
         engine.log.info(
