@@ -25,6 +25,7 @@ SOCKET_DIR = pathlib.Path("/var/run/wireguard")
 # answered with EINVAL and closed. (A set for thousands of peers stays far below it.)
 MAX_REQUEST = 64 * 1024 * 1024
 RECV_SIZE = 65536
+BACKLOG = 16
 # Answers waiting for a client that does not read: past this, its requests wait unread.
 MAX_OUTBOX = 1024 * 1024
 # Reads per wakeup of the loop, so that a client sending without pause (a huge request) does
@@ -63,15 +64,17 @@ def remove_features(path: pathlib.Path) -> None:
         path.unlink()
 
 
-def open_listener(path: pathlib.Path) -> socket.socket:
-    """Binds and listens on path, replacing a stale socket; non-blocking, mode 0600."""
+def open_listener(path: pathlib.Path, *, listening: bool = True) -> socket.socket:
+    """Binds and listens on path, replacing a stale socket; non-blocking, mode 0600. Not
+    `listening`: bound only, so nobody finds the engine until the caller calls listen()."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         _bind(listener, path)
         os.chmod(path, 0o600)
-        listener.listen(16)
+        if listening:
+            listener.listen(BACKLOG)
         listener.setblocking(False)
     except BaseException:
         listener.close()

@@ -194,7 +194,9 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
         cleanup.callback(tun.close)
         path = ipc.socket_path(name)
         try:
-            listener = ipc.open_listener(path)
+            # Listening only once the features file is written: whoever finds the engine
+            # (the agent) finds what it has in force too.
+            listener = ipc.open_listener(path, listening=False)
         except (ipc.SocketInUseError, OSError) as exc:
             raise StartError(f"cannot open the UAPI socket {path}: {exc}") from None
         cleanup.callback(ipc.remove_socket, path, listener)
@@ -231,6 +233,7 @@ def serve(name: str, *, timers: timers_mod.ProtocolTimers, on_ready: Callable[[]
             udp_send_buffer=send_buffer,
         )
         engine.publish_features()
+        listener.listen(ipc.BACKLOG)
         on_ready()
         engine.run()
         engine.log.info(

@@ -8,17 +8,24 @@ ns (this test's): podwire-engine -f DEV  ->  /var/run/wireguard/DEV.sock, DEV.fe
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from podwire.agent.datapath import uapi
+from podwire.agent.engine import actions as actions_mod
+from podwire.agent.engine import device as device_mod
+from podwire.agent.engine import ipc, loop
+from podwire.agent.engine import udp as udp_mod
 from podwire.sandbox import netns as netns_mod
 
 ENGINE = str(pathlib.Path(sys.executable).parent / "podwire-engine")
@@ -74,3 +81,82 @@ def test_the_engine_publishes_its_features_and_removes_them_at_stop(
     assert not path.exists()
     assert not (SOCKET_DIR / f"{dev}.sock").exists()
     assert uapi.UapiClient(dev).engine_features() == ("engine:unknown",)
+
+
+class _Tun:
+    """A TUN device that reads nothing and takes what is written (only the UDP side runs)."""
+
+    def __init__(self) -> None:
+        self._ours, self._theirs = socket.socketpair()
+        self.fd = self._ours.fileno()
+        self.read_errors = self.write_errors = self.bad_offload = self.coalesced_writes = 0
+        self.vnet_hdr = self.coalescing = False
+        self.offloads: tuple[str, ...] = ()
+
+    def read_batch(self, limit: int) -> list[bytes]:
+        return []
+
+    def write_batch(self, packets: list[bytes]) -> None:
+        pass
+
+    def close(self) -> None:
+        self._ours.close()
+        self._theirs.close()
+
+
+class _RefusesGso:
+    """A real loopback UDP socket whose GSO sends the kernel refuses with EIO, as kernels
+    before 6.11 do on a device without TX checksumming (this one segments in software, so no
+    real socket here gives the EIO; see test_udp_gso)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+
+    def sendmsg(self, *_args: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+def test_gso_turned_off_at_run_time_is_published(tmp_path: pathlib.Path, fast_path: str) -> None:
+    sock = _RefusesGso()
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(5)
+    tun = _Tun()
+    bind = udp_mod.UdpBind([sock], sock.getsockname()[1], dual_stack=False, offloads=False)  # type: ignore[list-item]
+    bind.gso = True
+    listener = ipc.open_listener(tmp_path / "wgx.sock")
+    path = ipc.features_path(tmp_path / "wgx.sock")
+    engine = loop.Engine(
+        device=device_mod.Device(rng=os.urandom, wall_clock=time.time),
+        tun=tun,  # type: ignore[arg-type]
+        bind=bind,
+        uapi_listener=listener,
+        fast_path=f"{fast_path}_fastpath",
+        features_path=path,
+    )
+    try:
+        engine.publish_features()
+        assert uapi.UapiClient("wgx", socket_dir=tmp_path).engine_features() == (
+            f"engine:{fast_path}_fastpath",
+            "engine:udp_gso",
+        )
+        train = [actions_mod.SendDatagram(bytes(1000), sink.getsockname()) for _ in range(4)]
+        engine._perform_batch(train)  # what the loop does with a batch's datagrams
+        # The train still left, one datagram at a time, and the file no longer says udp_gso.
+        assert [len(sink.recv(2000)) for _ in range(4)] == [1000] * 4
+        assert uapi.UapiClient("wgx", socket_dir=tmp_path).engine_features() == (
+            f"engine:{fast_path}_fastpath",
+        )
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        engine.close()
+        ipc.remove_socket(tmp_path / "wgx.sock", listener)
+        ipc.remove_features(path)
+        tun.close()
+        sink.close()
+        sock.sock.close()
+    assert not any(tmp_path.iterdir())
