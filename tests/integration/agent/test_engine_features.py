@@ -10,6 +10,7 @@ import json
 import pathlib
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -36,9 +37,20 @@ def _features(node: topology.Node) -> list[str]:
 
 
 @pytest.fixture
-def two(cluster: topology.Cluster) -> topology.Cluster:
+def features_files() -> Iterator[list[pathlib.Path]]:
+    """Set up before the cluster, so torn down after it: the cluster's clean-up kills the
+    engines, which then cannot remove their features files (it removes only their sockets)."""
+    paths: list[pathlib.Path] = []
+    yield paths
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def two(features_files: list[pathlib.Path], cluster: topology.Cluster) -> topology.Cluster:
     for i in (1, 2):
-        cluster.add_node(f"node{i}")
+        node = cluster.add_node(f"node{i}")
+        features_files.append(topology.UAPI_DIR / f"{node.device}.features")
     cluster.start_agent(cluster.nodes["node1"], env={"PODWIRE_ENGINE_NATIVE": "on"})
     cluster.start_agent(
         cluster.nodes["node2"],
