@@ -88,6 +88,9 @@ class Side:
         if kill:
             self.proc.kill()
             self.proc.wait(10)
+            # What a killed engine cannot remove itself: its socket and its features file.
+            for leftover in (".sock", ".features"):
+                (SOCKET_DIR / f"{self.dev}{leftover}").unlink(missing_ok=True)
         else:
             netns_mod.stop_process(self.proc)
 
