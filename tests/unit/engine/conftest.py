@@ -10,14 +10,14 @@ import dataclasses
 import ipaddress
 import random
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
+from fastpaths import fast_path  # noqa: F401  (an autouse fixture: every test, both paths)
 
 from podwire.agent import clock as clock_mod
 from podwire.agent.engine import actions as actions_mod
 from podwire.agent.engine import device as device_mod
-from podwire.agent.engine import fastpath
 from podwire.agent.engine import timers as timers_mod
 
 Endpoint = tuple[str, int]
@@ -70,24 +70,6 @@ def ipv6_packet(src: str, dst: str, payload: bytes, *, next_header: int = 17) ->
         ipaddress.IPv6Address(dst).packed,
     )
     return header + payload
-
-
-@pytest.fixture(autouse=True, params=["native", "python"])
-def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Every test here runs on both fast paths (fastpath.py): the C extension, which CI builds,
-    and the pure-Python path, in this process and in any engine a test starts. A machine
-    where the extension is not built fails the native runs rather than skip them."""
-    native = request.param == "native"
-    if native and not fastpath.native_available():
-        pytest.fail(f"the native fast path is not built: {fastpath.unavailable_reason}")
-    before = fastpath.name == fastpath.NATIVE_NAME
-    if native:
-        monkeypatch.delenv(fastpath.ENV, raising=False)
-    else:
-        monkeypatch.setenv(fastpath.ENV, "off")
-    fastpath.select(native)
-    yield request.param
-    fastpath.select(before)
 
 
 @dataclasses.dataclass

@@ -1,29 +1,3 @@
-"""The engine's I/O tests run on both fast paths, as the engine's unit tests do (the same
-fixture as tests/unit/engine/conftest.py: with --import-mode=importlib one conftest cannot
-import another)."""
+"""The engine's I/O tests run on both fast paths, as the engine's unit tests do."""
 
-from __future__ import annotations
-
-from collections.abc import Iterator
-
-import pytest
-
-from podwire.agent.engine import fastpath
-
-
-@pytest.fixture(autouse=True, params=["native", "python"])
-def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Every test here runs on both fast paths (fastpath.py): the C extension, which CI builds,
-    and the pure-Python path, in this process and in any engine a test starts. A machine
-    where the extension is not built fails the native runs rather than skip them."""
-    native = request.param == "native"
-    if native and not fastpath.native_available():
-        pytest.fail(f"the native fast path is not built: {fastpath.unavailable_reason}")
-    before = fastpath.name == fastpath.NATIVE_NAME
-    if native:
-        monkeypatch.delenv(fastpath.ENV, raising=False)
-    else:
-        monkeypatch.setenv(fastpath.ENV, "off")
-    fastpath.select(native)
-    yield request.param
-    fastpath.select(before)
+from fastpaths import fast_path  # noqa: F401  (an autouse fixture: every test, both paths)
