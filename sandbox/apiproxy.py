@@ -56,7 +56,8 @@ def listen_in(netns: str, port: int) -> socket.socket:
     return s
 
 
-def _pipe(a: socket.socket, b: socket.socket) -> None:
+def pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copies a to b until a ends, then shuts both down (one direction of a relay)."""
     try:
         while data := a.recv(65536):
             b.sendall(data)
@@ -75,9 +76,9 @@ def _relay(client: socket.socket, port: int) -> None:
     except OSError:
         client.close()
         return
-    t = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+    t = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
     t.start()
-    _pipe(client, upstream)
+    pipe(client, upstream)
     t.join()
     client.close()
     upstream.close()

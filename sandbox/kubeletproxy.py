@@ -30,6 +30,8 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from podwire.sandbox import apiproxy
+
 CLONE_NEWNET = 0x40000000
 HEADER_LIMIT = 8192  # a CONNECT request and its headers; anything longer is refused
 CONNECT_TIMEOUT = 10.0
@@ -83,18 +85,6 @@ def read_request(client: socket.socket) -> tuple[str, int, bytes]:
     return host.strip("[]"), int(port), rest
 
 
-def _pipe(a: socket.socket, b: socket.socket) -> None:
-    try:
-        while data := a.recv(65536):
-            b.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for s in (a, b):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-
 def read_nodes(path: pathlib.Path) -> dict[str, str]:
     """The nodes' addresses and namespaces; none while the file is not written yet."""
     try:
@@ -142,9 +132,9 @@ def _answer(client: socket.socket, nodes_file: pathlib.Path) -> None:
         client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
         if rest:
             upstream.sendall(rest)
-        back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+        back = threading.Thread(target=apiproxy.pipe, args=(upstream, client), daemon=True)
         back.start()
-        _pipe(client, upstream)
+        apiproxy.pipe(client, upstream)
         back.join()
 
 
