@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from quiettun import QuietTun
 
 from podwire.agent.datapath import uapi
 from podwire.agent.engine import actions as actions_mod
@@ -83,27 +84,6 @@ def test_the_engine_publishes_its_features_and_removes_them_at_stop(
     assert uapi.UapiClient(dev).engine_features() == ("engine:unknown",)
 
 
-class _Tun:
-    """A TUN device that reads nothing and takes what is written (only the UDP side runs)."""
-
-    def __init__(self) -> None:
-        self._ours, self._theirs = socket.socketpair()
-        self.fd = self._ours.fileno()
-        self.read_errors = self.write_errors = self.bad_offload = self.coalesced_writes = 0
-        self.vnet_hdr = self.coalescing = False
-        self.offloads: tuple[str, ...] = ()
-
-    def read_batch(self, limit: int) -> list[bytes]:
-        return []
-
-    def write_batch(self, packets: list[bytes]) -> None:
-        pass
-
-    def close(self) -> None:
-        self._ours.close()
-        self._theirs.close()
-
-
 class _RefusesGso:
     """A real loopback UDP socket whose GSO sends the kernel refuses with EIO, as kernels
     before 6.11 do on a device without TX checksumming (this one segments in software, so no
@@ -125,7 +105,7 @@ def test_gso_turned_off_at_run_time_is_published(tmp_path: pathlib.Path, fast_pa
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     sink.settimeout(5)
-    tun = _Tun()
+    tun = QuietTun()
     bind = udp_mod.UdpBind([sock], sock.getsockname()[1], dual_stack=False, offloads=False)  # type: ignore[list-item]
     bind.gso = True
     listener = ipc.open_listener(tmp_path / "wgx.sock")

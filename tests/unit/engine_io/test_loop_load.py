@@ -2,7 +2,7 @@
 socketpair, so the loop's selector wakes for them) around a real Device and the real loop.
 
     100 flooders (10.66.0.x) --+
-                               +--> FakeBind --> Engine(Device b) --> FakeTun
+                               +--> FakeBind --> Engine(Device b) --> QuietTun
     legitimate peer a ---------+
 
 The flooders know only b's public key (which every WireguardNode publishes): their initiations
@@ -20,6 +20,7 @@ import socket
 import time
 
 import pytest
+from quiettun import QuietTun
 
 from podwire.agent import clock as clock_mod
 from podwire.agent.engine import actions as actions_mod
@@ -31,38 +32,6 @@ Endpoint = tuple[str, int]
 B_ENDPOINT: Endpoint = ("192.0.2.2", 51820)
 A_ENDPOINT: Endpoint = ("192.0.2.1", 51820)
 FLOODERS = [(f"10.66.0.{i}", 40000 + i) for i in range(1, 101)]
-
-
-class FakeTun:
-    """A TUN device that reads nothing and keeps what is written to it."""
-
-    def __init__(self) -> None:
-        self._ours, self._theirs = socket.socketpair()
-        self.fd = self._ours.fileno()
-        self.read_errors = 0
-        self.write_errors = 0
-        self.bad_offload = 0
-        self.coalesced_writes = 0
-        self.vnet_hdr = False
-        self.coalescing = False
-        self.offloads: tuple[str, ...] = ()
-        self.written: list[bytes] = []
-
-    def read_batch(self, limit: int) -> list[bytes]:
-        return []
-
-    def write(self, packet: bytes) -> None:
-        self.written.append(packet)
-
-    def write_batch(self, packets: list[bytes]) -> None:
-        self.written += packets
-
-    def mtu(self) -> int:
-        return 1420
-
-    def close(self) -> None:
-        self._ours.close()
-        self._theirs.close()
 
 
 class FakeBind:
@@ -133,7 +102,7 @@ class Harness:
         self.clock = clock_mod.FakeClock()
         self.device = device_mod.Device(rng=os.urandom, wall_clock=self.clock.wall)
         self.device.set_private_key(os.urandom(32), now=self.clock.monotonic())
-        self.tun = FakeTun()
+        self.tun = QuietTun()
         self.bind = FakeBind(on_empty=lambda: self.engine.stop("drained"))
         self.listener = ipc.open_listener(tmp_path / "wgx.sock")
         self.engine = loop.Engine(
