@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from podwire.agent import clock as clock_mod
 from podwire.agent import (
@@ -168,6 +169,9 @@ def build(
     def informer(kind: str) -> kube.Informer:
         return kube.Informer(client, kind, on_change=wakeup.set, resync_period=cfg.resync_period)
 
+    parts = node_parts(cfg, stop)
+    if open_backend is not None:
+        parts["open_backend"] = open_backend
     return assemble(
         cfg,
         api=client,
@@ -175,18 +179,27 @@ def build(
         emit=client.emit_event,
         watched=watches.Watches(informer("nodes"), informer("wgnodes")),
         wakeup=wakeup,
-        open_backend=open_backend or _opener(cfg, stop),
-        open_lane=_lane_opener(cfg, stop),
-        retire_lane=lambda lane: select.retire_lane(cfg, lane),
-        flow_hash=datapath_mod.NodeFlowHash(),
-        routes=routes_mod.Routes(
+        **parts,
+        clock=clock or clock_mod.MonotonicClock(),
+        apiserver=client.server_url,
+    )
+
+
+def node_parts(cfg: config.Config, stop: threading.Event | None = None) -> dict[str, Any]:
+    """What assemble takes from the node itself, as the real agent has it: the backends of
+    lane 0 and the other lanes, the retiring of lanes an earlier agent left, the kernel's
+    multipath hash and the routes (the kernel tier's agents are assembled with these too)."""
+    return {
+        "open_backend": _opener(cfg, stop),
+        "open_lane": _lane_opener(cfg, stop),
+        "retire_lane": lambda lane: select.retire_lane(cfg, lane),
+        "flow_hash": datapath_mod.NodeFlowHash(),
+        "routes": routes_mod.Routes(
             cfg.device,
             strict=cfg.strict_mode,
             devices=[cfg.lane_device(i) for i in range(cfg.lanes)],
         ),
-        clock=clock or clock_mod.MonotonicClock(),
-        apiserver=client.server_url,
-    )
+    }
 
 
 def assemble(

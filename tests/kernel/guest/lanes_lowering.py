@@ -44,9 +44,6 @@ from pyroute2 import config as pr_config
 
 from podwire.agent import app, config, watches
 from podwire.agent import clock as clock_mod
-from podwire.agent.datapath import component as datapath_mod
-from podwire.agent.datapath import routes as routes_mod
-from podwire.agent.datapath import select
 from podwire.agent.netlink import multipath
 from podwire.sandbox import netns as netns_mod
 from podwire.sandbox import tools
@@ -159,11 +156,6 @@ class Agent:
         self.nodes = agentfakes.MemorySource("nodes", on_change=self.wakeup.set)
         self.wgnodes = agentfakes.MemorySource("wgnodes", on_change=self.wakeup.set)
 
-        def open_lane(lane: int) -> datapath_mod.OpenLane:
-            return lambda address, datapath: select.open_lane(
-                cfg, lane, datapath=datapath, underlay_address=address
-            )
-
         with inside(ns):
             self.app = app.assemble(
                 cfg,
@@ -172,15 +164,7 @@ class Agent:
                 emit=api.emit_event,
                 watched=watches.Watches(self.nodes, self.wgnodes),
                 wakeup=self.wakeup,
-                open_backend=lambda address: select.open_backend(cfg, underlay_address=address),
-                open_lane=open_lane,
-                retire_lane=lambda lane: select.retire_lane(cfg, lane),
-                flow_hash=datapath_mod.NodeFlowHash(),
-                routes=routes_mod.Routes(
-                    cfg.device,
-                    strict=cfg.strict_mode,
-                    devices=[cfg.lane_device(i) for i in range(cfg.lanes)],
-                ),
+                **app.node_parts(cfg),
                 clock=clock_mod.MonotonicClock(),
             )
 

@@ -40,9 +40,6 @@ from pyroute2 import config as pr_config
 
 from podwire.agent import app, config, watches
 from podwire.agent import clock as clock_mod
-from podwire.agent.datapath import component as datapath_mod
-from podwire.agent.datapath import routes as routes_mod
-from podwire.agent.datapath import select
 from podwire.agent.netlink import routes as nl_routes
 from podwire.agent.netlink import rules as nl_rules
 from podwire.api import wgnode
@@ -94,11 +91,6 @@ class Agent:
         self.api.on_write = self.wgnodes.put
         self.peer = peer
 
-        def open_lane(lane: int) -> datapath_mod.OpenLane:
-            return lambda address, datapath: select.open_lane(
-                cfg, lane, datapath=datapath, underlay_address=address
-            )
-
         self.app = app.assemble(
             cfg,
             api=self.api,
@@ -106,15 +98,7 @@ class Agent:
             emit=self.api.emit_event,
             watched=watches.Watches(self.nodes, self.wgnodes),
             wakeup=self.wakeup,
-            open_backend=lambda address: select.open_backend(cfg, underlay_address=address),
-            open_lane=open_lane,
-            retire_lane=lambda lane: select.retire_lane(cfg, lane),
-            flow_hash=datapath_mod.NodeFlowHash(),
-            routes=routes_mod.Routes(
-                cfg.device,
-                strict=cfg.strict_mode,
-                devices=[cfg.lane_device(i) for i in range(cfg.lanes)],
-            ),
+            **app.node_parts(cfg),
             clock=clock_mod.MonotonicClock(),
         )
 
