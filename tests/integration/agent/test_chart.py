@@ -153,7 +153,14 @@ def test_agents_with_the_charts_rbac_and_nothing_more(
     netns_mod.wait_until(
         lambda: ready("node1") and ready("node2"), timeout=60, what="both agents Ready"
     )
-    assert nodes[0].pods[0].ns.ping(nodes[1].pods[0].ip, count=2, timeout=10)
+    # Ready says each agent runs with its device up and its key published, not that it has
+    # programmed the other yet (its route comes with the peer, a moment later): until then the
+    # fail-closed route answers "unreachable" at once, which ends a ping of two early. CI saw it.
+    netns_mod.wait_until(
+        lambda: nodes[0].pods[0].ns.ping(nodes[1].pods[0].ip, count=2, timeout=5),
+        timeout=20,
+        what="node1's pod to reach node2's through the tunnel",
+    )
     for node in nodes:
         # A refused request is logged as "<what>: 403 <message>" (kube._error); a bare "403"
         # also matches a timestamp's fraction, which made this check flaky.
