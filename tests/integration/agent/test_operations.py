@@ -39,10 +39,19 @@ def _condition(cluster: topology.Cluster, name: str, kind: str) -> str | None:
 
 
 def _wait_ready(cluster: topology.Cluster, *names: str) -> None:
+    """Each named node Ready with the others as its peers: Ready alone says the agent runs
+    with its device up, not yet that the others are programmed (their routes come with them)."""
+
+    def ready_with_peers(name: str) -> bool:
+        status = (_wgnode(cluster, name) or {}).get("status", {})
+        return (
+            _condition(cluster, name, "Ready") == "True" and status.get("peers") == len(names) - 1
+        )
+
     netns_mod.wait_until(
-        lambda: all(_condition(cluster, n, "Ready") == "True" for n in names),
+        lambda: all(ready_with_peers(n) for n in names),
         timeout=60,
-        what=f"{', '.join(names)} Ready",
+        what=f"{', '.join(names)} Ready with each other as peers",
     )
 
 
