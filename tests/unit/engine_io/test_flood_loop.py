@@ -58,12 +58,13 @@ def test_under_a_flood_the_loop_reads_handshakes_within_its_budget_and_all_the_d
     # When the loop first judges itself under load, and what it had read of handshakes then:
     # from that moment the budget holds (before it, a flood the loop keeps up with is read in
     # full, as a backlog-judged WireGuard reads it; how soon it shows depends on the machine).
-    at_load: list[tuple[float, int]] = []
+    at_load: list[tuple[float, int, int]] = []
     judge_load = engine._on_handshake_backlog
 
     def on_load(now: float) -> None:
         if not at_load:
-            at_load.append((time.monotonic(), device.handshake_messages))
+            drops = device.counters.drops[Drop.NO_PEER]
+            at_load.append((time.monotonic(), device.handshake_messages, drops))
         judge_load(now)
 
     engine._on_handshake_backlog = on_load  # type: ignore[method-assign]
@@ -105,7 +106,7 @@ def test_under_a_flood_the_loop_reads_handshakes_within_its_budget_and_all_the_d
         listener.close()
     flood = ROUNDS * len(FLOODERS)
     assert at_load, "the flood was never judged as load"
-    ((loaded_at, read_before_load),) = at_load
+    ((loaded_at, read_before_load, no_peer_before_load),) = at_load
     windows = (ended - loaded_at) / loop.BUDGET_WINDOW + 2
     budget = loop.PRIORITY_PER_WINDOW if spoofing else loop.BUDGETED_PER_WINDOW
     # From the moment the load showed, at most the budget per window (and one batch in flight).
@@ -114,7 +115,9 @@ def test_under_a_flood_the_loop_reads_handshakes_within_its_budget_and_all_the_d
     assert device.counters.drops[Drop.UNKNOWN_RECEIVER] == data_sent
     # Under load: no Diffie-Hellman without mac2, cookie replies and the rate limit instead.
     assert device.counters.cookie_replies_sent > 0
-    assert device.counters.drops[Drop.NO_PEER] <= 2 * loop.BATCH
+    # No Diffie-Hellman for the flood once the load showed (each NO_PEER drop cost one), but
+    # for the batch in flight; before, as many as the loop read (a slow machine reads more).
+    assert device.counters.drops[Drop.NO_PEER] - no_peer_before_load <= loop.BATCH
     assert counted == kernel_drops
     if spoofing:
         return  # the priority socket's buffer is large: the kernel need not drop yet
