@@ -260,11 +260,12 @@ class Cluster:
         the engines' `.features` files beside them that are left behind: an engine ended by
         SIGKILL cannot remove its own."""
         for node in self.nodes.values():
-            for path in UAPI_DIR.glob(f"{node.device}*.sock"):
-                lane = path.name[len(node.device) : -len(".sock")]
+            for path in UAPI_DIR.glob(f"{node.device}*"):
+                if path.suffix not in (".sock", ".features"):
+                    continue
+                lane = path.name[len(node.device) : -len(path.suffix)]
                 if not lane or (lane[0] == "_" and lane[1:].isdigit()):
                     path.unlink(missing_ok=True)
-                    path.with_suffix(".features").unlink(missing_ok=True)
 
     def _launch(self, proc: record.Process) -> record.Process:
         self.record.processes.append(proc)

@@ -81,7 +81,9 @@ def retire_lane(
     if alive:
         supervisor.Engine(device, client, netns=netns).stop_engine()
     elif client.path.exists():
-        client.path.unlink(missing_ok=True)  # an engine ended by SIGKILL leaves its socket
+        # An engine ended by SIGKILL leaves its socket and its features file.
+        client.path.unlink(missing_ok=True)
+        client.path.with_suffix(".features").unlink(missing_ok=True)
     if link.ifindex(device, netns) is None:
         return f"lane {lane}'s engine for {device}" if alive else None
     link.delete(device, netns)

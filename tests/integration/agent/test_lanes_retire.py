@@ -1,7 +1,8 @@
 """select.retire_lane on real links in a throwaway namespace: a link a lane above the
 configured ones left (a kernel device, or an engine's TUN whose engine already died) is
-deleted and said so; a socket an engine ended by SIGKILL left is removed; a lane with nothing
-left is nothing done, and a lane whose name cannot fit a link is not looked for."""
+deleted and said so; a socket (and the features file beside it) an engine ended by SIGKILL
+left is removed; a lane with nothing left is nothing done, and a lane whose name cannot fit a
+link is not looked for."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def test_a_left_link_and_a_dead_socket_go_and_lanes_in_use_are_not_asked(
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # bound, never listening: dead
     dead.bind(str(tmp_path / f"{device}_3.sock"))
     dead.close()
+    # What the killed engine published beside its socket (ipc.write_features) goes with it.
+    (tmp_path / f"{device}_3.features").write_text('{"fast_path": "native_fastpath"}\n')
     cfg = _cfg(device, lanes=2)
     assert list(select.retired_lanes(cfg)) == list(range(2, config.MAX_LANES))
     done = {
@@ -35,6 +38,7 @@ def test_a_left_link_and_a_dead_socket_go_and_lanes_in_use_are_not_asked(
     assert done == {2: f"lane 2's device {device}_2", **{i: None for i in range(3, 8)}}
     assert not ns.link_exists(f"{device}_2")
     assert not (tmp_path / f"{device}_3.sock").exists()
+    assert not (tmp_path / f"{device}_3.features").exists()
 
 
 def test_a_lane_whose_name_cannot_be_a_link_is_not_looked_for(tmp_path: pathlib.Path) -> None:
