@@ -92,6 +92,21 @@ def _all_arrive(cluster: topology.Cluster, src: topology.Pod, dst: topology.Pod)
     assert {int(p): n for p, n in got.items()} == {40000 + k: n for k, n in enumerate(sent)}
 
 
+def _both_ways_nothing_in_clear(
+    cluster: topology.Cluster, n1: topology.Node, n2: topology.Node, tmp_path: pathlib.Path
+) -> None:
+    """Flows from node1's pod to node2's and back arrive whole, and the underlay carries none
+    of their packets in clear."""
+    clear, clear_pcap = capture_underlay(cluster, tmp_path)
+    try:
+        _all_arrive(cluster, n1.pods[0], n2.pods[0])
+        _all_arrive(cluster, n2.pods[1], n1.pods[1])
+    finally:
+        netns_mod.stop_process(clear)
+    leaked = _read(clear_pcap)
+    assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
+
+
 def test_lowering_lanes_at_a_restart_leaves_no_lane_behind(
     lanes_cluster: topology.Cluster, tmp_path: pathlib.Path
 ) -> None:
@@ -130,14 +145,7 @@ def test_lowering_lanes_at_a_restart_leaves_no_lane_behind(
     metrics = _metrics(n1)
     assert "podwire_lanes 1.0" in metrics and 'lane="' not in metrics, metrics
 
-    clear, clear_pcap = capture_underlay(cluster, tmp_path)
-    try:
-        _all_arrive(cluster, n1.pods[0], n2.pods[0])
-        _all_arrive(cluster, n2.pods[1], n1.pods[1])
-    finally:
-        netns_mod.stop_process(clear)
-    leaked = _read(clear_pcap)
-    assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
+    _both_ways_nothing_in_clear(cluster, n1, n2, tmp_path)
 
 
 def test_raising_lanes_at_a_restart_brings_the_new_lane_into_the_routes(
@@ -268,14 +276,7 @@ def test_lowering_lanes_with_external_engines_empties_the_lane_the_daemonset_sti
     for a, b in ((n1, n2), (n2, n1)):
         route = _route(a, b.pod_cidr)
         assert f"dev {_lane(a, 0)}" in route and "nexthop" not in route, f"{a.name}: {route}"
-    clear, clear_pcap = capture_underlay(cluster, tmp_path)
-    try:
-        _all_arrive(cluster, n1.pods[0], n2.pods[0])
-        _all_arrive(cluster, n2.pods[1], n1.pods[1])
-    finally:
-        netns_mod.stop_process(clear)
-    leaked = _read(clear_pcap)
-    assert not leaked, "pod traffic in clear on the underlay:\n" + "\n".join(leaked)
+    _both_ways_nothing_in_clear(cluster, n1, n2, tmp_path)
 
 
 @pytest.mark.parametrize("after", [1, 2], ids=["lowered-to-1", "control-kept-at-2"])
