@@ -86,6 +86,7 @@ class Device:
     receive_datagram = receive.receive_datagram
     receive_datagrams = receive.receive_datagrams
     send_packet = send.send_packet
+    send_alone = send.send_alone
     send_packets = send.send_packets
     tick = expiry.tick
     next_deadline = expiry.next_deadline

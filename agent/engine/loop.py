@@ -1,6 +1,6 @@
 """The engine's I/O loop: the one place that reads clocks and touches TUN, UDP and UAPI.
 
-One thread, one selector. Each wakeup drains what is ready in batches (up to BATCH reads
+One thread, one epoll (poller). Each wakeup drains what is ready in batches (up to BATCH reads
 from the TUN device, about BATCH datagrams from each UDP socket) and hands every packet to the
 Device, whose answer is a list of actions: datagrams to send, packets to deliver. A batch's
 datagrams leave together (trains to one endpoint in one GSO call) and its packets reach TUN
@@ -10,7 +10,7 @@ requests are answered between batches, so `wg` never waits behind more than one 
 
 Under a handshake flood the kernel steers (see steer): data reaches a socket of its own, read
 in full; the rest lands on a small socket that the loop reads, under load, only within
-BUDGETED_PER_WINDOW datagrams per BUDGET_WINDOW, leaving it out of the selector once that is
+BUDGETED_PER_WINDOW datagrams per BUDGET_WINDOW, leaving it out of the poller once that is
 spent, so the kernel drops the excess for nothing. The handshakes from peers' endpoints have a
 socket of their own too, with a budget ten times larger (a flood from a spoofed peer address
 must not starve the data either). The program follows the peers' endpoints (after each UAPI
@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import errno
 import pathlib
-import selectors
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -34,7 +33,7 @@ from collections.abc import Callable, Iterable
 from podwire.agent import log as log_mod
 from podwire.agent.engine import actions as actions_mod
 from podwire.agent.engine import device as device_mod
-from podwire.agent.engine import ipc, steer, uapi
+from podwire.agent.engine import ipc, poller, steer, uapi
 from podwire.agent.engine import tun as tun_mod
 from podwire.agent.engine import udp as udp_mod
 
@@ -45,8 +44,10 @@ HOUSEKEEPING_INTERVAL = 1.0
 COUNTERS_LOG_INTERVAL = 30.0
 # Load, judged as the kernel and wireguard-go judge it, by the handshake backlog: a batch of
 # datagrams that holds this many handshake messages means they arrive faster than a
-# Diffie-Hellman each can be spent on them. The Device is then under load (mac2, cookie
-# replies, the per-source rate limit) until UNDER_LOAD_HOLD seconds after the last such batch.
+# Diffie-Hellman each can be spent on them. A loop fast enough to keep up reads them in small
+# batches, so more handshakes from unknown sources in one BUDGET_WINDOW than their budget
+# (BUDGETED_PER_WINDOW) is load too. The Device is then under load (mac2, cookie replies, the
+# per-source rate limit) until UNDER_LOAD_HOLD seconds after the last such sign.
 UNDER_LOAD_BACKLOG = BATCH // 8
 UNDER_LOAD_HOLD = 1.0
 # Under load, the budgeted socket's datagrams (handshakes from unknown sources: the flood, a
@@ -58,6 +59,12 @@ BUDGETED_PER_WINDOW = 100
 # large cluster need (a handshake each every two minutes, all of them at once after a restart
 # in a few windows), and a bound should a flood spoof their addresses.
 PRIORITY_PER_WINDOW = 1000
+
+# A descriptor readable this long after its last read was handled is read once, not drained: what wakes a quiet
+# engine is mostly a lone packet, and the read that would find nothing more (EAGAIN, raised as
+# an exception) is work on that packet's round trip. Should more wait, epoll says so at once;
+# reads closer together than this (a burst, a stream) drain in batches as before.
+QUIET = 0.001
 
 Clock = Callable[[], float]
 
@@ -90,12 +97,16 @@ class Engine:
         self._clock = clock
         self._fast_path = fast_path
         self._features_path = features_path
-        self._selector = selectors.DefaultSelector()
+        self._poller = poller.Poller()
         self._connections: dict[int, ipc.UapiConnection] = {}
         self._stopping = False
         self.stop_reason = ""
         now = clock()
         self._next_tick = now
+        # The Device's nearest deadline as of the last tick (or UAPI set), and when the loop
+        # next has timer work: see _run_timers.
+        self._deadline: float | None = None
+        self._wake = now
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         self._next_counters_log = now + COUNTERS_LOG_INTERVAL
         self._handshakes: dict[bytes, float | None] = {}
@@ -107,15 +118,18 @@ class Engine:
         self._steer_off_told = False
         self._steered = False
         # Per budgeted socket (the budgeted and the priority one): its budget per window and
-        # what is left of it; the sockets out of the selector while their budget is spent.
+        # what is left of it; the sockets out of the poller while their budget is spent.
         self._budgets: dict[socket.socket, int] = {}
         self._budget_left: dict[socket.socket, int] = {}
         self._budget_window_end = now
         self._budget_paused: list[socket.socket] = []
+        # The Device's handshake messages when this budget window began (see _on_udp).
+        self._window_handshakes = 0
         self._kernel_drops = 0
+        self._tun_done = now - QUIET
         device.listen_port = bind.port
-        self._selector.register(tun.fd, selectors.EVENT_READ, self._on_tun)
-        self._selector.register(uapi_listener, selectors.EVENT_READ, self._on_accept)
+        self._poller.register(tun.fd, poller.READ, self._on_tun)
+        self._poller.register(uapi_listener, poller.READ, self._on_accept)
         self._register_bind(bind)
 
     # Running and stopping.
@@ -131,7 +145,7 @@ class Engine:
                 pass
             on_wakeup()
 
-        self._selector.register(sock, selectors.EVENT_READ, drain)
+        self._poller.register(sock, poller.READ, drain)
 
     def stop(self, reason: str) -> None:
         if not self._stopping:
@@ -142,10 +156,10 @@ class Engine:
         """Serves until stop() or until the TUN device goes away."""
         timeout = 0.0
         while not self._stopping:
-            events = self._selector.select(timeout)
+            ready = self._poller.poll(timeout)
             try:
-                for key, mask in events:
-                    key.data(mask)
+                for callback, mask in ready:
+                    callback(mask)
                 timeout = self._run_timers()
             except tun_mod.TunGone:
                 self.stop("tun_device_removed")
@@ -154,29 +168,43 @@ class Engine:
         for connection in self._connections.values():
             connection.close()
         self._connections.clear()
-        self._selector.close()
+        self._poller.close()
         self.bind.close()
 
     def _run_timers(self) -> float:
-        """Ticks the Device when due; returns how long the selector may sleep."""
+        """Ticks the Device when due; returns how long the poller may sleep.
+
+        Between ticks this is a clock read and a comparison: the Device's deadlines are looked
+        at (a pass over the peers) only after a tick or a UAPI set. Packets arm timers too,
+        but never nearer than a keepalive or rekey timeout (seconds), so the next tick is the
+        nearest wake they could need."""
         now = self._clock()
-        deadline = self.device.next_deadline()
-        if now >= self._next_tick or (deadline is not None and now >= deadline):
+        if now < self._wake:
+            return self._wake - now
+        if now >= self._next_tick or (self._deadline is not None and now >= self._deadline):
             self._next_tick = now + TICK_INTERVAL
             self._perform(self.device.tick(now))
-            deadline = self.device.next_deadline()
+            self._deadline = self.device.next_deadline()
             self._notice_kernel_drops(now)
         if now >= self._budget_window_end:
             self._budget_window_end = now + BUDGET_WINDOW
+            self._window_handshakes = self.device.handshake_messages
             self._budget_left.update(self._budgets)
             self._resume_budgeted()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
             self._housekeeping(now)
-        wake = self._next_tick if deadline is None else min(deadline, self._next_tick)
-        if self._budget_paused:
-            wake = min(wake, self._budget_window_end)
+        wake = self._next_tick if self._deadline is None else min(self._deadline, self._next_tick)
+        if self._budgets:
+            wake = min(wake, self._budget_window_end)  # the budgets are renewed on time
+        self._wake = wake
         return max(0.0, wake - now)
+
+    def _rewake(self) -> None:
+        """After something that may have armed a nearer deadline: the next pass looks."""
+        self._deadline = self.device.next_deadline()
+        if self._deadline is not None:
+            self._wake = min(self._wake, self._deadline)
 
     # The data path.
 
@@ -214,26 +242,53 @@ class Engine:
                 self.publish_features()
 
     def _on_tun(self, _mask: int) -> None:
-        packets = self.tun.read_batch(BATCH)
-        if packets:
+        now = self._clock()
+        packets = self.tun.read_batch(BATCH if now - self._tun_done < QUIET else 1)
+        if len(packets) == 1:
+            # A lone packet (a ping, a request, an ACK in an idle moment) takes the shortest
+            # way: no batch to group, nothing to join. Its round trip is the latency users see.
+            sealed = self.device.send_alone(packets[0], now)
+            if sealed is not None:
+                self.bind.send(*sealed)
+            else:
+                self._perform(self.device.send_packet(packets[0], now))
+        elif packets:
             self._perform_batch(self.device.send_packets(packets, self._clock()))
+        self._tun_done = self._clock()
 
     def _on_udp(self, sock: socket.socket) -> Callable[[int], None]:
+        # When this socket's last read was handled: QUIET is measured from there, so a reader
+        # slower than the datagrams arrive (a flood of handshakes) still reads in batches.
+        done = self._clock() - QUIET
+        # The socket of unknown sources' handshakes (or the only socket): more of them in a
+        # budget window than its budget is load, however small the batches they came in.
+        rated = not self._steered or sock is self.bind.budgeted
+
         def on_readable(_mask: int) -> None:
-            datagrams = self.bind.receive_batch(sock, BATCH)
+            nonlocal done
             now = self._clock()
+            datagrams = self.bind.receive_batch(sock, BATCH if now - done < QUIET else 1)
             device = self.device
             device.under_load = now < self._under_load_until
             handshakes = device.handshake_messages
-            self._perform_batch(device.receive_datagrams(datagrams, now))
-            if device.handshake_messages - handshakes >= UNDER_LOAD_BACKLOG:
+            if len(datagrams) == 1:
+                # As a lone packet from TUN: the shortest way.
+                data, source = datagrams[0]
+                self._perform(device.receive_datagram(data, source, now))
+            else:
+                self._perform_batch(device.receive_datagrams(datagrams, now))
+            seen = device.handshake_messages
+            if seen - handshakes >= UNDER_LOAD_BACKLOG or (
+                rated and seen - self._window_handshakes > BUDGETED_PER_WINDOW
+            ):
                 self._on_handshake_backlog(now)
+            done = self._clock()
 
         return on_readable
 
     def _on_budgeted(self, sock: socket.socket) -> Callable[[int], None]:
         """A socket of handshakes: read in full, as the others, unless under load; then only
-        within the window's budget, and left out of the selector once the budget is spent
+        within the window's budget, and left out of the poller once the budget is spent
         (the kernel drops what overflows its buffer)."""
         read_in_full = self._on_udp(sock)
 
@@ -251,7 +306,7 @@ class Engine:
             if left <= 0:
                 # Spent while the flood goes on: that is load, held as a backlog is.
                 self._on_handshake_backlog(now)
-                self._selector.unregister(sock)
+                self._poller.unregister(sock)
                 self._budget_paused.append(sock)
 
         return on_readable
@@ -259,7 +314,7 @@ class Engine:
     def _resume_budgeted(self) -> None:
         paused, self._budget_paused = self._budget_paused, []
         for sock in paused:
-            self._selector.register(sock, selectors.EVENT_READ, self._on_budgeted(sock))
+            self._poller.register(sock, poller.READ, self._on_budgeted(sock))
 
     def _notice_kernel_drops(self, now: float) -> None:
         """What the kernel dropped for the budgeted socket since the last look: a flood that
@@ -290,7 +345,7 @@ class Engine:
         self._budget_left = dict(self._budgets)
         for sock in bind.sockets:
             handler = self._on_budgeted(sock) if sock in self._budgets else self._on_udp(sock)
-            self._selector.register(sock, selectors.EVENT_READ, handler)
+            self._poller.register(sock, poller.READ, handler)
         self._kernel_drops = (bind.kernel_drops() or 0) if self._steered else 0
         self._steer_to_endpoints()
 
@@ -324,7 +379,7 @@ class Engine:
             raise uapi.UapiError(f"cannot bind port {port}: {exc.strerror}", errno=code) from None
         for sock in self.bind.sockets:
             if sock not in self._budget_paused:
-                self._selector.unregister(sock)
+                self._poller.unregister(sock)
         self._budget_paused = []
         self.bind.close()
         self.bind = new
@@ -346,13 +401,13 @@ class Engine:
             sock.setblocking(False)
             connection = ipc.UapiConnection(sock, self._handle_request)
             self._connections[sock.fileno()] = connection
-            self._selector.register(sock, selectors.EVENT_READ, self._on_connection(connection))
+            self._poller.register(sock, poller.READ, self._on_connection(connection))
 
     def _on_connection(self, connection: ipc.UapiConnection) -> Callable[[int], None]:
         def on_event(mask: int) -> None:
-            if mask & selectors.EVENT_READ:
+            if mask & poller.READ:
                 connection.on_readable()
-            if mask & selectors.EVENT_WRITE:
+            if mask & poller.WRITE:
                 connection.on_writable()
             self._update_connection(connection)
 
@@ -361,16 +416,14 @@ class Engine:
     def _update_connection(self, connection: ipc.UapiConnection) -> None:
         fd = connection.sock.fileno()
         if connection.finished:
-            self._selector.unregister(connection.sock)
+            self._poller.unregister(connection.sock)
             del self._connections[fd]
             connection.close()
             return
-        events = selectors.EVENT_WRITE if connection.wants_write else 0
+        events = poller.WRITE if connection.wants_write else 0
         if connection.wants_read:
-            events |= selectors.EVENT_READ
-        key = self._selector.get_key(connection.sock)
-        if key.events != events:
-            self._selector.modify(connection.sock, events, key.data)
+            events |= poller.READ
+        self._poller.modify(connection.sock, events)
 
     def _handle_request(self, request: uapi.Request) -> str:
         if isinstance(request, uapi.GetRequest):
@@ -421,6 +474,7 @@ class Engine:
         self._steer_to_endpoints()
         # A new endpoint or keepalive interval may have work due right now.
         self._perform(self.device.tick(self._clock()))
+        self._rewake()
 
     # Housekeeping.
 

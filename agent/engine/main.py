@@ -247,7 +247,7 @@ def _switched_on(name: str) -> bool:
 
 
 def _stop_on_signals(engine: loop.Engine, cleanup: contextlib.ExitStack) -> None:
-    # The handler only marks the stop; the wakeup socket makes the selector return at once.
+    # The handler only marks the stop; the wakeup socket makes the poller return at once.
     wake_read, wake_write = socket.socketpair()
     for sock in (wake_read, wake_write):
         sock.setblocking(False)

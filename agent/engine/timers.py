@@ -20,6 +20,8 @@ from podwire.agent.engine import constants
 # (podwire's choice, not the paper's): as long as a session made with it may live, so a peer
 # that has not yet learnt the new key keeps rekeying with the old one and loses nothing.
 PREVIOUS_KEY_GRACE = constants.REJECT_AFTER_TIME
+# Jitters drawn from the random source at once (four bytes each).
+JITTER_DRAWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class PeerTimers:
     def __init__(self, config: ProtocolTimers, rng: Callable[[int], bytes]) -> None:
         self.config = config
         self._rng = rng
+        self._jitter = b""
         self.retransmit_handshake_at: float | None = None
         self.send_keepalive_at: float | None = None
         self.new_handshake_at: float | None = None
@@ -77,8 +80,15 @@ class PeerTimers:
         self.persistent_keepalive_interval = 0
 
     def jitter(self) -> float:
-        """Up to rekey_timeout_jitter seconds, so peers' retries do not fall in step."""
-        return int.from_bytes(self._rng(4), "little") / 2**32 * self.config.rekey_timeout_jitter
+        """Up to rekey_timeout_jitter seconds, so peers' retries do not fall in step.
+
+        Drawn from JITTER_DRAWS at a time: the first packet sent after an answer takes one
+        (new_handshake_at), and a system call for four random bytes each time showed in the
+        round trip of a lone packet."""
+        if not self._jitter:
+            self._jitter = self._rng(4 * JITTER_DRAWS)
+        drawn, self._jitter = self._jitter[:4], self._jitter[4:]
+        return int.from_bytes(drawn, "little") / 2**32 * self.config.rekey_timeout_jitter
 
     # Hooks, called by the device when the event happens.
 

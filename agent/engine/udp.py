@@ -22,6 +22,7 @@ import errno
 import socket
 import struct
 import sys
+from typing import Any
 
 from podwire.agent.engine import steer
 from podwire.agent.engine.actions import Endpoint
@@ -45,6 +46,8 @@ _SEGMENT = struct.Struct("=H")
 # Larger than any WireGuard message for any MTU a TUN device accepts.
 RECV_SIZE = 65536
 _MAPPED_PREFIX = "::ffff:"
+# Socket addresses whose endpoint (and endpoints whose socket address) a bind remembers.
+_ADDRESSES_KEPT = 1024
 # Errors that say the IPv6 socket cannot work here, so IPv4 alone is used.
 _NO_IPV6 = {errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT}
 
@@ -76,6 +79,11 @@ class UdpBind:
         self._steered_sources: tuple[list[bytes], list[bytes]] = ([], [])
         self._buffer = bytearray(RECV_SIZE)
         self._view = memoryview(self._buffer)
+        # The endpoint of each socket address datagrams came from (an IPv4 source unmapped
+        # from ::ffff:), and the socket address of each endpoint sent to: one lookup a packet
+        # instead of string work. Bounded: cleared when full (a flood's many sources).
+        self._sources: dict[tuple[Any, ...], Endpoint] = {}
+        self._destinations: dict[Endpoint, tuple[str, int]] = {}
         self.send_errors = 0
         # Kept for a rebind, which opens the new socket the same way.
         self.offloads_wanted = offloads
@@ -182,10 +190,8 @@ class UdpBind:
                 if errors > limit:
                     break
                 continue
-            host: str = address[0]
-            if host.startswith(_MAPPED_PREFIX) and "." in host:
-                host = host[len(_MAPPED_PREFIX) :]
-            received.append((bytes(view[:size]), (host, address[1])))
+            source = self._sources.get(address) or self._source(address)
+            received.append((bytes(view[:size]), source))
         return received
 
     def _receive_gro(self, sock: socket.socket, limit: int) -> list[tuple[bytes, Endpoint]]:
@@ -204,10 +210,7 @@ class UdpBind:
                 if errors > limit:
                     break
                 continue
-            host: str = address[0]
-            if host.startswith(_MAPPED_PREFIX) and "." in host:
-                host = host[len(_MAPPED_PREFIX) :]
-            source = (host, address[1])
+            source = self._sources.get(address) or self._source(address)
             segment = size
             for level, kind, data in ancillary:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
@@ -247,13 +250,31 @@ class UdpBind:
                 self._send_gso([d for d, _ in datagrams[i:j]], size, endpoint)
             i = j
 
-    def _send_gso(self, train: list[bytes], size: int, endpoint: Endpoint) -> None:
+    def _source(self, address: tuple[Any, ...]) -> Endpoint:
+        """The endpoint a socket address names, remembered."""
+        host: str = address[0]
+        if host.startswith(_MAPPED_PREFIX) and "." in host:
+            host = host[len(_MAPPED_PREFIX) :]
+        if len(self._sources) >= _ADDRESSES_KEPT:
+            self._sources.clear()
+        source = self._sources[address] = (host, address[1])
+        return source
+
+    def _destination(self, endpoint: Endpoint) -> tuple[str, int]:
+        """The socket address to send to endpoint, remembered."""
         host, port = endpoint
         if self.dual_stack and ":" not in host:
             host = _MAPPED_PREFIX + host
+        if len(self._destinations) >= _ADDRESSES_KEPT:
+            self._destinations.clear()
+        destination = self._destinations[endpoint] = (host, port)
+        return destination
+
+    def _send_gso(self, train: list[bytes], size: int, endpoint: Endpoint) -> None:
+        destination = self._destinations.get(endpoint) or self._destination(endpoint)
         control = [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))]
         try:
-            self._sender.sendmsg(train, control, 0, (host, port))
+            self._sender.sendmsg(train, control, 0, destination)
             self.gso_sends += 1
             return
         except OSError as exc:
@@ -267,11 +288,9 @@ class UdpBind:
 
     def send(self, data: bytes, endpoint: Endpoint) -> None:
         """Sends one datagram; one that cannot be sent now is dropped, as UDP may."""
-        host, port = endpoint
-        if self.dual_stack and ":" not in host:
-            host = _MAPPED_PREFIX + host
+        destination = self._destinations.get(endpoint) or self._destination(endpoint)
         try:
-            self._sender.sendto(data, (host, port))
+            self._sender.sendto(data, destination)
         except OSError:
             self.send_errors += 1
 
