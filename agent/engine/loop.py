@@ -8,6 +8,11 @@ together (TCP segments of one flow in one write), which is where the offloads pa
 tick runs every TICK_INTERVAL seconds, or earlier when it names a nearer deadline. UAPI
 requests are answered between batches, so `wg` never waits behind more than one batch.
 
+A lone packet (what wakes a quiet engine: a ping, a request) is read once rather than drained
+(QUIET) and takes the shortest way: Device.send_alone or receive_datagram, one system call
+out. After a quiet moment every layer it crosses costs tens of microseconds of cold cache, and
+its round trip is the latency users see.
+
 Under a handshake flood the kernel steers (see steer): data reaches a socket of its own, read
 in full; the rest lands on a small socket that the loop reads, under load, only within
 BUDGETED_PER_WINDOW datagrams per BUDGET_WINDOW, leaving it out of the poller once that is
