@@ -84,6 +84,7 @@ class Device:
     # The datapath's entry points: the functions themselves, bound as methods, so that a packet
     # costs no extra call.
     receive_datagram = receive.receive_datagram
+    receive_alone = receive.receive_alone
     receive_datagrams = receive.receive_datagrams
     send_packet = send.send_packet
     send_alone = send.send_alone

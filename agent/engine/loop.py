@@ -9,7 +9,7 @@ tick runs every TICK_INTERVAL seconds, or earlier when it names a nearer deadlin
 requests are answered between batches, so `wg` never waits behind more than one batch.
 
 A lone packet (what wakes a quiet engine: a ping, a request) is read once rather than drained
-(QUIET) and takes the shortest way: Device.send_alone or receive_datagram, one system call
+(QUIET) and takes the shortest way: Device.send_alone or receive_alone, one system call
 out. After a quiet moment every layer it crosses costs tens of microseconds of cold cache, and
 its round trip is the latency users see.
 
@@ -279,7 +279,11 @@ class Engine:
             if len(datagrams) == 1:
                 # As a lone packet from TUN: the shortest way.
                 data, source = datagrams[0]
-                self._perform(device.receive_datagram(data, source, now))
+                packet = device.receive_alone(data, source, now)
+                if packet is not None:
+                    self.tun.write(packet)
+                else:
+                    self._perform(device.receive_datagram(data, source, now))
             else:
                 self._perform_batch(device.receive_datagrams(datagrams, now))
             seen = device.handshake_messages

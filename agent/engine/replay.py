@@ -43,8 +43,9 @@ class ReplayWindow:
         index = shifted >> _BLOCK_SHIFT
         if shifted > top:
             current = top >> _BLOCK_SHIFT
-            for i in range(current + 1, current + 1 + min(index - current, BLOCKS)):
-                blocks[i & _RING_MASK] = 0
+            if index > current:  # blocks passed over are cleared; most packets pass none
+                for i in range(current + 1, current + 1 + min(index - current, BLOCKS)):
+                    blocks[i & _RING_MASK] = 0
             self._top = shifted
         bit = 1 << (shifted & _BLOCK_MASK)
         slot = index & _RING_MASK

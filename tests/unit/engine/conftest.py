@@ -105,6 +105,10 @@ class Wire:
         self.up = True
         # a test may drop or rewrite what crosses: returns None to lose the datagram
         self.filter: Callable[[Sent], Sent | None] = lambda sent: sent
+        # Deliver as the I/O loop does a datagram read alone: Device.receive_alone first,
+        # receive_datagram when it declines; taken_alone counts what it took.
+        self.alone = False
+        self.taken_alone = 0
 
     def node_at(self, endpoint: Endpoint) -> Node | None:
         for node in (self.a, self.b):
@@ -128,10 +132,52 @@ class Wire:
             target = self.node_at(sent.endpoint)
             if target is None or not self.up:
                 continue
-            replies = target.device.receive_datagram(
-                sent.data, origin.endpoint, self.clock.monotonic()
-            )
+            replies = self.receive(target, sent.data, origin.endpoint)
             queue.extend((target, reply) for reply in replies)
+
+    def receive(self, node: Node, data: bytes, source: Endpoint) -> list[actions_mod.Action]:
+        """What node's Device makes of a datagram from source, now."""
+        now = self.clock.monotonic()
+        if self.alone:
+            packet = node.device.receive_alone(data, source, now)
+            if packet is not None:
+                self.taken_alone += 1
+                return [actions_mod.DeliverPacket(packet)]
+        return node.device.receive_datagram(data, source, now)
+
+    def state(self) -> dict[str, object]:
+        """All that the tests of a shortcut compare: each node's counters, what it delivered
+        and its peers' endpoints, byte counts, staged packets, send counters and timers, and
+        every datagram that crossed."""
+
+        def node(n: Node) -> dict[str, object]:
+            peers = {}
+            for key, p in n.device.peers.items():
+                t = p.timers
+                peers[key] = {
+                    "endpoint": p.endpoint,
+                    "tx": p.tx_bytes,
+                    "rx": p.rx_bytes,
+                    "staged": list(p.staged),
+                    "send_counter": None if p.current is None else p.current.send_counter,
+                    "timers": (
+                        t.retransmit_handshake_at, t.send_keepalive_at, t.new_handshake_at,
+                        t.zero_key_material_at, t.send_persistent_keepalive_at,
+                        t.handshake_attempts, t.need_another_keepalive,
+                        t.sent_lastminute_handshake,
+                    ),
+                }  # fmt: skip
+            return {
+                "counters": n.device.counters.as_dict(),
+                "delivered": list(n.delivered),
+                "peers": peers,
+            }
+
+        return {
+            "a": node(self.a),
+            "b": node(self.b),
+            "log": [dataclasses.astuple(s) for s in self.log],
+        }
 
     def send(self, node: Node, packet: bytes) -> None:
         self.run(node, node.device.send_packet(packet, self.clock.monotonic()))

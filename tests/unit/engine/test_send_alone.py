@@ -9,7 +9,6 @@ shortcut is only shorter, never different.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
@@ -38,36 +37,6 @@ def _send_alone_first(wire: Wire, packet: bytes) -> bool:
         return False
     wire.run(a, [actions_mod.SendDatagram(*sealed)])
     return True
-
-
-def _state(wire: Wire) -> dict[str, Any]:
-    def node(n: Any) -> dict[str, Any]:
-        peers = {}
-        for key, p in n.device.peers.items():
-            t = p.timers
-            peers[key] = {
-                "endpoint": p.endpoint,
-                "tx": p.tx_bytes,
-                "rx": p.rx_bytes,
-                "staged": list(p.staged),
-                "send_counter": None if p.current is None else p.current.send_counter,
-                "timers": (
-                    t.retransmit_handshake_at, t.send_keepalive_at, t.new_handshake_at,
-                    t.zero_key_material_at, t.send_persistent_keepalive_at,
-                    t.handshake_attempts, t.need_another_keepalive,
-                ),
-            }  # fmt: skip
-        return {
-            "counters": n.device.counters.as_dict(),
-            "delivered": list(n.delivered),
-            "peers": peers,
-        }
-
-    return {
-        "a": node(wire.a),
-        "b": node(wire.b),
-        "log": [dataclasses.astuple(s) for s in wire.log],
-    }
 
 
 _events = st.lists(
@@ -138,7 +107,7 @@ def test_send_alone_changes_nothing_that_send_packet_would_not(
                 wire.send(wire.b, packets.ipv4(B_ADDR4, A_ADDR4, bytes(value)))
             else:
                 wire.up = not value
-        assert _state(shortcut) == _state(plain), (kind, value)
+        assert shortcut.state() == plain.state(), (kind, value)
 
 
 def test_send_alone_takes_an_established_sessions_packet(wire: Wire, packets: Any) -> None:
@@ -154,9 +123,9 @@ def test_send_alone_takes_an_established_sessions_packet(wire: Wire, packets: An
 
 
 def test_send_alone_declines_before_a_session_and_changes_nothing(wire: Wire, packets: Any) -> None:
-    before = _state(wire)
+    before = wire.state()
     assert wire.a.device.send_alone(packets.ipv4(A_ADDR4, B_ADDR4, b"x"), 1000.0) is None
-    assert _state(wire) == before
+    assert wire.state() == before
 
 
 def test_send_alone_declines_what_waits_behind_staged_packets(wire: Wire, packets: Any) -> None:
