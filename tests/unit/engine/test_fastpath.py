@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -147,6 +148,43 @@ def test_open_gives_the_plaintext_and_refuses_tampering_alike(
         which.append(key)
     for path in (native, pure):
         assert path.open([path.cipher(k) for k in which], datagrams) == expected, path.name
+
+
+def test_threads_seal_and_open_at_once_each_with_its_own_keys(paths: tuple[Path, Path]) -> None:
+    """The native path keeps a cipher context per thread and gives up the GIL for batches:
+    threads sealing and opening at once, lone packets and batches, a forgery now and then
+    (a failed open leaves its context to the next call), each get their own keys' bytes."""
+    native, _ = paths
+    failures: list[str] = []
+
+    def work(n: int) -> None:
+        key = bytes([n]) * 32
+        cipher = native.cipher(key)
+        for round_ in range(200):
+            batch = [
+                bytes([n, round_ % 256]) * (1 + (round_ * 7 + i) % 700)
+                for i in range(round_ % 3 + 1)
+            ]
+            counter = round_ * 4
+            sealed = native.seal(cipher, n, counter, batch, 1500)
+            if sealed != [
+                reference_seal(key, n, counter + i, p, 1500) for i, p in enumerate(batch)
+            ]:
+                failures.append(f"thread {n} sealed round {round_} wrong")
+            if round_ % 5 == 0:
+                forged = sealed[0][:-1] + bytes([sealed[0][-1] ^ 1])
+                if native.open([cipher], [forged]) != [None]:
+                    failures.append(f"thread {n} opened a forgery in round {round_}")
+            opened = native.open([cipher] * len(sealed), sealed)
+            if opened != [p + bytes(-len(p) % 16) for p in batch]:
+                failures.append(f"thread {n} opened round {round_} wrong")
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
 
 
 @SETTINGS
