@@ -163,13 +163,11 @@ def _device(
     f.spawn(ns, [binary, "-f", dev], log_path=workdir / f"{dev}.log", env={**ENV, **env})
     sock = pathlib.Path(f"/var/run/wireguard/{dev}.sock")
     supervisor.wait_until(lambda: sock.exists() and ns.link_exists(dev), timeout=20, what=dev)
-    keyfile = workdir / f"{dev}.key"
-    keyfile.write_text(keys[0] + "\n")
-    keyfile.chmod(0o600)
-    ns.run(
-        "wg", "set", dev, "private-key", str(keyfile), "listen-port", str(PORT),
-        "peer", peer_public, "endpoint", peer_endpoint, "allowed-ips", "10.98.0.0/24",
-    )  # fmt: skip
+    with tools.private_key_file(workdir / f"{dev}.key", keys[0]) as keyfile:
+        ns.run(
+            "wg", "set", dev, "private-key", str(keyfile), "listen-port", str(PORT),
+            "peer", peer_public, "endpoint", peer_endpoint, "allowed-ips", "10.98.0.0/24",
+        )  # fmt: skip
     ns.ip("addr", "add", address, "dev", dev)
     ns.ip("link", "set", dev, "up")
     return dev

@@ -160,14 +160,13 @@ def tunnel(
         supervisor.wait_until(
             lambda s=sock, n=ns, d=dev: s.exists() and n.link_exists(d), timeout=30, what=dev
         )
-        keyfile = workdir / f"{dev}.key"
-        keyfile.write_text(keys[i][0] + "\n")
-        keyfile.chmod(0o600)
         peer = 1 - i
-        ns.run(
-            "wg", "set", dev, "private-key", str(keyfile), "listen-port", "51820", "peer", keys[peer][1],
-            "endpoint", f"192.0.2.{peer + 1}:51820", "allowed-ips", "10.99.0.0/24",
-        )  # fmt: skip
+        with tools.private_key_file(workdir / f"{dev}.key", keys[i][0]) as keyfile:
+            ns.run(
+                "wg", "set", dev, "private-key", str(keyfile), "listen-port", "51820",
+                "peer", keys[peer][1], "endpoint", f"192.0.2.{peer + 1}:51820",
+                "allowed-ips", "10.99.0.0/24",
+            )  # fmt: skip
         ns.ip("addr", "add", f"10.99.0.{i + 1}/24", "dev", dev)
         ns.ip("link", "set", dev, "up")
     if not a.ping("10.99.0.2", count=3, timeout=10):

@@ -6,10 +6,12 @@ hack/tools/build.sh builds kube-apiserver, kubectl, etcd, helm and upstream wire
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
 import subprocess
+from collections.abc import Iterator
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BUILT = pathlib.Path(os.environ.get("PODWIRE_TOOLS_BIN", REPO / ".cache" / "tools" / "bin"))
@@ -50,3 +52,27 @@ def wg_keypair() -> tuple[str, str]:
         [wg, "pubkey"], input=private, capture_output=True, text=True, check=True
     ).stdout.strip()
     return private, public
+
+
+def write_private_key(path: pathlib.Path, key: str) -> pathlib.Path:
+    """A base64 private key in path for `wg set ... private-key`: 0600 from its first byte and
+    whole or not at all (a temporary file renamed over), whatever the umask."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing temporary file keeps its mode through O_CREAT
+        os.write(fd, (key + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+@contextlib.contextmanager
+def private_key_file(path: pathlib.Path, key: str) -> Iterator[pathlib.Path]:
+    """write_private_key, removed when the block ends (a benchmark's throwaway keys, read by
+    the tunnel once and not left behind in its work folder)."""
+    try:
+        yield write_private_key(path, key)
+    finally:
+        path.unlink(missing_ok=True)

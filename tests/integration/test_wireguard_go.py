@@ -43,9 +43,7 @@ def test_wireguard_go_tunnel_carries_ping(
         dev = netns.unique("w")
         devs[ns.name] = dev
         _start_wireguard_go(netns, ns, binary, dev, tmp_path / f"{dev}.log")
-        keyfile = tmp_path / f"{dev}.key"
-        keyfile.write_text(keys[ns.name][0] + "\n")
-        keyfile.chmod(0o600)
+        keyfile = tools.write_private_key(tmp_path / f"{dev}.key", keys[ns.name][0])
         ns.run(
             "wg", "set", dev, "private-key", str(keyfile), "listen-port", "51820",
             "peer", keys[peer.name][1], "endpoint", f"{peer_ip}:51820", "allowed-ips", "10.99.0.0/24",

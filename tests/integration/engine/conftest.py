@@ -157,9 +157,7 @@ class Bed:
     ) -> Side:
         dev = self.netns.unique("w")
         private, public = tools.wg_keypair()
-        keyfile = self.tmp_path / f"{dev}.key"
-        keyfile.write_text(private + "\n")
-        keyfile.chmod(0o600)
+        keyfile = tools.write_private_key(self.tmp_path / f"{dev}.key", private)
         side = Side(
             self.netns, ns, kind, dev, underlay, tunnel, private, public, keyfile,
             self.tmp_path / f"{dev}-{kind}.log", env,
