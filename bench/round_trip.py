@@ -19,27 +19,14 @@ Usage (root): .venv/bin/python bench/round_trip.py [--rounds 8] [--count 50] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import pathlib
-import re
 import statistics
 import tempfile
 
-from throughput import BASE, CASES, Tunnel, tunnel  # bench/ is the script's directory
-
-from podwire.sandbox import netns
+from throughput import BASE, CASES, interleaved_pings  # bench/ is the script's directory
 
 DEFAULT_CASES = "wireguard-go,engine <-> engine,engine (pure Python),engine -> wireguard-go"
-
-
-def average_ms(t: Tunnel, count: int, interval: float) -> float:
-    _, a, _, server_ip, _ = t
-    out = a.run(
-        "ping", "-n", "-q", "-c", str(count), "-i", str(interval), server_ip, check=False
-    ).stdout  # fmt: skip
-    match = re.search(r"= [\d.]+/([\d.]+)/", out)
-    return float(match.group(1)) if match else float("nan")
 
 
 def main() -> int:
@@ -54,15 +41,10 @@ def main() -> int:
     unknown = [n for n in names if n not in CASES or CASES[n] == (None, None)]
     if unknown or BASE not in names:
         parser.error(f"cases must include {BASE!r} and be tunnels of {sorted(CASES)}: {unknown}")
-    figures: dict[str, list[float]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory(prefix="podwire-rtt-") as tmp, contextlib.ExitStack() as up:
-        tunnels = {}
-        for i, name in enumerate(names):
-            f = up.enter_context(netns.factory(prefix=f"pr{i}"))
-            tunnels[name] = tunnel(f, CASES[name], pathlib.Path(tmp))
-        for _ in range(args.rounds):
-            for name, t in tunnels.items():
-                figures[name].append(average_ms(t, args.count, args.interval))
+    with tempfile.TemporaryDirectory(prefix="podwire-rtt-") as tmp:
+        figures = interleaved_pings(
+            names, args.rounds, args.count, args.interval, pathlib.Path(tmp)
+        )
     base = statistics.median(figures[BASE])
     print(f"{'case':40s} {'ms':>7s} {'ratio':>6s}  rounds")
     report = {}

@@ -7,10 +7,13 @@ sides, or podwire-engine facing upstream wireguard-go:
           veth 192.0.2.1/24 ----------- veth 192.0.2.2/24
 
 For each case, each measurement --runs times (median reported): one TCP stream a->b and b->a
-(iperf3, --seconds), four streams a->b, iperf3's retransmits on the single stream, the idle
-round trip (ping, before any stream), 64-byte UDP packets per second received, and CPU seconds per GB of the two
-tunnel processes with their RSS before the first and after the last run. Ratios are to
-upstream wireguard-go in the same run; the table goes to stdout and all figures to --json.
+(iperf3, --seconds), four streams a->b, iperf3's retransmits on the single stream, 64-byte UDP
+packets per second received, and CPU seconds per GB of the two tunnel processes with their RSS
+before the first and after the last run. The idle round trip (30 pings 50 ms apart) is taken
+at the end with every case's tunnel up at once, pinged in turn for --rtt-rounds rounds (median
+of the rounds' averages), so its ratios compare the same moments; each case's own ping before
+its streams is kept in the JSON as ping_alone_ms. Ratios are to upstream wireguard-go in the
+same run; the table goes to stdout and all figures to --json.
 With --soak N the engine pair carries one stream for N seconds, RSS read before and after.
 
 Every process (iperf3, the tunnels) runs in namespaces the run creates; the kernel's socket
@@ -25,6 +28,7 @@ Usage (root): .venv/bin/python bench/throughput.py [--seconds 10] [--runs 3] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -130,11 +134,35 @@ def udp_pps(t: Tunnel, seconds: int) -> float:
     return packets / max(s.get("seconds", seconds), 1e-9)
 
 
-def ping_ms(t: Tunnel) -> float:
+def ping_ms(t: Tunnel, count: int = 30, interval: float = 0.05) -> float:
+    """The average round trip of count pings through the tunnel, interval seconds apart."""
     _, a, _, server_ip, _ = t
-    out = a.run("ping", "-n", "-q", "-c", "30", "-i", "0.05", server_ip, check=False).stdout
+    out = a.run(
+        "ping", "-n", "-q", "-c", str(count), "-i", str(interval), server_ip, check=False,
+        timeout=30 + count * interval * 2,
+    ).stdout  # fmt: skip
     match = re.search(r"= [\d.]+/([\d.]+)/", out)
     return float(match.group(1)) if match else float("nan")
+
+
+def interleaved_pings(
+    names: list[str], rounds: int, count: int, interval: float, workdir: pathlib.Path
+) -> dict[str, list[float]]:
+    """Every named case's tunnel up at once, each in namespaces of its own, pinged in turn,
+    round after round: each case's average per round. An idle tunnel's round trip drifts with
+    the machine (wireguard-go's alone by 0.39-0.49 ms within an hour here), so ratios taken
+    from cases measured minutes apart say more about the minutes than the tunnels; these
+    compare the same moments."""
+    figures: dict[str, list[float]] = {name: [] for name in names}
+    with contextlib.ExitStack() as up:
+        tunnels = {}
+        for i, name in enumerate(names):
+            f = up.enter_context(netns.factory(prefix=f"pr{i}"))
+            tunnels[name] = tunnel(f, CASES[name], workdir)
+        for _ in range(rounds):
+            for name, t in tunnels.items():
+                figures[name].append(ping_ms(t, count, interval))
+    return figures
 
 
 def tunnel(
@@ -187,6 +215,7 @@ def measure(
         fwd, rev, four, retrans, cpu, pps, rtt = [], [], [], [], [], [], []
         # Idle, before any load: a backlog a flood leaves in the 7 MiB buffers (seconds of
         # 64-byte packets for a Python engine) would count as latency.
+        # Kept as ping_alone_ms; the table's round trip is measured interleaved (main).
         rtt = [ping_ms(t) for _ in range(runs)]
         for _ in range(runs):
             gbps, retransmits, cpu_per_gb = tcp(t, seconds)
@@ -202,6 +231,7 @@ def measure(
             "tcp4_gbps": median(four),
             "retransmits": median(retrans),
             "ping_ms": median(rtt),
+            "ping_alone_ms": median(rtt),
             "udp64_kpps": median(pps) / 1e3,
             "cpu_s_per_gb": median(cpu),
             "rss_mib_before": rss_before,
@@ -260,6 +290,9 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated case names")
     p.add_argument("--soak", type=int, default=0, help="seconds of one engine stream for RSS")
+    p.add_argument(
+        "--rtt-rounds", type=int, default=6, help="rounds of interleaved pings (0: each case alone)"
+    )
     p.add_argument("--json", default="", help="where to write the figures (default: a temp file)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -283,8 +316,19 @@ def main() -> int:
             results[name] = measure(CASES[name], args.seconds, args.runs, workdir)
         except (RuntimeError, tools.ToolMissing, subprocess.SubprocessError) as exc:
             skipped[name] = str(exc)
+    if args.rtt_rounds and results:
+        print("round trips, every tunnel up, pinged in turn ...", file=sys.stderr, flush=True)
+        try:
+            pings = interleaved_pings(list(results), args.rtt_rounds, 30, 0.05, workdir)
+        except (RuntimeError, tools.ToolMissing, subprocess.SubprocessError) as exc:
+            print(f"interleaved round trips not measured ({exc}); each case's alone stand")
+        else:
+            for name, values in pings.items():
+                results[name]["ping_ms"] = median(values)
+                results[name]["runs"]["ping_ms"] = values  # type: ignore[index]
     report: dict[str, object] = {
         "seconds": args.seconds,
+        "rtt_rounds": args.rtt_rounds,
         "runs": args.runs,
         "results": results,
         "skipped": skipped,
