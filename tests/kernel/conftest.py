@@ -111,8 +111,13 @@ class GuestVM:
             "--cpus", str(self.cpus), "--memory", self.memory,
             "--rwdir", str(self.shared), "--cwd", str(REPO),
             "--exec", f"{sys.executable} {GUEST_SERVE} {self.shared} --preload {','.join(PRELOAD)}",
+            # The guest kernel's console to ours (the console log; vng's --verbose): without
+            # it a guest that panics or reboots (QEMU runs with -no-reboot, so either ends it)
+            # leaves nothing to say why. loglevel=4 below keeps it to warnings and worse: the
+            # OOM killer, lockups, hung tasks, panics.
+            "--verbose",
         ]  # fmt: skip
-        for parameter in self.append:
+        for parameter in (*self.append, "loglevel=4"):
             args += ["--append", parameter]
         # This machine's /dev/kvm may be present and still unusable (nested virtualization):
         # software emulation unless told that KVM works.
@@ -163,7 +168,10 @@ class GuestVM:
         deadline = time.monotonic() + timeout + 30
         while not answer.exists():
             if self.process.poll() is not None:
-                raise VmError(f"the VM died running {argv}:\n{self.tail()}")
+                raise VmError(
+                    f"the VM died running {argv} (QEMU exited {self.process.returncode}):\n"
+                    f"{self.tail()}"
+                )
             if time.monotonic() > deadline:
                 raise VmError(f"no answer from the VM for {argv} after {timeout + 30}s")
             time.sleep(0.05)
