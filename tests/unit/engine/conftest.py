@@ -197,6 +197,38 @@ class Wire:
             self.clock.advance(remaining)
             self.tick()
 
+    def advance_with(self, other: Wire, seconds: float) -> None:
+        """Let time pass for this wire and another on the same clock, both ticking at the same
+        moments (as the I/O loop ticks): twins compared step by step stay in step."""
+        assert other.clock is self.clock
+        step = 1.0 if seconds > 1 else 0.05
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+            self.tick()
+            other.tick()
+
+    def live_through_with(
+        self,
+        other: Wire,
+        events: list[tuple[str, object]],
+        happen: Callable[[Wire, str, object], None],
+    ) -> None:
+        """Both wires through the same events: ("wait", seconds) lets time pass for both, any
+        other is happen(wire, kind, value) on each in turn; after each, both hold the same
+        state (Wire.state)."""
+        for kind, value in events:
+            if kind == "wait":
+                assert isinstance(value, float)
+                self.advance_with(other, value)
+                continue
+            for wire in (self, other):
+                happen(wire, kind, value)
+            assert self.state() == other.state(), (kind, value)
+
+    def set_persistent_keepalive(self, interval: int) -> None:
+        for p in self.a.device.peers.values():
+            p.persistent_keepalive_interval = interval
+
     def sent_by(self, name: str, kind: int | None = None, *, since: float = 0.0) -> list[Sent]:
         return [
             s
@@ -272,6 +304,20 @@ def wire_factory(fake_clock: clock_mod.FakeClock) -> Callable[..., Wire]:
         return make_wire(fake_clock, **options)  # type: ignore[arg-type]
 
     return factory
+
+
+@pytest.fixture
+def twin_wires(wire_factory: Callable[..., Wire]) -> Callable[..., tuple[Wire, Wire]]:
+    """twin_wires(timers, persistent): two wires made alike on the test's clock, a's peer
+    with that persistent keepalive, for a shortcut's test to live through the same events."""
+
+    def make(timers: timers_mod.ProtocolTimers | None, persistent: int) -> tuple[Wire, Wire]:
+        twins = (wire_factory(timers=timers), wire_factory(timers=timers))
+        for twin in twins:
+            twin.set_persistent_keepalive(persistent)
+        return twins
+
+    return make
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from podwire.agent import clock as clock_mod
 from podwire.agent.engine import actions as actions_mod
 from podwire.agent.engine import timers as timers_mod
 from podwire.agent.engine.counters import Drop
@@ -96,32 +95,13 @@ def _happen(wire: Wire, packets: Any, kind: str, value: Any) -> None:
 @example(events=[("a4", 1), ("b4", 1), ("wait", 119.0), ("wait", 30.0), ("b4", 2), ("b4", 3)],
          small=False, persistent=0)  # fmt: skip
 def test_receive_alone_changes_nothing_that_receive_datagram_would_not(
-    wire_factory: Any,
-    fake_clock: clock_mod.FakeClock,
-    packets: Any,
-    events: list[tuple[str, Any]],
-    small: bool,
-    persistent: int,
+    twin_wires: Any, packets: Any, events: list[tuple[str, Any]], small: bool, persistent: int
 ) -> None:
-    timers = SMALL if small else None
-    shortcut, plain = wire_factory(timers=timers), wire_factory(timers=timers)
+    shortcut, plain = twin_wires(SMALL if small else None, persistent)
     shortcut.alone = True
-    both = (shortcut, plain)
-    for wire in both:
-        for p in wire.a.device.peers.values():
-            p.persistent_keepalive_interval = persistent
-    for kind, value in events:
-        if kind == "wait":
-            # One clock: both wires tick at the same moments, as the I/O loop ticks.
-            step = 1.0 if value > 1 else 0.05
-            for _ in range(round(value / step)):
-                fake_clock.advance(step)
-                for wire in both:
-                    wire.tick()
-            continue
-        for wire in both:
-            _happen(wire, packets, kind, value)
-        assert shortcut.state() == plain.state(), (kind, value)
+    shortcut.live_through_with(
+        plain, events, lambda wire, kind, value: _happen(wire, packets, kind, value)
+    )
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from podwire.agent import clock as clock_mod
 from podwire.agent.engine import actions as actions_mod
 from podwire.agent.engine import timers as timers_mod
 from podwire.agent.engine.counters import Drop
@@ -69,45 +68,28 @@ _events = st.lists(
                  ("wait", 119.0), ("a4", 2), ("wait", 1.0), ("a4", 3)], small=False,
          persistent=0)  # fmt: skip
 def test_send_alone_changes_nothing_that_send_packet_would_not(
-    wire_factory: Any,
-    fake_clock: clock_mod.FakeClock,
-    packets: Any,
-    events: list[tuple[str, Any]],
-    small: bool,
-    persistent: int,
+    twin_wires: Any, packets: Any, events: list[tuple[str, Any]], small: bool, persistent: int
 ) -> None:
-    timers = SMALL if small else None
-    shortcut, plain = wire_factory(timers=timers), wire_factory(timers=timers)
-    both = (shortcut, plain)
-    for wire in both:
-        for p in wire.a.device.peers.values():
-            p.persistent_keepalive_interval = persistent
-    for kind, value in events:
-        if kind == "wait":
-            # One clock: both wires tick at the same moments, as the I/O loop ticks.
-            step = 1.0 if value > 1 else 0.05
-            for _ in range(round(value / step)):
-                fake_clock.advance(step)
-                for wire in both:
-                    wire.tick()
-            continue
-        for wire in both:
-            if kind in ("a4", "a6", "a_nowhere"):
-                if kind == "a4":
-                    packet = packets.ipv4(A_ADDR4, B_ADDR4, bytes(value))
-                elif kind == "a6":
-                    packet = packets.ipv6(A_ADDR6, B_ADDR6, bytes(value))
-                else:
-                    packet = packets.ipv4(A_ADDR4, "10.9.9.9", b"x")  # no route
-                if wire is shortcut:
-                    _send_alone_first(wire, packet)
-                else:
-                    wire.send(wire.a, packet)
-            elif kind == "b4":
-                wire.send(wire.b, packets.ipv4(B_ADDR4, A_ADDR4, bytes(value)))
+    shortcut, plain = twin_wires(SMALL if small else None, persistent)
+
+    def happen(wire: Wire, kind: str, value: Any) -> None:
+        if kind in ("a4", "a6", "a_nowhere"):
+            if kind == "a4":
+                packet = packets.ipv4(A_ADDR4, B_ADDR4, bytes(value))
+            elif kind == "a6":
+                packet = packets.ipv6(A_ADDR6, B_ADDR6, bytes(value))
             else:
-                wire.up = not value
-        assert shortcut.state() == plain.state(), (kind, value)
+                packet = packets.ipv4(A_ADDR4, "10.9.9.9", b"x")  # no route
+            if wire is shortcut:
+                _send_alone_first(wire, packet)
+            else:
+                wire.send(wire.a, packet)
+        elif kind == "b4":
+            wire.send(wire.b, packets.ipv4(B_ADDR4, A_ADDR4, bytes(value)))
+        else:
+            wire.up = not value
+
+    shortcut.live_through_with(plain, events, happen)
 
 
 def test_send_alone_takes_an_established_sessions_packet(wire: Wire, packets: Any) -> None:
