@@ -161,3 +161,34 @@ def test_receive_alone_leaves_drops_to_receive_datagram(wire: Wire, packets: Any
     assert drops[Drop.REPLAYED] == 1
     assert drops[Drop.BAD_AEAD] == 1
     assert wire.a.delivered == [packets.ipv4(B_ADDR4, A_ADDR4, b"answer")]
+
+
+def test_receive_alone_never_raises_on_what_a_peer_sends(
+    wire: Wire, packets: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What reaches the socket is a peer's (or anyone's) to choose: as receive_datagram,
+    receive_alone never raises, whatever goes wrong inside; it counts an internal error and
+    declines, and the engine's loop lives on."""
+    wire.send(wire.a, packets.ipv4(A_ADDR4, B_ADDR4, b"first"))
+    wire.send(wire.b, packets.ipv4(B_ADDR4, A_ADDR4, b"answer"))
+    wire.send(wire.a, packets.ipv4(A_ADDR4, B_ADDR4, b"next"))
+    data = _last_transport(wire).data
+    b = wire.b.device
+
+    def broken(_address: int) -> None:
+        raise RuntimeError("a bug in allowed-ips")
+
+    monkeypatch.setattr(b.allowed_ips, "lookup_v4", broken)
+    forged = _flip(data)  # never authentic: declined before the lookup, no error counted
+    assert b.receive_alone(forged, wire.a.endpoint, wire.clock.monotonic()) is None
+    fresh = _resealed(wire, packets.ipv4(A_ADDR4, B_ADDR4, b"after"))
+    assert b.receive_alone(fresh, wire.a.endpoint, wire.clock.monotonic()) is None
+    assert b.counters.drops[Drop.INTERNAL_ERROR] == 1
+
+
+def _resealed(wire: Wire, packet: bytes) -> bytes:
+    """packet sealed by a for b, as it would cross, without delivering it."""
+    now = wire.clock.monotonic()
+    sealed = wire.a.device.send_alone(packet, now)
+    assert sealed is not None
+    return bytes(sealed[0])
