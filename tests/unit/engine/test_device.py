@@ -223,6 +223,9 @@ def test_arbitrary_bytes_never_raise_and_are_counted(
     w.send(w.a, packets.ipv4(A4, B4, b"hello"))
     dev = w.b.device
     before = _total(dev.counters)
+    # The loop's way first (a datagram read alone): it declines, changing nothing.
+    assert dev.receive_alone(data, ("203.0.113.1", 9), 1000.0) is None
+    assert _total(dev.counters) == before
     replies = dev.receive_datagram(data, ("203.0.113.1", 9), 1000.0)
     assert not any(isinstance(a, actions.DeliverPacket) for a in replies)
     assert dev.counters.drops[Drop.INTERNAL_ERROR] == 0
@@ -255,6 +258,8 @@ def test_mutated_valid_messages_are_dropped_and_counted(
     source = w.a if original.source == "a" else w.b
     before = _total(target.device.counters)
     delivered_before = len(target.delivered)
+    assert target.device.receive_alone(bytes(raw), source.endpoint, 1000.0) is None
+    assert _total(target.device.counters) == before
     replies = target.device.receive_datagram(bytes(raw), source.endpoint, 1000.0)
     assert not any(isinstance(a, actions.DeliverPacket) for a in replies)
     assert len(target.delivered) == delivered_before

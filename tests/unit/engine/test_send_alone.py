@@ -144,3 +144,28 @@ def test_send_alone_leaves_drops_to_send_packet(wire: Wire, packets: Any) -> Non
     nowhere = packets.ipv4(A_ADDR4, "10.9.9.9", b"x")
     assert not _send_alone_first(wire, nowhere)
     assert wire.a.device.counters.drops[Drop.NO_ROUTE] == 1
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    packet=st.one_of(
+        st.binary(max_size=80),
+        # Version nibbles that pass the first test, with anything behind them.
+        st.builds(lambda first, rest: bytes([first]) + rest, st.sampled_from([0x45, 0x4F, 0x60, 0x6F]),
+                  st.binary(max_size=60)),
+    ),
+    established=st.booleans(),
+)  # fmt: skip
+def test_whatever_a_pod_sends_into_the_tunnel_never_raises(
+    wire: Wire, packets: Any, packet: bytes, established: bool
+) -> None:
+    """A pod may write any bytes a raw socket lets it into the tunnel's route; what the kernel
+    hands the TUN device reaches send_alone and then send_packet. Neither raises."""
+    if established:
+        wire.send(wire.a, packets.ipv4(A_ADDR4, B_ADDR4, b"first"))
+    now = wire.clock.monotonic()
+    if wire.a.device.send_alone(packet, now) is None:
+        wire.run(wire.a, wire.a.device.send_packet(packet, now))
+    assert wire.a.device.counters.drops[Drop.INTERNAL_ERROR] == 0
