@@ -321,7 +321,7 @@ def main() -> int:
         try:
             pings = interleaved_pings(list(results), args.rtt_rounds, 30, 0.05, workdir)
         except (RuntimeError, tools.ToolMissing, subprocess.SubprocessError) as exc:
-            print(f"interleaved round trips not measured ({exc}); each case's alone stand")
+            print(f"interleaved round trips not measured ({exc}); each case's own ping stands")
         else:
             for name, values in pings.items():
                 results[name]["ping_ms"] = median(values)
