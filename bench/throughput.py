@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -41,10 +42,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
+import shipped  # bench/ is the script's directory
+
 from podwire.sandbox import netns, supervisor, tools
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENGINE = str(pathlib.Path(sys.executable).parent / "podwire-engine")
 BORINGTUN = ROOT / ".cache" / "tools" / "bin" / "boringtun-cli"
 ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "WG_SUDO": "1"}
 BASE = "wireguard-go"
@@ -56,6 +58,7 @@ CASES: dict[str, tuple[str | None, str | None]] = {
     "engine <-> engine": ("engine", "engine"),
     "engine (pure Python)": ("engine-python", "engine-python"),
     "engine (offloads off)": ("engine-plain", "engine-plain"),
+    "engine (dev venv's Python)": ("engine-devpy", "engine-devpy"),
     "engine -> wireguard-go": ("engine", "wggo"),
     "engine (pure Python) -> wireguard-go": ("engine-python", "wggo"),
 }
@@ -63,14 +66,23 @@ CASES: dict[str, tuple[str | None, str | None]] = {
 # wireguard-go sending to the engine. "engine (offloads off)" is the engine as it was before
 # them (PODWIRE_ENGINE_OFFLOADS=off), one packet per system call. The engine runs its native
 # fast path (agent/engine/native) where it is built; "(pure Python)" is the same engine with
-# PODWIRE_ENGINE_NATIVE=off.
+# PODWIRE_ENGINE_NATIVE=off. Every engine runs as the image ships it, on Debian's python3
+# (bench/shipped.py), except "(dev venv's Python)": the same code on the interpreter of .venv.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 Tunnel = tuple[netns.NetnsFactory, netns.Netns, netns.Netns, str, list[int]]
 
 
+@functools.cache
+def shipped_engine() -> str:
+    """The engine under Debian's python3, installed from this tree once per run."""
+    return shipped.engine()
+
+
 def command(kind: str, dev: str) -> list[str]:
+    if kind == "engine-devpy":
+        return [shipped.DEV_ENGINE, "-f", dev]
     if kind.startswith("engine"):
-        return [ENGINE, "-f", dev]
+        return [shipped_engine(), "-f", dev]
     if kind == "wggo":
         return [tools.path("wireguard-go"), "-f", dev]
     if kind == "debian":
@@ -327,6 +339,7 @@ def main() -> int:
                 results[name]["ping_ms"] = median(values)
                 results[name]["runs"]["ping_ms"] = values  # type: ignore[index]
     report: dict[str, object] = {
+        "engine_python": shipped.versions(),
         "seconds": args.seconds,
         "rtt_rounds": args.rtt_rounds,
         "runs": args.runs,
@@ -337,6 +350,7 @@ def main() -> int:
     if args.soak:
         report["soak"] = soak(args.soak, workdir)
     print(table(results))
+    print("engine interpreters:", json.dumps(report["engine_python"]))
     for name, why in skipped.items():
         print(f"{name}: not measured ({why})")
     if "soak" in report:

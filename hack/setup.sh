@@ -16,6 +16,8 @@ DEBIAN_PACKAGES=(
   wireguard-tools wireguard-go
   # the engine's native fast path (agent/engine/native), built by `pip install -e .`
   gcc libc6-dev libssl-dev python3-dev
+  # the benchmarks run the engine as the image ships it, on Debian's python3 (bench/shipped.py)
+  python3-venv
   iperf3 tcpdump ethtool
   # the kernel tier: QEMU, and busybox for virtme-ng's initramfs
   qemu-system-x86 busybox-static xz-utils
