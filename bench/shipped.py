@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 
 from podwire.sandbox import tools
@@ -30,8 +32,9 @@ DEV_ENGINE = str(pathlib.Path(sys.executable).parent / "podwire-engine")
 
 def engine() -> str:
     """The path of podwire-engine from this working tree under Debian's python3, installed
-    afresh (a wheel built from the tree, its native fast path compiled for that interpreter)
-    so that it runs the code being measured. Raises ToolMissing without Debian's python3."""
+    afresh (a wheel built from the tree as it is, uncommitted changes included, its native
+    fast path compiled for that interpreter) so that it runs the code being measured.
+    Raises ToolMissing without Debian's python3, RuntimeError when the install fails."""
     if not os.access(DEBIAN_PYTHON, os.X_OK):
         raise tools.ToolMissing(
             f"{DEBIAN_PYTHON} is missing: apt-get install python3-venv python3-dev "
@@ -47,7 +50,15 @@ def engine() -> str:
         ]
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         _run(*pip, *dependencies)
-        _run(*pip, "--no-deps", "--force-reinstall", str(ROOT))
+        # Built from a copy of the tree's sources: setuptools' build/ in the tree would keep
+        # (and install) a module since deleted from it.
+        with tempfile.TemporaryDirectory(prefix="podwire-shipped-") as tmp:
+            source = pathlib.Path(tmp) / "podwire"
+            skip = shutil.ignore_patterns(
+                ".*", "build", "*.egg-info", "__pycache__", "*.so", "tests", "bench"
+            )
+            shutil.copytree(ROOT, source, ignore=skip)
+            _run(*pip, "--no-deps", "--force-reinstall", str(source))
     except subprocess.CalledProcessError as exc:
         why = (exc.stderr or exc.stdout or "").strip().splitlines()[-1:] or [str(exc)]
         raise RuntimeError(
