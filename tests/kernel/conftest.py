@@ -122,7 +122,14 @@ class GuestVM:
         # This machine's /dev/kvm may be present and still unusable (nested virtualization):
         # software emulation unless told that KVM works.
         if os.environ.get("PODWIRE_VM_KVM") != "1":
-            args.append("--disable-kvm")
+            # One host thread runs both vCPUs (QEMU's default is a thread each). The guest
+            # kernel rewrites its own code while running (an int3 put over the bytes, the
+            # other CPUs synced by an IPI, the int3 taken away); with a thread per vCPU one of
+            # them can still run a stale translation holding that int3 after the sync, and the
+            # guest dies at boot with "Oops: int3" (CI, 2026-12-01: in ktime_get_with_offset,
+            # from init's clone). With one thread a write invalidates the stale translation
+            # before the other vCPU runs again.
+            args += ["--disable-kvm", "--qemu-opt=-accel", "--qemu-opt=tcg,thread=single"]
         return args
 
     def boot(self, timeout: float = BOOT_TIMEOUT) -> None:
